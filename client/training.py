@@ -1,0 +1,123 @@
+"""Local DP-SGD training of the study model (Opacus, ghost clipping, Poisson sampling).
+
+`train_round` is the one entry point: it restores the site's accountant, runs the
+round's planned epochs of DP-SGD, and returns the new weights together with the
+accountant state and epsilon spent so far.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from opacus import PrivacyEngine
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from fedcare.model import RiskMLP
+from fedcare.study import Study
+from privacy.accounting import DPSchedule, SiteAccountantState
+
+# glibc re-mmaps large per-sample buffers every step without these (see DESIGN.md).
+os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 30))
+os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(1 << 30))
+
+
+class BatchIndexedRows(Dataset):
+    """Rows fetched a whole batch at a time (`__getitems__`), not collated row by row."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
+        self.x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        self.y = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[i], self.y[i]
+
+    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return [self.x[idx], self.y[idx]]
+
+
+def _batch_as_is(batch: list[torch.Tensor]) -> list[torch.Tensor]:
+    return batch
+
+
+def make_loader(x: np.ndarray, y: np.ndarray, batch_size: int) -> DataLoader:
+    return DataLoader(BatchIndexedRows(x, y), batch_size=batch_size, shuffle=True, collate_fn=_batch_as_is)
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    accountant_state: dict[str, Any]
+    epsilon: float
+    steps: int
+
+
+def train_round(
+    study: Study,
+    model: RiskMLP,
+    x: np.ndarray,
+    y: np.ndarray,
+    schedule: DPSchedule,
+    carried: SiteAccountantState | None,
+) -> RoundResult:
+    """Run one round of DP-SGD in place on `model`; the accountant continues from `carried`."""
+    engine = PrivacyEngine(accountant=schedule.accountant)
+    if carried is not None:
+        carried.restore_into(engine.accountant)
+    loader = make_loader(x, y, study.training.batch_size)
+    if abs(1.0 / len(loader) - schedule.sample_rate) > 1e-12:
+        raise ValueError("the site's training data changed size since the study's DP schedule was planned")
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=study.training.learning_rate, momentum=study.training.momentum
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
+        warnings.filterwarnings("ignore", message=".*Full backward hook.*")
+        private_model, optimizer, criterion, private_loader = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            criterion=nn.BCEWithLogitsLoss(),
+            noise_multiplier=schedule.noise_multiplier,
+            max_grad_norm=study.privacy.clipping_norm,
+            poisson_sampling=True,
+            grad_sample_mode="ghost",
+        )
+    private_model.train()
+    steps = 0
+    for _ in range(study.training.local_epochs):
+        for xb, yb in private_loader:
+            if len(xb) == 0:
+                # Probability (1 - q)^n, i.e. about e^-batch_size: negligible for the study's
+                # batch sizes. The step is skipped and, consistently, not charged.
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            loss = criterion(private_model(xb), yb)  # logits and labels are both [B]
+            loss.backward()
+            optimizer.step()
+            steps += 1
+    state = dict(engine.accountant.state_dict())
+    epsilon = float(engine.accountant.get_epsilon(delta=schedule.delta))
+    return RoundResult(accountant_state=state, epsilon=epsilon, steps=steps)
+
+
+def train_plain(study: Study, model: RiskMLP, x: np.ndarray, y: np.ndarray, epochs: int, seed: int = 0) -> None:
+    """Non-private SGD with the study's hyper-parameters (the centralized baseline)."""
+    torch.manual_seed(seed)
+    loader = make_loader(x, y, study.training.batch_size)
+    optimizer = torch.optim.SGD(model.parameters(), lr=study.training.learning_rate, momentum=study.training.momentum)
+    criterion = nn.BCEWithLogitsLoss()
+    model.train()
+    for _ in range(epochs):
+        for xb, yb in loader:
+            optimizer.zero_grad(set_to_none=True)
+            criterion(model(xb), yb).backward()
+            optimizer.step()

@@ -1,0 +1,121 @@
+"""Export the study model to ONNX and quantize it.
+
+`export_fp32` writes one self-contained file (no external-data sidecar) with a dynamic
+batch axis: input `features` float32 [batch, n_inputs] (scaled, see `fedcare.features`),
+output `risk_logit` float32 [batch]. Study metadata (hash, input order, scaling) is
+embedded as ONNX metadata properties.
+
+`quantize_int8` writes a static-QDQ model: uint8 activations, int8 per-channel weights,
+calibrated on the inputs it is given.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from fedcare.features import scaling
+from fedcare.study import Study
+
+INPUT_NAME = "features"
+OUTPUT_NAME = "risk_logit"
+
+
+def _metadata(study: Study) -> dict[str, str]:
+    center, scale = scaling(study)
+    return {
+        "fedcare.study_hash": study.hash,
+        "fedcare.study_name": study.name,
+        "fedcare.label": study.label.name,
+        "fedcare.inputs": json.dumps(study.input_names),
+        "fedcare.scaling": json.dumps(
+            {f.name: [c, s] for f, c, s in zip(study.features, center.tolist(), scale.tolist())}
+        ),
+        "fedcare.output": "logit of the label's probability; risk = sigmoid(risk_logit)",
+    }
+
+
+def _attach_metadata(path: Path, study: Study) -> None:
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    for key, value in _metadata(study).items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def export_fp32(model: torch.nn.Module, study: Study, path: str | Path) -> Path:
+    """Single-file fp32 ONNX with a dynamic batch axis; passes onnx.checker."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    example = torch.zeros(2, len(study.input_names), dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+            external_data=False,
+            dynamo=True,
+            verbose=False,
+        )
+    _attach_metadata(path, study)
+    return path
+
+
+class _Batches(CalibrationDataReader):
+    def __init__(self, x: np.ndarray, batch_size: int = 256) -> None:
+        self._batches: Iterator[np.ndarray] = iter(
+            [x[i : i + batch_size] for i in range(0, len(x), batch_size)]
+        )
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._batches, None)
+        return None if batch is None else {INPUT_NAME: batch.astype(np.float32)}
+
+
+def quantize_int8(fp32_path: str | Path, calibration_inputs: np.ndarray, path: str | Path, study: Study) -> Path:
+    """Static QDQ: uint8 activations, int8 per-channel weights, MinMax calibration."""
+    fp32_path, path = Path(fp32_path), Path(path)
+    prepared = path.with_name(path.stem + ".prep.onnx")
+    try:
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        quantize_static(
+            str(prepared),
+            str(path),
+            _Batches(calibration_inputs),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            calibrate_method=CalibrationMethod.MinMax,
+        )
+    finally:
+        prepared.unlink(missing_ok=True)
+    _attach_metadata(path, study)
+    return path
+
+
+def run_onnx(path: str | Path, x: np.ndarray) -> np.ndarray:
+    """Logits from an exported model with ONNX Runtime on the CPU."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run([OUTPUT_NAME], {INPUT_NAME: x.astype(np.float32)})[0]

@@ -1,0 +1,391 @@
+"""The study file: feature spec, label, model, training, privacy and SecAgg+ parameters.
+
+`load_study(path)` parses and validates one TOML file into a frozen `Study`. Every
+validation failure raises `StudyConfigError` with one line naming the file and field.
+`Study.hash` is a stable SHA-256 over the parsed values (not the text), so comments and
+key order do not change it; every party compares it before training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+FEATURE_TYPES = ("numeric", "count", "binary")
+MISSING_POLICIES = ("impute", "indicator", "reject")
+STRATEGIES = ("fedavg",)
+ACCOUNTANTS = ("prv", "rdp")
+
+
+class StudyConfigError(ValueError):
+    """A study file is invalid; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One model input as every site must derive it."""
+
+    name: str
+    type: str
+    unit: str
+    low: float
+    high: float
+    missing: str
+    center: float
+    scale: float
+
+
+@dataclass(frozen=True)
+class Label:
+    name: str
+    description: str
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    kind: str
+    hidden: tuple[int, ...]
+    seed: int
+
+
+@dataclass(frozen=True)
+class Training:
+    rounds: int
+    local_epochs: int
+    batch_size: int
+    learning_rate: float
+    momentum: float
+
+
+@dataclass(frozen=True)
+class PrivacyTargets:
+    """Per-site DP-SGD targets for the whole study."""
+
+    epsilon: float
+    delta: float
+    clipping_norm: float
+    accountant: str
+
+
+@dataclass(frozen=True)
+class SecureAggregation:
+    """SecAgg+ parameters (Flower's `SecAggPlusWorkflow`)."""
+
+    num_shares: float | int
+    reconstruction_threshold: float | int
+    max_weight: float
+    clipping_range: float
+    quantization_range: int
+    timeout_seconds: float
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    server_learning_rate: float
+    min_sites: int
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    description: str
+    label: Label
+    features: tuple[Feature, ...]
+    model: ModelSpec
+    training: Training
+    privacy: PrivacyTargets
+    secure_aggregation: SecureAggregation
+    strategy: Strategy
+
+    @property
+    def hash(self) -> str:
+        """Stable SHA-256 of the study's values (hex)."""
+        canonical = json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    @property
+    def input_names(self) -> list[str]:
+        """Model input columns in order: the features, then one indicator per `indicator` feature."""
+        indicators = [f"{f.name}_missing" for f in self.features if f.missing == "indicator"]
+        return [f.name for f in self.features] + indicators
+
+    def with_overrides(self, *, rounds: int | None = None, epsilon: float | None = None) -> Study:
+        """A copy with the number of rounds and/or the per-site epsilon replaced (validated)."""
+        training, privacy = self.training, self.privacy
+        if rounds is not None:
+            if rounds < 1:
+                raise StudyConfigError(f"--rounds: must be >= 1, got {rounds}")
+            training = dataclasses.replace(training, rounds=rounds)
+        if epsilon is not None:
+            if not (epsilon > 0 and math.isfinite(epsilon)):
+                raise StudyConfigError(f"--epsilon: must be a finite number > 0, got {epsilon}")
+            privacy = dataclasses.replace(privacy, epsilon=epsilon)
+        return dataclasses.replace(self, training=training, privacy=privacy)
+
+    def to_toml(self) -> str:
+        """Render this study as a TOML file that `load_study` reads back to an equal Study."""
+        return _render_toml(self)
+
+
+def load_study(path: str | Path) -> Study:
+    """Read and validate a study TOML file."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise StudyConfigError(f"{path}: study file not found") from None
+    except tomllib.TOMLDecodeError as err:
+        raise StudyConfigError(f"{path}: not valid TOML: {err}") from None
+    except UnicodeDecodeError:
+        raise StudyConfigError(f"{path}: not UTF-8 text") from None
+    return parse_study(raw, source=str(path))
+
+
+def parse_study(raw: dict[str, Any], source: str = "<study>") -> Study:
+    """Validate an already-parsed TOML document."""
+    r = _Reader(raw, source)
+    study = r.table("study")
+    label = r.table("label")
+    model = r.table("model")
+    training = r.table("training")
+    privacy = r.table("privacy")
+    secagg = r.table("secure_aggregation")
+    strategy = r.table("strategy")
+
+    features = tuple(_feature(r, i, f) for i, f in enumerate(r.array_of_tables("features")))
+    names = [f.name for f in features]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise StudyConfigError(f"{source}: features[{i}].name: duplicate feature '{name}'")
+
+    shares = r.number(secagg, "secure_aggregation.num_shares", positive=True)
+    threshold = r.number(secagg, "secure_aggregation.reconstruction_threshold", positive=True)
+    _check_shares(source, shares, threshold)
+
+    parsed = Study(
+        name=r.string(study, "study.name"),
+        description=r.string(study, "study.description", default=""),
+        label=Label(
+            name=r.string(label, "label.name"),
+            description=r.string(label, "label.description", default=""),
+        ),
+        features=features,
+        model=ModelSpec(
+            kind=r.choice(model, "model.kind", ("mlp",)),
+            hidden=tuple(r.int_list(model, "model.hidden", minimum=1)),
+            seed=r.integer(model, "model.seed", minimum=0),
+        ),
+        training=Training(
+            rounds=r.integer(training, "training.rounds", minimum=1),
+            local_epochs=r.integer(training, "training.local_epochs", minimum=1),
+            batch_size=r.integer(training, "training.batch_size", minimum=1),
+            learning_rate=r.number(training, "training.learning_rate", positive=True),
+            momentum=r.number(training, "training.momentum", minimum=0.0, below=1.0),
+        ),
+        privacy=PrivacyTargets(
+            epsilon=r.number(privacy, "privacy.epsilon", positive=True),
+            delta=r.number(privacy, "privacy.delta", positive=True, below=1.0),
+            clipping_norm=r.number(privacy, "privacy.clipping_norm", positive=True),
+            accountant=r.choice(privacy, "privacy.accountant", ACCOUNTANTS),
+        ),
+        secure_aggregation=SecureAggregation(
+            num_shares=shares,
+            reconstruction_threshold=threshold,
+            max_weight=r.number(secagg, "secure_aggregation.max_weight", positive=True),
+            clipping_range=r.number(secagg, "secure_aggregation.clipping_range", positive=True),
+            quantization_range=r.integer(secagg, "secure_aggregation.quantization_range", minimum=2),
+            timeout_seconds=r.number(secagg, "secure_aggregation.timeout_seconds", positive=True),
+        ),
+        strategy=Strategy(
+            name=r.choice(strategy, "strategy.name", STRATEGIES),
+            server_learning_rate=r.number(strategy, "strategy.server_learning_rate", positive=True),
+            min_sites=r.integer(strategy, "strategy.min_sites", minimum=3),
+        ),
+    )
+    if parsed.label.name in names:
+        raise StudyConfigError(f"{source}: label.name: '{parsed.label.name}' is also a feature name")
+    return parsed
+
+
+def _feature(r: _Reader, i: int, raw: dict[str, Any]) -> Feature:
+    at = f"features[{i}]"
+    name = r.string(raw, f"{at}.name")
+    if not name.isidentifier():
+        raise StudyConfigError(f"{r.source}: {at}.name: '{name}' must be letters, digits and _")
+    at = f"features[{i}] ({name})"
+    ftype = r.choice(raw, f"{at}.type", FEATURE_TYPES)
+    bounds = r.number_list(raw, f"{at}.range")
+    if len(bounds) != 2 or not bounds[0] < bounds[1]:
+        raise StudyConfigError(f"{r.source}: {at}.range: expected [low, high] with low < high")
+    low, high = bounds
+    if ftype == "binary" and (low, high) != (0, 1):
+        raise StudyConfigError(f"{r.source}: {at}.range: a binary feature has range [0, 1]")
+    if ftype == "count" and low < 0:
+        raise StudyConfigError(f"{r.source}: {at}.range: a count cannot be negative")
+    center = r.number(raw, f"{at}.center", default=(low + high) / 2)
+    if not low <= center <= high:
+        raise StudyConfigError(f"{r.source}: {at}.center: {center} is outside range [{low}, {high}]")
+    return Feature(
+        name=name,
+        type=ftype,
+        unit=r.string(raw, f"{at}.unit"),
+        low=float(low),
+        high=float(high),
+        missing=r.choice(raw, f"{at}.missing", MISSING_POLICIES),
+        center=float(center),
+        scale=float(r.number(raw, f"{at}.scale", positive=True, default=(high - low) / 4)),
+    )
+
+
+def _check_shares(source: str, shares: float | int, threshold: float | int) -> None:
+    """Mirror Flower's SecAgg+ rules so a bad study fails at load, not mid-round."""
+    at = f"{source}: secure_aggregation"
+    if isinstance(shares, int):
+        if shares < 3:
+            raise StudyConfigError(f"{at}.num_shares: an absolute number of shares must be >= 3")
+    elif not 0 < shares <= 1:
+        raise StudyConfigError(f"{at}.num_shares: a fraction must be in (0, 1], got {shares}")
+    if isinstance(threshold, int):
+        if isinstance(shares, int) and threshold >= shares:
+            raise StudyConfigError(
+                f"{at}.reconstruction_threshold: {threshold} must be less than num_shares ({shares})"
+            )
+        if threshold < 2:
+            raise StudyConfigError(f"{at}.reconstruction_threshold: must be >= 2, got {threshold}")
+    elif not 0 < threshold < 1:
+        raise StudyConfigError(
+            f"{at}.reconstruction_threshold: a fraction must be in (0, 1), got {threshold}"
+        )
+
+
+class _Reader:
+    """Typed field access that reports the exact field on error."""
+
+    def __init__(self, raw: dict[str, Any], source: str) -> None:
+        self.raw = raw
+        self.source = source
+
+    def fail(self, field: str, why: str) -> StudyConfigError:
+        return StudyConfigError(f"{self.source}: {field}: {why}")
+
+    def table(self, key: str) -> dict[str, Any]:
+        if key not in self.raw:
+            raise self.fail(f"[{key}]", "missing section")
+        value = self.raw[key]
+        if not isinstance(value, dict):
+            raise self.fail(f"[{key}]", "must be a table")
+        return value
+
+    def array_of_tables(self, key: str) -> list[dict[str, Any]]:
+        value = self.raw.get(key)
+        if value is None:
+            raise self.fail(f"[[{key}]]", "missing section")
+        if not isinstance(value, list) or not value or not all(isinstance(v, dict) for v in value):
+            raise self.fail(f"[[{key}]]", "must be a non-empty array of tables")
+        return value
+
+    def _get(self, table: dict[str, Any], field: str, default: Any) -> Any:
+        key = field.rsplit(".", 1)[-1]
+        if key in table:
+            return table[key]
+        if default is not None:
+            return default
+        raise self.fail(field, "missing field")
+
+    def string(self, table: dict[str, Any], field: str, default: str | None = None) -> str:
+        value = self._get(table, field, default)
+        if not isinstance(value, str):
+            raise self.fail(field, f"expected a string, got {value!r}")
+        return value
+
+    def choice(self, table: dict[str, Any], field: str, options: tuple[str, ...]) -> str:
+        value = self.string(table, field)
+        if value not in options:
+            raise self.fail(field, f"unknown value '{value}' (expected one of: {', '.join(options)})")
+        return value
+
+    def number(
+        self,
+        table: dict[str, Any],
+        field: str,
+        *,
+        positive: bool = False,
+        minimum: float | None = None,
+        below: float | None = None,
+        default: float | None = None,
+    ) -> float | int:
+        value = self._get(table, field, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.fail(field, f"expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise self.fail(field, f"must be finite, got {value}")
+        if positive and value <= 0:
+            raise self.fail(field, f"must be > 0, got {value}")
+        if minimum is not None and value < minimum:
+            raise self.fail(field, f"must be >= {minimum}, got {value}")
+        if below is not None and value >= below:
+            raise self.fail(field, f"must be < {below}, got {value}")
+        return value
+
+    def integer(self, table: dict[str, Any], field: str, *, minimum: int) -> int:
+        value = self._get(table, field, None)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(field, f"expected an integer, got {value!r}")
+        if value < minimum:
+            raise self.fail(field, f"must be >= {minimum}, got {value}")
+        return value
+
+    def number_list(self, table: dict[str, Any], field: str) -> list[float]:
+        value = self._get(table, field, None)
+        if not isinstance(value, list) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value
+        ):
+            raise self.fail(field, f"expected a list of numbers, got {value!r}")
+        return [float(v) for v in value]
+
+    def int_list(self, table: dict[str, Any], field: str, *, minimum: int) -> list[int]:
+        value = self._get(table, field, None)
+        if not isinstance(value, list) or not value or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in value
+        ):
+            raise self.fail(field, f"expected a non-empty list of integers >= {minimum}, got {value!r}")
+        return value
+
+
+def _render_toml(study: Study) -> str:
+    def val(v: Any) -> str:
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        if isinstance(v, float):
+            return repr(v)
+        return str(v)
+
+    def section(name: str, obj: Any) -> str:
+        lines = [f"[{name}]"] + [f"{k} = {val(v)}" for k, v in dataclasses.asdict(obj).items()]
+        return "\n".join(lines)
+
+    parts = [
+        "[study]\n" f"name = {val(study.name)}\n" f"description = {val(study.description)}",
+        section("label", study.label),
+    ]
+    for f in study.features:
+        d = dataclasses.asdict(f)
+        d["range"] = [d.pop("low"), d.pop("high")]
+        parts.append("[[features]]\n" + "\n".join(f"{k} = {val(v)}" for k, v in d.items()))
+    parts += [
+        section("model", study.model),
+        section("training", study.training),
+        section("privacy", study.privacy),
+        section("secure_aggregation", study.secure_aggregation),
+        section("strategy", study.strategy),
+    ]
+    return "\n\n".join(parts) + "\n"

@@ -1,0 +1,1 @@
+"""The coordinator: the Flower ServerApp, its SecAgg+ workflow, checkpoints and round progress."""

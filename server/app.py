@@ -1,0 +1,62 @@
+"""The coordinator's Flower ServerApp: SecAgg+ training rounds, federated evaluation, checkpoints.
+
+Run config (from `flwr run --run-config` or `fedcare simulate`):
+    study    path of the study TOML on the coordinator
+    out-dir  where checkpoints and the round log are written
+"""
+
+from __future__ import annotations
+
+from flwr.common import Context
+from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+
+from fedcare.model import build_model, get_weights
+from fedcare.study import Study, load_study
+from server.progress import RoundLog, save_checkpoint
+from strategies.fedavg import DeltaFedAvg
+
+app = ServerApp()
+
+
+def secure_aggregation_workflow(study: Study) -> SecAggPlusWorkflow:
+    """Flower's SecAgg+ workflow with the study's parameters (timeout always set)."""
+    sa = study.secure_aggregation
+    return SecAggPlusWorkflow(
+        num_shares=sa.num_shares,
+        reconstruction_threshold=sa.reconstruction_threshold,
+        max_weight=sa.max_weight,
+        clipping_range=sa.clipping_range,
+        quantization_range=sa.quantization_range,
+        timeout=sa.timeout_seconds,
+    )
+
+
+def build_strategy(study: Study, out_dir: str) -> DeltaFedAvg:
+    log = RoundLog(out_dir, study.training.rounds)
+
+    def on_aggregated(server_round: int, weights: list) -> None:
+        save_checkpoint(out_dir, server_round, weights, study.hash)
+        log.mark_aggregated(server_round)
+
+    return DeltaFedAvg(
+        initial_weights=get_weights(build_model(study)),
+        server_learning_rate=study.strategy.server_learning_rate,
+        min_sites=study.strategy.min_sites,
+        fit_config={"study_hash": study.hash},
+        on_aggregated=on_aggregated,
+        on_evaluated=log.record,
+    )
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    study = load_study(str(context.run_config["study"]))
+    out_dir = str(context.run_config["out-dir"])
+    print(f"study {study.name} ({study.hash[:12]}), {study.training.rounds} rounds, SecAgg+ on", flush=True)
+    legacy = LegacyContext(
+        context=context,
+        config=ServerConfig(num_rounds=study.training.rounds),
+        strategy=build_strategy(study, out_dir),
+    )
+    DefaultWorkflow(fit_workflow=secure_aggregation_workflow(study))(grid, legacy)

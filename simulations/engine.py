@@ -1,0 +1,66 @@
+"""Run the fedcare Flower App (server.app:app, client.app:app) in Flower's simulation engine.
+
+This is what `flwr run . <simulation federation>` does inside Flower 1.42, called
+in-process so the coordinator's progress prints live: the App's components are loaded by
+their `pyproject.toml` names, and the run config is the App's defaults fused with our
+overrides, exactly as in a deployment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tomllib
+from dataclasses import replace
+from pathlib import Path
+
+from fedcare.runtime import quiet_flower_environment
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_flower_simulation(
+    num_sites: int, run_config: dict[str, str | int | float], verbose: bool = False
+) -> None:
+    """Run the App with `num_sites` virtual SuperNodes; blocks until the ServerApp returns."""
+    quiet_flower_environment()
+    from flwr.app import Context, RecordDict
+    from flwr.common.config import get_fused_config_from_dir
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
+    from flwr.supercore.logger import update_console_handler
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supercore.telemetry import EventType
+
+    components = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["components"]
+    run_id = int.from_bytes(os.urandom(7), "big")
+    run = replace(Run.create_empty(run_id=run_id), override_config=dict(run_config), federation_id=NOOP_FEDERATION_ID)
+    run.primary_task_id = int.from_bytes(os.urandom(7), "big")
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
+    server_context = Context(
+        run_id=run_id,
+        node_id=0,
+        node_config={},
+        state=RecordDict(),
+        run_config=get_fused_config_from_dir(PROJECT_ROOT, run.override_config),
+    )
+    if not verbose:
+        update_console_handler(level=logging.WARNING, timestamps=False, colored=True)
+    _run_simulation(
+        num_supernodes=num_sites,
+        exit_event=EventType.FLWR_SIMULATION_RUN_LEAVE,
+        client_app_attr=components["clientapp"],
+        server_app_attr=components["serverapp"],
+        backend_name="ray",
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": os.cpu_count() or 2, "include_dashboard": False},
+        },
+        app_dir=str(PROJECT_ROOT),
+        run=run,
+        server_app_context=server_context,
+        is_app=True,
+        verbose_logging=verbose,
+    )

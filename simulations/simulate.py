@@ -1,0 +1,199 @@
+"""`fedcare simulate`: one whole study on one machine, from synthetic hospitals to quantized ONNX.
+
+1. Write the effective study file (overrides applied) and N synthetic hospitals' files.
+2. Run the fedcare ServerApp/ClientApp in Flower's simulation engine (SecAgg+ + DP-SGD).
+3. As the evaluator (who, in simulation only, may read every site's files): score the final
+   global model on the union of the sites' test splits, read each site's privacy spend,
+   train the non-private centralized baseline, export and quantize the model.
+4. Write `report.json` and `summary.txt`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from client.data import load_site
+from client.training import train_plain
+from export.onnx_export import export_fp32, quantize_int8, run_onnx
+from fedcare.features import model_inputs
+from fedcare.metrics import accuracy, log_loss, roc_auc
+from fedcare.model import build_model, predict_proba, set_weights
+from fedcare.study import Study, StudyConfigError, load_study
+from privacy.accounting import AccountantStore
+from server.progress import latest_checkpoint, load_checkpoint, read_round_log
+from simulations.cohorts import write_cohorts
+from simulations.engine import PROJECT_ROOT, run_flower_simulation
+
+DEFAULT_STUDY = PROJECT_ROOT / "studies" / "depression-risk.toml"
+CALIBRATION_ROWS = 2048
+
+
+@dataclass(frozen=True)
+class SimulationOptions:
+    hospitals: int = 5
+    rounds: int | None = None
+    epsilon: float | None = None
+    study: Path = DEFAULT_STUDY
+    seed: int = 42
+    out: Path = Path("runs/latest")
+    size_scale: float = 1.0
+    verbose: bool = False
+
+
+class SimulationError(RuntimeError):
+    """The simulated study could not complete; the message says why."""
+
+
+def prepare_study(opts: SimulationOptions) -> Study:
+    study = load_study(opts.study).with_overrides(rounds=opts.rounds, epsilon=opts.epsilon)
+    if opts.hospitals < study.strategy.min_sites:
+        raise StudyConfigError(
+            f"--hospitals: {opts.hospitals} is fewer than the study's strategy.min_sites ({study.strategy.min_sites})"
+        )
+    return study
+
+
+def simulate(opts: SimulationOptions) -> dict:
+    """Run the study and return the report (also written to `<out>/report.json`)."""
+    started = time.monotonic()
+    study = prepare_study(opts)
+    out = Path(opts.out).resolve()
+    if (out / "coordinator").exists() or (out / "sites").exists():
+        raise SimulationError(f"--out: {out} already holds a study run; choose an empty directory")
+    out.mkdir(parents=True, exist_ok=True)
+    study_file = out / "study.toml"
+    study_file.write_text(study.to_toml(), encoding="utf-8")
+    if load_study(study_file).hash != study.hash:
+        raise SimulationError("internal error: the written study file does not reproduce the study hash")
+
+    print(f"writing {opts.hospitals} synthetic hospitals (seed {opts.seed}) to {out / 'sites'}", flush=True)
+    cohorts = write_cohorts(study, out / "sites", opts.hospitals, opts.seed, opts.size_scale)
+    coordinator = out / "coordinator"
+    run_flower_simulation(
+        opts.hospitals,
+        {"study": str(study_file), "out-dir": str(coordinator), "sim-sites-dir": str(out / "sites")},
+        verbose=opts.verbose,
+    )
+    checkpoint = latest_checkpoint(coordinator)
+    rounds = read_round_log(coordinator)
+    if checkpoint is None:
+        raise SimulationError("no round was securely aggregated; see the log above for the SecAgg+ failure")
+    report = evaluate_study(study, out, checkpoint, rounds, cohorts)
+    report["wall_seconds"] = round(time.monotonic() - started, 2)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (out / "summary.txt").write_text(summary_text(report), encoding="utf-8")
+    return report
+
+
+def evaluate_study(study: Study, out: Path, checkpoint: Path, rounds: list[dict], cohorts: dict) -> dict:
+    """The evaluator's view: final metrics, per-site ε and AUC, baseline, export."""
+    model = build_model(study)
+    set_weights(model, load_checkpoint(checkpoint, study.hash))
+    site_dirs = [out / "sites" / s["name"] for s in cohorts["sites"]]
+    sites, test_x, test_y, train_x, train_y = [], [], [], [], []
+    for site_dir in site_dirs:
+        data = load_site(study, site_dir)
+        x_test = model_inputs(study, data.test.features)
+        test_x.append(x_test)
+        test_y.append(data.test.labels)
+        train_x.append(model_inputs(study, data.train.features))
+        train_y.append(data.train.labels)
+        spent = [s for s in (AccountantStore.find(site_dir / ".fedcare", study.hash))]
+        if not spent:
+            raise SimulationError(f"{site_dir.name}: no privacy accountant state found; the site never trained")
+        sites.append(
+            {
+                "name": site_dir.name,
+                "epsilon": round(spent[-1].epsilon, 4),
+                "delta": study.privacy.delta,
+                "noise_multiplier": round(spent[-1].schedule.noise_multiplier, 4),
+                "rounds_trained": spent[-1].rounds_trained,
+                "train_rows": int(len(data.train.labels)),
+                "test_rows": int(len(data.test.labels)),
+                "auc": round(roc_auc(data.test.labels, predict_proba(model, x_test)), 4),
+            }
+        )
+    x_all, y_all = np.concatenate(test_x), np.concatenate(test_y)
+    probs = predict_proba(model, x_all)
+
+    baseline = build_model(study)
+    baseline_epochs = study.training.rounds * study.training.local_epochs
+    train_plain(study, baseline, np.concatenate(train_x), np.concatenate(train_y), baseline_epochs)
+
+    export_dir = out / "export"
+    fp32 = export_fp32(model, study, export_dir / "model.onnx")
+    calibration = _calibration_sample(np.concatenate(train_x), study.model.seed)
+    int8 = quantize_int8(fp32, calibration, export_dir / "model.int8.onnx", study)
+    auc_fp32 = roc_auc(y_all, run_onnx(fp32, x_all))
+    auc_int8 = roc_auc(y_all, run_onnx(int8, x_all))
+    return {
+        "study": study.name,
+        "study_hash": study.hash,
+        "secure_aggregation": True,
+        "rounds": rounds,
+        "sites": sites,
+        "final": {
+            "auc": round(roc_auc(y_all, probs), 4),
+            "accuracy": round(accuracy(y_all, probs), 4),
+            "loss": round(log_loss(y_all, probs), 4),
+            "test_rows": int(len(y_all)),
+            "prevalence": round(float(y_all.mean()), 4),
+        },
+        "baseline_centralized": {
+            "auc": round(roc_auc(y_all, predict_proba(baseline, x_all)), 4),
+            "epochs": baseline_epochs,
+            "private": False,
+        },
+        "ground_truth_auc": cohorts["ground_truth_auc"],
+        "export": {
+            "onnx": str(fp32),
+            "onnx_int8": str(int8),
+            "auc_fp32": round(auc_fp32, 5),
+            "auc_int8": round(auc_int8, 5),
+            "bytes_fp32": fp32.stat().st_size,
+            "bytes_int8": int8.stat().st_size,
+            "calibration": f"{len(calibration)} rows sampled from the sites' training splits (simulation only)",
+        },
+        "privacy": {
+            "target_epsilon": study.privacy.epsilon,
+            "delta": study.privacy.delta,
+            "clipping_norm": study.privacy.clipping_norm,
+            "accountant": study.privacy.accountant,
+        },
+    }
+
+
+def _calibration_sample(x: np.ndarray, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return x[rng.permutation(len(x))[:CALIBRATION_ROWS]]
+
+
+def summary_text(report: dict) -> str:
+    lines = [
+        f"fedcare study {report['study']} ({report['study_hash'][:12]}…), secure aggregation: "
+        f"{'on' if report['secure_aggregation'] else 'OFF'}",
+        "",
+        "round  test AUC  loss",
+    ]
+    lines += [f"{r['round']:>5}  {r['auc']:.4f}    {r['loss']:.4f}" for r in report["rounds"]]
+    lines += ["", f"{'site':<14} {'rows':>6} {'epsilon':>8} {'delta':>8} {'AUC':>6}"]
+    lines += [
+        f"{s['name']:<14} {s['train_rows']:>6} {s['epsilon']:>8.3f} {s['delta']:>8.0e} {s['auc']:>6.3f}"
+        for s in report["sites"]
+    ]
+    final, export = report["final"], report["export"]
+    lines += [
+        "",
+        f"final global model: AUC {final['auc']:.4f}, accuracy {final['accuracy']:.4f} on {final['test_rows']} test rows",
+        f"centralized non-private baseline: AUC {report['baseline_centralized']['auc']:.4f}; "
+        f"ground-truth ceiling: AUC {report['ground_truth_auc']:.4f}",
+        f"ONNX fp32: {export['onnx']} ({export['bytes_fp32']} bytes, AUC {export['auc_fp32']:.4f})",
+        f"ONNX int8: {export['onnx_int8']} ({export['bytes_int8']} bytes, AUC {export['auc_int8']:.4f})",
+        f"wall time: {report.get('wall_seconds', 0):.1f} s",
+    ]
+    return "\n".join(lines) + "\n"
