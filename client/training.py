@@ -53,6 +53,14 @@ def make_loader(x: np.ndarray, y: np.ndarray, batch_size: int) -> DataLoader:
     return DataLoader(BatchIndexedRows(x, y), batch_size=batch_size, shuffle=True, collate_fn=_batch_as_is)
 
 
+def make_optimizer(study: Study, model: nn.Module) -> torch.optim.Optimizer:
+    """The study's local optimizer (a fresh one each round: no state crosses rounds)."""
+    t = study.training
+    if t.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=t.learning_rate)
+    return torch.optim.SGD(model.parameters(), lr=t.learning_rate, momentum=t.momentum)
+
+
 @dataclass(frozen=True)
 class RoundResult:
     accountant_state: dict[str, Any]
@@ -75,9 +83,7 @@ def train_round(
     loader = make_loader(x, y, study.training.batch_size)
     if abs(1.0 / len(loader) - schedule.sample_rate) > 1e-12:
         raise ValueError("the site's training data changed size since the study's DP schedule was planned")
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=study.training.learning_rate, momentum=study.training.momentum
-    )
+    optimizer = make_optimizer(study, model)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
         warnings.filterwarnings("ignore", message=".*Full backward hook.*")
@@ -113,7 +119,7 @@ def train_plain(study: Study, model: RiskMLP, x: np.ndarray, y: np.ndarray, epoc
     """Non-private SGD with the study's hyper-parameters (the centralized baseline)."""
     torch.manual_seed(seed)
     loader = make_loader(x, y, study.training.batch_size)
-    optimizer = torch.optim.SGD(model.parameters(), lr=study.training.learning_rate, momentum=study.training.momentum)
+    optimizer = make_optimizer(study, model)
     criterion = nn.BCEWithLogitsLoss()
     model.train()
     for _ in range(epochs):

@@ -12,6 +12,7 @@ calibrated on the inputs it is given.
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +32,8 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from fedcare.features import scaling
 from fedcare.study import Study
+
+logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" notices
 
 INPUT_NAME = "features"
 OUTPUT_NAME = "risk_logit"

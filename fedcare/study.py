@@ -20,6 +20,7 @@ from typing import Any
 FEATURE_TYPES = ("numeric", "count", "binary")
 MISSING_POLICIES = ("impute", "indicator", "reject")
 STRATEGIES = ("fedavg",)
+OPTIMIZERS = ("sgd", "adam")
 ACCOUNTANTS = ("prv", "rdp")
 
 
@@ -59,6 +60,7 @@ class Training:
     rounds: int
     local_epochs: int
     batch_size: int
+    optimizer: str
     learning_rate: float
     momentum: float
 
@@ -186,6 +188,7 @@ def parse_study(raw: dict[str, Any], source: str = "<study>") -> Study:
             rounds=r.integer(training, "training.rounds", minimum=1),
             local_epochs=r.integer(training, "training.local_epochs", minimum=1),
             batch_size=r.integer(training, "training.batch_size", minimum=1),
+            optimizer=r.choice(training, "training.optimizer", OPTIMIZERS),
             learning_rate=r.number(training, "training.learning_rate", positive=True),
             momentum=r.number(training, "training.momentum", minimum=0.0, below=1.0),
         ),

@@ -46,6 +46,8 @@ def run_flower_simulation(
         state=RecordDict(),
         run_config=get_fused_config_from_dir(PROJECT_ROOT, run.override_config),
     )
+    # Flower's own console handler shows its logs; other libraries' root handlers must not repeat them.
+    logging.getLogger("flwr").propagate = False
     if not verbose:
         update_console_handler(level=logging.WARNING, timestamps=False, colored=True)
     _run_simulation(
@@ -56,7 +58,11 @@ def run_flower_simulation(
         backend_name="ray",
         backend_config={
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": os.cpu_count() or 2, "include_dashboard": False},
+            "init_args": {
+                "num_cpus": os.cpu_count() or 2,
+                "include_dashboard": False,
+                "log_to_driver": verbose,
+            },
         },
         app_dir=str(PROJECT_ROOT),
         run=run,

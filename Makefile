@@ -1,0 +1,34 @@
+# fedcare: `make demo` runs a whole simulated study; `make test` runs the test suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export FLWR_TELEMETRY_ENABLED := 0
+export FLWR_DISABLE_UPDATE_CHECK := 1
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: demo test bench install clean
+
+$(STAMP): pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	# torch first: the pinned CPU build lies on this machine kind's disk
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -c requirements.lock -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	rm -rf runs/demo
+	$(BIN)/fedcare simulate --out runs/demo
+	@echo "demo report: $(CURDIR)/runs/demo/report.json (summary: runs/demo/summary.txt)"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/dp_training.py
+	$(BIN)/python bench/round_time.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
