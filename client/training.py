@@ -77,6 +77,23 @@ def train_round(
     carried: SiteAccountantState | None,
 ) -> RoundResult:
     """Run one round of DP-SGD in place on `model`; the accountant continues from `carried`."""
+    with warnings.catch_warnings():
+        # Opacus' notices about its non-cryptographic RNG and ghost-clipping hooks; the RNG
+        # choice is documented in README (Privacy).
+        warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
+        warnings.filterwarnings("ignore", message=".*Full backward hook.*")
+        warnings.filterwarnings("ignore", message=".*Optimal order is the largest alpha.*")
+        return _train_round(study, model, x, y, schedule, carried)
+
+
+def _train_round(
+    study: Study,
+    model: RiskMLP,
+    x: np.ndarray,
+    y: np.ndarray,
+    schedule: DPSchedule,
+    carried: SiteAccountantState | None,
+) -> RoundResult:
     engine = PrivacyEngine(accountant=schedule.accountant)
     if carried is not None:
         carried.restore_into(engine.accountant)
@@ -84,19 +101,16 @@ def train_round(
     if abs(1.0 / len(loader) - schedule.sample_rate) > 1e-12:
         raise ValueError("the site's training data changed size since the study's DP schedule was planned")
     optimizer = make_optimizer(study, model)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
-        warnings.filterwarnings("ignore", message=".*Full backward hook.*")
-        private_model, optimizer, criterion, private_loader = engine.make_private(
-            module=model,
-            optimizer=optimizer,
-            data_loader=loader,
-            criterion=nn.BCEWithLogitsLoss(),
-            noise_multiplier=schedule.noise_multiplier,
-            max_grad_norm=study.privacy.clipping_norm,
-            poisson_sampling=True,
-            grad_sample_mode="ghost",
-        )
+    private_model, optimizer, criterion, private_loader = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        criterion=nn.BCEWithLogitsLoss(),
+        noise_multiplier=schedule.noise_multiplier,
+        max_grad_norm=study.privacy.clipping_norm,
+        poisson_sampling=True,
+        grad_sample_mode="ghost",
+    )
     private_model.train()
     steps = 0
     for _ in range(study.training.local_epochs):

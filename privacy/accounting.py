@@ -12,6 +12,7 @@ import copy
 import json
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -50,14 +51,16 @@ def plan_schedule(study: Study, n_train: int) -> DPSchedule:
         raise ValueError("a site needs at least one training row")
     sample_rate = 1.0 / batches_per_epoch(n_train, study.training.batch_size)
     steps_per_round = study.training.local_epochs * batches_per_epoch(n_train, study.training.batch_size)
-    sigma = get_noise_multiplier(
-        target_epsilon=study.privacy.epsilon,
-        target_delta=study.privacy.delta,
-        sample_rate=sample_rate,
-        steps=steps_per_round * study.training.rounds,
-        accountant=study.privacy.accountant,
-        epsilon_tolerance=0.005,
-    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Optimal order is the largest alpha.*")
+        sigma = get_noise_multiplier(
+            target_epsilon=study.privacy.epsilon,
+            target_delta=study.privacy.delta,
+            sample_rate=sample_rate,
+            steps=steps_per_round * study.training.rounds,
+            accountant=study.privacy.accountant,
+            epsilon_tolerance=0.005,
+        )
     return DPSchedule(
         noise_multiplier=float(sigma),
         sample_rate=sample_rate,

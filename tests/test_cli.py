@@ -1,0 +1,35 @@
+import subprocess
+import sys
+
+from .conftest import DEFAULT_STUDY, ROOT
+
+
+def _fedcare(*args):
+    return subprocess.run([sys.executable, "-m", "fedcare.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_study_check_prints_hash():
+    proc = _fedcare("study", "check", str(DEFAULT_STUDY))
+    assert proc.returncode == 0
+    assert "valid study 'depression-risk'" in proc.stdout
+
+
+def test_invalid_study_is_one_clear_line(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(DEFAULT_STUDY.read_text().replace("epsilon = 3.0", "epsilon = -1.0"))
+    proc = _fedcare("study", "check", str(bad))
+    assert proc.returncode == 2
+    assert proc.stderr == f"fedcare: error: {bad}: privacy.epsilon: must be > 0, got -1.0\n"
+
+
+def test_too_few_hospitals_is_refused_before_anything_runs(tmp_path):
+    proc = _fedcare("simulate", "--hospitals", "2", "--out", str(tmp_path / "x"))
+    assert proc.returncode == 2
+    assert "--hospitals: 2 is fewer than the study's strategy.min_sites (3)" in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_bad_epsilon_override_is_refused(tmp_path):
+    proc = _fedcare("simulate", "--epsilon", "0", "--out", str(tmp_path / "x"))
+    assert proc.returncode == 2
+    assert "--epsilon: must be a finite number > 0, got 0.0" in proc.stderr

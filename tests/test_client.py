@@ -1,0 +1,74 @@
+"""The hospital client's refusals and what it records before an update can leave the site."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from flwr.common.secure_aggregation.quantization import dequantize, quantize
+
+from client.app import HospitalClient, SitePaths, SiteRefusal, check_within_clipping_range
+from fedcare.model import build_model, get_weights
+from fedcare.study import load_study
+
+
+@pytest.fixture()
+def client(study, cohorts_dir, tmp_path):
+    path = tmp_path / "study.toml"
+    path.write_text(study.with_overrides(rounds=1).to_toml())
+    return HospitalClient(SitePaths(study=path, data=cohorts_dir / "hospital-01", state_dir=tmp_path / "state"), run_id=9)
+
+
+def test_never_returns_parameters_outside_secure_aggregation(client):
+    with pytest.raises(SiteRefusal, match="never returns model parameters outside secure aggregation"):
+        client.get_parameters({})
+
+
+def test_refuses_another_study(client):
+    weights = get_weights(build_model(client.study))
+    with pytest.raises(SiteRefusal, match="study hash mismatch"):
+        client.fit(weights, {"study_hash": "0" * 64, "round": 1})
+
+
+def test_fit_records_spend_then_returns_delta_and_refuses_beyond_plan(client):
+    weights = get_weights(build_model(client.study))
+    config = {"study_hash": client.study.hash, "round": 1}
+    delta, n, metrics = client.fit(weights, config)
+    assert metrics == {}
+    assert n == len(client.data.train.labels)
+    assert [d.shape for d in delta] == [w.shape for w in weights]
+    assert max(np.abs(d).max() for d in delta) > 0
+    saved = client.store.load()
+    assert saved.rounds_trained == 1 and 0 < saved.epsilon <= client.study.privacy.epsilon * 1.001
+    with pytest.raises(SiteRefusal, match="planned 1 rounds are spent"):
+        client.fit(weights, config)
+
+
+def test_clipping_check_matches_secaggplus_exactly(study):
+    """What passes the check survives SecAgg+'s quantization unclipped; what would be clipped is refused."""
+    sa = study.secure_aggregation
+    n = 5000
+    ratio = n / sa.max_weight
+    limit = sa.clipping_range / ratio
+    rng = np.random.default_rng(0)
+    delta = [rng.uniform(-limit, limit, size=(40, 8)) * 0.999]
+    check_within_clipping_range(delta, n, sa.max_weight, sa.clipping_range)
+    sent = [d * ratio for d in delta]
+    restored = dequantize(quantize(sent, sa.clipping_range, sa.quantization_range), sa.clipping_range, sa.quantization_range)
+    step = 2 * sa.clipping_range / sa.quantization_range
+    assert np.abs(restored[0] - sent[0]).max() <= step
+    too_big = [delta[0] * 1.01 / 0.999]
+    with pytest.raises(SiteRefusal, match="exceeds secure_aggregation.clipping_range .* SecAgg\\+ would clip it silently"):
+        check_within_clipping_range(too_big, n, sa.max_weight, sa.clipping_range)
+    with pytest.raises(SiteRefusal):
+        check_within_clipping_range([np.array([np.nan])], n, sa.max_weight, sa.clipping_range)
+
+
+def test_site_larger_than_max_weight_is_refused(study, cohorts_dir, tmp_path):
+    small = dataclasses.replace(study, secure_aggregation=dataclasses.replace(study.secure_aggregation, max_weight=10.0))
+    path = tmp_path / "study.toml"
+    path.write_text(small.to_toml())
+    client = HospitalClient(SitePaths(study=path, data=cohorts_dir / "hospital-01", state_dir=tmp_path), run_id=1)
+    weights = get_weights(build_model(load_study(path)))
+    with pytest.raises(SiteRefusal, match="more than secure_aggregation.max_weight"):
+        client.fit(weights, {"study_hash": client.study.hash})
+    assert client.store.load() is None
