@@ -112,13 +112,17 @@ def _train_round(
         grad_sample_mode="ghost",
     )
     private_model.train()
+    rows: BatchIndexedRows = loader.dataset
     steps = 0
     for _ in range(study.training.local_epochs):
-        for xb, yb in private_loader:
-            if len(xb) == 0:
+        # Opacus' Poisson sampler picks each batch; rows are gathered in one indexing
+        # operation instead of through DataLoader's fetch/collate machinery.
+        for indices in private_loader.batch_sampler:
+            if not indices:
                 # Probability (1 - q)^n, i.e. about e^-batch_size: negligible for the study's
                 # batch sizes. The step is skipped and, consistently, not charged.
                 continue
+            xb, yb = rows.__getitems__(indices)
             optimizer.zero_grad(set_to_none=True)
             loss = criterion(private_model(xb), yb)  # logits and labels are both [B]
             loss.backward()

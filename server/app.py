@@ -9,27 +9,15 @@ from __future__ import annotations
 
 from flwr.common import Context
 from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
-from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow import DefaultWorkflow
 
 from fedcare.model import build_model, get_weights
 from fedcare.study import Study, load_study
 from server.progress import RoundLog, save_checkpoint
+from server.secure_aggregation import secure_aggregation_workflow
 from strategies.fedavg import DeltaFedAvg
 
 app = ServerApp()
-
-
-def secure_aggregation_workflow(study: Study) -> SecAggPlusWorkflow:
-    """Flower's SecAgg+ workflow with the study's parameters (timeout always set)."""
-    sa = study.secure_aggregation
-    return SecAggPlusWorkflow(
-        num_shares=sa.num_shares,
-        reconstruction_threshold=sa.reconstruction_threshold,
-        max_weight=sa.max_weight,
-        clipping_range=sa.clipping_range,
-        quantization_range=sa.quantization_range,
-        timeout=sa.timeout_seconds,
-    )
 
 
 def build_strategy(study: Study, out_dir: str) -> DeltaFedAvg:

@@ -20,9 +20,16 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_flower_simulation(
-    num_sites: int, run_config: dict[str, str | int | float], verbose: bool = False
+    num_sites: int,
+    run_config: dict[str, str | int | float],
+    verbose: bool = False,
+    components: dict[str, str] | None = None,
 ) -> None:
-    """Run the App with `num_sites` virtual SuperNodes; blocks until the ServerApp returns."""
+    """Run the App with `num_sites` virtual SuperNodes; blocks until the ServerApp returns.
+
+    `components` ({"serverapp": "module:attr", "clientapp": ...}) defaults to the App's own,
+    from pyproject.toml; benchmarks pass a baseline App here.
+    """
     quiet_flower_environment()
     from flwr.app import Context, RecordDict
     from flwr.common.config import get_fused_config_from_dir
@@ -34,7 +41,8 @@ def run_flower_simulation(
     from flwr.supercore.task_identity import TaskIdentity
     from flwr.supercore.telemetry import EventType
 
-    components = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["components"]
+    if components is None:
+        components = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["components"]
     run_id = int.from_bytes(os.urandom(7), "big")
     run = replace(Run.create_empty(run_id=run_id), override_config=dict(run_config), federation_id=NOOP_FEDERATION_ID)
     run.primary_task_id = int.from_bytes(os.urandom(7), "big")

@@ -1,0 +1,1 @@
+"""fedcare tests: real Flower simulation, real Opacus, real ONNX Runtime; no fakes."""

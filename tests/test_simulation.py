@@ -55,3 +55,25 @@ def test_coordinator_log_holds_only_aggregates(simulated):
     for line in (out / "coordinator" / "rounds.jsonl").read_text().splitlines():
         entry = json.loads(line)
         assert set(entry) == {"round", "aggregated", "auc", "loss", "sites_evaluated", "seconds"}
+
+
+def test_a_delta_secaggplus_would_clip_is_refused_loudly(tmp_path):
+    """With a clipping range no real delta fits in, every site refuses and the coordinator says why."""
+    from fedcare.study import load_study
+
+    from .conftest import DEFAULT_STUDY
+
+    study = load_study(DEFAULT_STUDY)
+    text = study.to_toml().replace(
+        f"clipping_range = {study.secure_aggregation.clipping_range!r}", "clipping_range = 1e-09"
+    )
+    assert "clipping_range = 1e-09" in text
+    (tmp_path / "tight.toml").write_text(text)
+    cmd = [sys.executable, "-m", "fedcare.cli", "simulate", "--study", str(tmp_path / "tight.toml"), "--hospitals", "3",
+           "--rounds", "1", "--size-scale", "0.3", "--out", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stdout.count("exceeds secure_aggregation.clipping_range (1e-09); SecAgg+ would clip it silently") == 3
+    assert "secure aggregation halted at stage 'collect_masked_vectors'" in proc.stdout
+    assert "no round was securely aggregated" in proc.stderr
+    assert not (tmp_path / "run" / "coordinator" / "checkpoints").exists()

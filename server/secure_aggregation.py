@@ -1,0 +1,69 @@
+"""The coordinator's SecAgg+ workflow: Flower's, with the study's parameters, and loud failures.
+
+Flower's `SecAggPlusWorkflow` counts a site's error reply as a dropout and, past the
+reconstruction threshold, halts the round with one INFO line. The coordinator of a study
+must see why: `ReportingSecAggPlusWorkflow` prints each site's refusal (e.g. a delta that
+would exceed `clipping_range`) and every halted round.
+"""
+
+from __future__ import annotations
+
+import re
+
+from flwr.common import Context
+from flwr.server import Grid
+from flwr.server.workflow import SecAggPlusWorkflow
+
+from fedcare.study import Study
+
+STAGES = ("setup", "share_keys", "collect_masked_vectors", "unmask")
+
+
+def _reason(failure: BaseException) -> str:
+    """The site's own message out of Flower's error wrapper, trimmed to one line."""
+    text = str(getattr(failure.args[0], "reason", failure) if failure.args else failure)
+    found = re.findall(r"SiteRefusal: ([^\n'\"]+)", text) or re.findall(r":<'(.+?)'>", text, re.S)
+    return " ".join((found[-1] if found else text).split())[:400]
+
+
+class ReportingSecAggPlusWorkflow(SecAggPlusWorkflow):
+    """SecAgg+ that reports each failed site reply and each halted round."""
+
+    def _stage(self, name: str, grid: Grid, context: Context, state) -> bool:
+        before = len(state.failures)
+        ok = getattr(super(), f"{name}_stage")(grid, context, state)
+        # Flower may record one error reply twice (as a failure of two checks): report it once.
+        seen: set[int] = set()
+        for failure in state.failures[before:]:
+            key = id(failure.args[0]) if failure.args else id(failure)
+            if key not in seen:
+                seen.add(key)
+                print(f"  secure aggregation ({name}): a site failed: {_reason(failure)}", flush=True)
+        if not ok:
+            print(f"  secure aggregation halted at stage '{name}': this round has no aggregate", flush=True)
+        return ok
+
+    def setup_stage(self, grid: Grid, context: Context, state) -> bool:
+        return self._stage("setup", grid, context, state)
+
+    def share_keys_stage(self, grid: Grid, context: Context, state) -> bool:
+        return self._stage("share_keys", grid, context, state)
+
+    def collect_masked_vectors_stage(self, grid: Grid, context: Context, state) -> bool:
+        return self._stage("collect_masked_vectors", grid, context, state)
+
+    def unmask_stage(self, grid: Grid, context: Context, state) -> bool:
+        return self._stage("unmask", grid, context, state)
+
+
+def secure_aggregation_workflow(study: Study) -> ReportingSecAggPlusWorkflow:
+    """SecAgg+ with the study's parameters (the timeout is always set)."""
+    sa = study.secure_aggregation
+    return ReportingSecAggPlusWorkflow(
+        num_shares=sa.num_shares,
+        reconstruction_threshold=sa.reconstruction_threshold,
+        max_weight=sa.max_weight,
+        clipping_range=sa.clipping_range,
+        quantization_range=sa.quantization_range,
+        timeout=sa.timeout_seconds,
+    )
