@@ -39,6 +39,40 @@ def _study_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _provision(args: argparse.Namespace) -> int:
+    from fedcare.kits import provision
+
+    hosts = [h.strip() for h in args.coordinator_host.split(",")]
+    hospitals = [h.strip() for h in args.hospitals.split(",") if h.strip()]
+    kits = provision(args.study, hosts, hospitals, args.out, port=args.port)
+    print(f"study CA: {kits.pop('ca')}  (keep ca.key offline; it is not part of any kit)")
+    for party, path in kits.items():
+        print(f"kit for {party}: {path}")
+    print("send each hospital its own folder; private keys are mode 0600")
+    return 0
+
+
+def _node_keygen(args: argparse.Namespace) -> int:
+    from fedcare.kits import node_keygen
+    from fedcare.pki import fingerprint
+
+    private, public = node_keygen(args.out)
+    print(f"private key: {private} (0600, stays at this hospital)")
+    print(f"public key:  {public} (send to the coordinator; fingerprint {fingerprint(public.read_bytes())})")
+    return 0
+
+
+def _coordinator_add_node(args: argparse.Namespace) -> int:
+    from fedcare.kits import add_node
+    from fedcare.pki import fingerprint
+
+    target = add_node(args.kit, args.name, args.public_key, args.hospital_kit_out)
+    print(f"registered node '{args.name}' ({fingerprint(target.read_bytes())}) in {target}")
+    if args.hospital_kit_out:
+        print(f"hospital kit files (no private key) for '{args.name}': {args.hospital_kit_out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from simulations.simulate import DEFAULT_STUDY
 
@@ -56,6 +90,29 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--verbose", action="store_true", help="show Flower's own logs")
     sim.set_defaults(func=_simulate)
 
+    prov = commands.add_parser("provision", help="create the study CA and one kit per party")
+    prov.add_argument("--study", type=Path, required=True, help="study TOML file")
+    prov.add_argument("--coordinator-host", required=True, help="host names / IPs of the coordinator, comma-separated")
+    prov.add_argument("--hospitals", required=True, help="hospital names, comma-separated (e.g. a,b,c)")
+    prov.add_argument("--out", type=Path, required=True, help="new folder for the kits")
+    prov.add_argument("--port", type=int, default=9092, help="coordinator port (default 9092)")
+    prov.set_defaults(func=_provision)
+
+    node = commands.add_parser("node", help="hospital node commands")
+    node_cmds = node.add_subparsers(dest="node_command", required=True)
+    keygen = node_cmds.add_parser("keygen", help="create this hospital's node key pair (private key stays here)")
+    keygen.add_argument("--out", type=Path, required=True, help="folder for node.key and node.pub")
+    keygen.set_defaults(func=_node_keygen)
+
+    coord = commands.add_parser("coordinator", help="coordinator commands")
+    coord_cmds = coord.add_subparsers(dest="coordinator_command", required=True)
+    add = coord_cmds.add_parser("add-node", help="accept a hospital's node public key")
+    add.add_argument("--kit", type=Path, required=True, help="the coordinator kit folder")
+    add.add_argument("--name", required=True, help="the hospital's name")
+    add.add_argument("--public-key", type=Path, required=True, help="the hospital's node.pub")
+    add.add_argument("--hospital-kit-out", type=Path, default=None, help="also write that hospital's kit files here")
+    add.set_defaults(func=_coordinator_add_node)
+
     study = commands.add_parser("study", help="study file tools")
     study_cmds = study.add_subparsers(dest="study_command", required=True)
     check = study_cmds.add_parser("check", help="validate a study file and print its hash")
@@ -67,13 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     quiet_flower_environment()
     from client.data import SiteDataError
+    from fedcare.kits import KitError
+    from fedcare.pki import KeyMaterialError
     from fedcare.study import StudyConfigError
     from simulations.simulate import SimulationError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (StudyConfigError, SiteDataError, SimulationError) as err:
+    except (StudyConfigError, SiteDataError, SimulationError, KitError, KeyMaterialError) as err:
         print(f"fedcare: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

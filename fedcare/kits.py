@@ -1,0 +1,255 @@
+"""Kits: one folder per party holding only what that party needs.
+
+    <out>/ca/                 ca.key (0600), ca.crt — the study CA; keep it offline
+    <out>/coordinator/        kit.toml, study.toml, ca.crt, server.crt, server.key (0600),
+                              nodes/<hospital>.pub (node keys the coordinator accepts)
+    <out>/<hospital>/         kit.toml, study.toml, ca.crt, node.key (0600), node.pub,
+                              site.toml (the hospital's own settings: where its data is)
+
+`provision` creates all of them centrally. In the distributed mode the private key never
+leaves the hospital: `node_keygen` runs there, and `add_node` registers the public key in
+the coordinator's kit.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedcare.pki import (
+    CertificateAuthority,
+    KeyMaterialError,
+    check_private_permissions,
+    load_node_public_key,
+    node_key_pair,
+    write_public,
+    write_secret,
+)
+from fedcare.study import load_study
+
+NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+DEFAULT_PORT = 9092
+
+
+class KitError(ValueError):
+    """A kit is missing, incomplete, or does not belong to this role; the message says which file."""
+
+
+@dataclass(frozen=True)
+class CoordinatorKit:
+    path: Path
+    hosts: tuple[str, ...]
+    port: int
+    study_hash: str
+
+    @property
+    def study_file(self) -> Path:
+        return self.path / "study.toml"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.path / "ca.crt"
+
+    @property
+    def server_cert(self) -> Path:
+        return self.path / "server.crt"
+
+    @property
+    def server_key(self) -> Path:
+        return self.path / "server.key"
+
+    @property
+    def nodes_dir(self) -> Path:
+        return self.path / "nodes"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.path / "state"
+
+    def node_keys(self) -> dict[str, Path]:
+        return {p.stem: p for p in sorted(self.nodes_dir.glob("*.pub"))}
+
+
+@dataclass(frozen=True)
+class HospitalKit:
+    path: Path
+    name: str
+    coordinator: str
+    study_hash: str
+
+    @property
+    def study_file(self) -> Path:
+        return self.path / "study.toml"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.path / "ca.crt"
+
+    @property
+    def node_key(self) -> Path:
+        return self.path / "node.key"
+
+    @property
+    def site_file(self) -> Path:
+        return self.path / "site.toml"
+
+
+def _check_name(name: str, what: str) -> str:
+    if not NAME.match(name):
+        raise KitError(f"{what} '{name}': use lowercase letters, digits and '-' (at most 63 characters)")
+    return name
+
+
+def _read_kit(path: Path, role: str) -> dict:
+    kit_file = Path(path) / "kit.toml"
+    try:
+        raw = tomllib.loads(kit_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise KitError(f"{kit_file}: not found; is {path} a fedcare kit folder?") from None
+    except tomllib.TOMLDecodeError as err:
+        raise KitError(f"{kit_file}: not valid TOML: {err}") from None
+    found = raw.get("kit", {}).get("role")
+    if found != role:
+        raise KitError(f"{kit_file}: this is a {found or 'unknown'} kit, not a {role} kit")
+    study = load_study(Path(path) / "study.toml")
+    if study.hash != raw["kit"].get("study_hash"):
+        raise KitError(f"{Path(path) / 'study.toml'}: does not match the study hash recorded in {kit_file}")
+    return raw
+
+
+def load_coordinator_kit(path: str | Path) -> CoordinatorKit:
+    path = Path(path).resolve()
+    raw = _read_kit(path, "coordinator")
+    kit = CoordinatorKit(path, tuple(raw["coordinator"]["hosts"]), int(raw["coordinator"]["port"]), raw["kit"]["study_hash"])
+    for needed in (kit.ca_cert, kit.server_cert):
+        if not needed.is_file():
+            raise KitError(f"{needed}: missing from the coordinator kit")
+    return kit
+
+
+def load_hospital_kit(path: str | Path) -> HospitalKit:
+    path = Path(path).resolve()
+    raw = _read_kit(path, "hospital")
+    kit = HospitalKit(path, raw["kit"]["name"], raw["coordinator"]["address"], raw["kit"]["study_hash"])
+    if not kit.ca_cert.is_file():
+        raise KitError(f"{kit.ca_cert}: missing from the hospital kit")
+    check_private_permissions(kit.node_key)
+    return kit
+
+
+def _toml_list(values: list[str]) -> str:
+    return "[" + ", ".join(f'"{v}"' for v in values) + "]"
+
+
+SITE_TEMPLATE = """# This hospital's own settings (owned by hospital IT, not by the study).
+[site]
+# Directory holding the site's export: train.csv and test.csv, columns named by the study.
+data = "{data}"
+# Where the node keeps its privacy accountant state (relative to this kit).
+state_dir = "state"
+"""
+
+
+def provision(study_path: Path, hosts: list[str], hospitals: list[str], out: Path, port: int = DEFAULT_PORT) -> dict[str, Path]:
+    """Create the CA, the coordinator kit and one kit per hospital under `out` (which must not exist)."""
+    study = load_study(study_path)
+    if not hosts or any(not h.strip() for h in hosts):
+        raise KitError("--coordinator-host: give at least one host name or IP address")
+    names = [_check_name(h, "--hospitals: name") for h in hospitals]
+    if len(set(names)) != len(names):
+        raise KitError("--hospitals: names must be unique")
+    if len(names) < study.strategy.min_sites:
+        raise KitError(f"--hospitals: {len(names)} hospitals, the study needs at least strategy.min_sites = {study.strategy.min_sites}")
+    if not 1 <= port <= 65535:
+        raise KitError(f"--port: {port} is not a TCP port")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise KitError(f"--out: {out} is not empty; refusing to overwrite existing kits")
+    ca = CertificateAuthority.create(study.name)
+    ca.save(out / "ca" / "ca.key", out / "ca" / "ca.crt")
+    study_text = study.to_toml()
+
+    coord = out / "coordinator"
+    cert, key = ca.issue_server(hosts)
+    write_public(coord / "server.crt", cert)
+    write_secret(coord / "server.key", key)
+    shutil.copyfile(out / "ca" / "ca.crt", coord / "ca.crt")
+    (coord / "study.toml").write_text(study_text, encoding="utf-8")
+    (coord / "kit.toml").write_text(
+        f'[kit]\nrole = "coordinator"\nstudy_hash = "{study.hash}"\n\n'
+        f"[coordinator]\nhosts = {_toml_list(hosts)}\nport = {port}\n",
+        encoding="utf-8",
+    )
+    (coord / "nodes").mkdir()
+    kits = {"ca": out / "ca", "coordinator": coord}
+    for name in names:
+        kit = out / name
+        private, public = node_key_pair()
+        write_secret(kit / "node.key", private)
+        write_public(kit / "node.pub", public)
+        write_public(coord / "nodes" / f"{name}.pub", public)
+        shutil.copyfile(out / "ca" / "ca.crt", kit / "ca.crt")
+        (kit / "study.toml").write_text(study_text, encoding="utf-8")
+        _write_hospital_kit_toml(kit, name, f"{hosts[0]}:{port}", study.hash)
+        (kit / "site.toml").write_text(SITE_TEMPLATE.format(data="/path/to/ehr-export"), encoding="utf-8")
+        kits[name] = kit
+    return kits
+
+
+def _write_hospital_kit_toml(kit: Path, name: str, address: str, study_hash: str) -> None:
+    (kit / "kit.toml").write_text(
+        f'[kit]\nrole = "hospital"\nname = "{name}"\nstudy_hash = "{study_hash}"\n\n'
+        f'[coordinator]\naddress = "{address}"\n',
+        encoding="utf-8",
+    )
+
+
+def node_keygen(out: Path) -> tuple[Path, Path]:
+    """At the hospital: a new node key pair in `out` (node.key 0600, node.pub to send to the coordinator)."""
+    private, public = node_key_pair()
+    write_secret(out / "node.key", private)
+    write_public(out / "node.pub", public)
+    return out / "node.key", out / "node.pub"
+
+
+def add_node(kit_path: Path, name: str, public_key: Path, hospital_kit_out: Path | None = None) -> Path:
+    """At the coordinator: accept a hospital's node public key.
+
+    With `hospital_kit_out`, also write that hospital's kit files (everything but its private
+    key, which stays at the hospital) for the coordinator to send back.
+    """
+    kit = load_coordinator_kit(kit_path)
+    _check_name(name, "--name")
+    line = load_node_public_key(public_key)
+    for other, path in kit.node_keys().items():
+        if path.read_bytes().strip() == line.strip():
+            raise KitError(f"--public-key: this key is already registered as '{other}'")
+    target = kit.nodes_dir / f"{name}.pub"
+    if target.exists():
+        raise KitError(f"--name: a node named '{name}' is already registered; remove {target} first")
+    write_public(target, line)
+    if hospital_kit_out is not None:
+        out = Path(hospital_kit_out)
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(kit.ca_cert, out / "ca.crt")
+        shutil.copyfile(kit.study_file, out / "study.toml")
+        _write_hospital_kit_toml(out, name, f"{kit.hosts[0]}:{kit.port}", kit.study_hash)
+        if not (out / "site.toml").exists():
+            (out / "site.toml").write_text(SITE_TEMPLATE.format(data="/path/to/ehr-export"), encoding="utf-8")
+    return target
+
+
+__all__ = [
+    "CoordinatorKit",
+    "HospitalKit",
+    "KeyMaterialError",
+    "KitError",
+    "add_node",
+    "load_coordinator_kit",
+    "load_hospital_kit",
+    "node_keygen",
+    "provision",
+]

@@ -1,0 +1,171 @@
+"""The study's keys and certificates (Python `cryptography`; no shelling out to openssl).
+
+- a study CA (ECDSA P-384, self-signed) that signs the coordinator's TLS certificate;
+- the coordinator's TLS key and certificate, with SANs for every host name / IP it serves;
+- one ECDSA P-384 key pair per hospital in OpenSSH format, as Flower's SuperNode
+  authentication takes them (`--auth-supernode-private-key`, `flwr supernode register`).
+
+Private keys are written with mode 0600 (created that way, never widened) and are never
+printed or logged; `write_secret` refuses to overwrite an existing key.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+CURVE = ec.SECP384R1()
+CA_DAYS = 3650
+SERVER_DAYS = 825
+
+
+class KeyMaterialError(ValueError):
+    """A key or certificate file is missing, malformed, or has unsafe permissions."""
+
+
+def write_secret(path: Path, data: bytes) -> None:
+    """Create `path` with mode 0600 and write `data`; refuse to replace an existing file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise KeyMaterialError(f"{path}: already exists; refusing to overwrite a private key") from None
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+    os.chmod(path, 0o600)
+
+
+def write_public(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    os.chmod(path, 0o644)
+
+
+def check_private_permissions(path: Path) -> None:
+    """A private key readable by group or others is refused."""
+    if not path.is_file():
+        raise KeyMaterialError(f"{path}: private key not found")
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise KeyMaterialError(f"{path}: private key permissions are {mode:o}; run `chmod 600 {path}`")
+
+
+def _pem_private(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+def _pem_cert(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+@dataclass(frozen=True)
+class CertificateAuthority:
+    key: ec.EllipticCurvePrivateKey
+    cert: x509.Certificate
+
+    @classmethod
+    def create(cls, study_name: str) -> CertificateAuthority:
+        key = ec.generate_private_key(CURVE)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"fedcare study CA ({study_name})")])
+        now = dt.datetime.now(dt.timezone.utc)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=CA_DAYS))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA384())
+        )
+        return cls(key, cert)
+
+    @classmethod
+    def load(cls, key_path: Path, cert_path: Path) -> CertificateAuthority:
+        check_private_permissions(key_path)
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise KeyMaterialError(f"{key_path}: not an ECDSA key")
+        return cls(key, x509.load_pem_x509_certificate(cert_path.read_bytes()))
+
+    def save(self, key_path: Path, cert_path: Path) -> None:
+        write_secret(key_path, _pem_private(self.key))
+        write_public(cert_path, _pem_cert(self.cert))
+
+    def issue_server(self, hosts: list[str]) -> tuple[bytes, bytes]:
+        """(certificate PEM, private key PEM) for a TLS server reachable at `hosts`."""
+        if not hosts:
+            raise KeyMaterialError("at least one coordinator host name or IP address is needed")
+        key = ec.generate_private_key(CURVE)
+        sans: list[x509.GeneralName] = []
+        for host in hosts:
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+            except ValueError:
+                sans.append(x509.DNSName(host))
+        now = dt.datetime.now(dt.timezone.utc)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=SERVER_DAYS))
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False
+            )
+            .sign(self.key, hashes.SHA384())
+        )
+        return _pem_cert(cert), _pem_private(key)
+
+
+def node_key_pair() -> tuple[bytes, bytes]:
+    """(OpenSSH private key, OpenSSH public key line) for Flower SuperNode authentication."""
+    key = ec.generate_private_key(CURVE)
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return private, public + b"\n"
+
+
+def load_node_public_key(path: Path) -> bytes:
+    """Validate an OpenSSH ECDSA public key file and return its single line."""
+    try:
+        data = path.read_bytes().strip()
+    except FileNotFoundError:
+        raise KeyMaterialError(f"{path}: public key file not found") from None
+    try:
+        key = serialization.load_ssh_public_key(data)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
+        raise KeyMaterialError(f"{path}: not an OpenSSH public key ({err})") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise KeyMaterialError(f"{path}: Flower node authentication needs an ECDSA key, got {type(key).__name__}")
+    if b"PRIVATE" in data:
+        raise KeyMaterialError(f"{path}: this is a private key; give the .pub file")
+    return data + b"\n"
+
+
+def fingerprint(public_line: bytes) -> str:
+    """Short SHA-256 fingerprint of a public key line, safe to print."""
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(public_line.strip())
+    return digest.finalize().hex()[:16]
