@@ -28,7 +28,7 @@ from client.training import train_round
 from fedcare.features import model_inputs
 from fedcare.metrics import log_loss, score_histogram
 from fedcare.model import build_model, get_weights, predict_proba, set_weights
-from fedcare.study import Study, load_study
+from fedcare.study import load_study, study_for_run
 from privacy.accounting import AccountantStore, SiteAccountantState, plan_schedule
 
 
@@ -58,17 +58,17 @@ def site_paths(context: Context) -> SitePaths:
 
 
 @functools.lru_cache(maxsize=4)
-def _load(study_path: Path, data_dir: Path) -> tuple[Study, SiteData]:
-    study = load_study(study_path)
-    return study, load_site(study, data_dir)
+def _load_data(study_path: Path, data_dir: Path) -> SiteData:
+    return load_site(load_study(study_path), data_dir)
 
 
 class HospitalClient(NumPyClient):
     """One hospital in one study run."""
 
-    def __init__(self, paths: SitePaths, run_id: int) -> None:
+    def __init__(self, paths: SitePaths, run_id: int, run_config: dict[str, Scalar] | None = None) -> None:
         self.paths = paths
-        self.study, self.data = _load(paths.study, paths.data)
+        self.study = study_for_run(paths.study, run_config or {})
+        self.data = _load_data(paths.study, paths.data)
         self.store = AccountantStore(paths.state_dir, self.study.hash, run_id)
 
     def _check_study(self, config: dict[str, Scalar]) -> None:
@@ -132,7 +132,7 @@ def check_within_clipping_range(delta: NDArrays, n: int, max_weight: float, clip
 
 
 def client_fn(context: Context) -> Client:
-    return HospitalClient(site_paths(context), context.run_id).to_client()
+    return HospitalClient(site_paths(context), context.run_id, dict(context.run_config)).to_client()
 
 
 app = ClientApp(client_fn=client_fn, mods=[secaggplus_mod])

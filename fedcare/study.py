@@ -136,6 +136,17 @@ class Study:
         return _render_toml(self)
 
 
+def study_for_run(path: str | Path, run_config: dict[str, Any]) -> Study:
+    """The study as a run uses it: the file, with the run's `rounds` / `epsilon` overrides (0 = the file's).
+
+    Coordinator and sites both compute this; its hash is what they compare, so an override
+    changes nothing silently.
+    """
+    rounds = int(run_config.get("rounds", 0) or 0)
+    epsilon = float(run_config.get("epsilon", 0.0) or 0.0)
+    return load_study(path).with_overrides(rounds=rounds or None, epsilon=epsilon or None)
+
+
 def load_study(path: str | Path) -> Study:
     """Read and validate a study TOML file."""
     path = Path(path)

@@ -12,7 +12,7 @@ from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
 from flwr.server.workflow import DefaultWorkflow
 
 from fedcare.model import build_model, get_weights
-from fedcare.study import Study, load_study
+from fedcare.study import Study, study_for_run
 from server.progress import RoundLog, save_checkpoint
 from server.secure_aggregation import secure_aggregation_workflow
 from strategies.fedavg import DeltaFedAvg
@@ -39,7 +39,7 @@ def build_strategy(study: Study, out_dir: str) -> DeltaFedAvg:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    study = load_study(str(context.run_config["study"]))
+    study = study_for_run(str(context.run_config["study"]), context.run_config)
     out_dir = str(context.run_config["out-dir"])
     print(f"study {study.name} ({study.hash[:12]}), {study.training.rounds} rounds, SecAgg+ on", flush=True)
     legacy = LegacyContext(
