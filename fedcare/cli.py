@@ -73,6 +73,59 @@ def _coordinator_add_node(args: argparse.Namespace) -> int:
     return 0
 
 
+def _coordinator_start(args: argparse.Namespace) -> int:
+    import signal
+
+    from fedcare.kits import load_coordinator_kit
+    from server.federation import register_nodes, start_superlink
+
+    kit = load_coordinator_kit(args.kit)
+    port = args.port or kit.port
+    proc = start_superlink(kit, bind=args.bind, port=port, insecure_dev=args.insecure_dev)
+    names = [] if args.insecure_dev else sorted(kit.node_keys())
+    print(f"coordinator listening on {args.bind}:{port} (TLS {'OFF' if args.insecure_dev else 'on'}, "
+          f"node authentication {'OFF' if args.insecure_dev else 'on'}); pid {proc.pid}", flush=True)
+    print(f"registered hospitals: {', '.join(names) or 'none'}; log: {kit.state_dir / 'superlink.log'}", flush=True)
+    stop = lambda signum, _frame: proc.send_signal(signal.SIGTERM)  # noqa: E731
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    while proc.poll() is None:
+        try:
+            proc.wait(timeout=5)
+        except Exception:  # noqa: BLE001 - subprocess.TimeoutExpired: pick up keys added meanwhile
+            if not args.insecure_dev:
+                register_nodes(kit)
+    print(f"coordinator stopped (exit status {proc.returncode})", flush=True)
+    return 0 if proc.returncode in (0, -15) else 1
+
+
+def _node_start(args: argparse.Namespace) -> int:
+    from client.node import resolve_settings, start_node
+    from fedcare.kits import load_hospital_kit
+
+    kit = load_hospital_kit(args.kit, need_keys=not args.insecure_dev)
+    return start_node(resolve_settings(kit, args.data, args.insecure_dev))
+
+
+def _run(args: argparse.Namespace) -> int:
+    from fedcare.kits import load_coordinator_kit
+    from server.launch import run_study
+
+    run_dir, _ = run_study(load_coordinator_kit(args.kit), args.rounds, args.epsilon)
+    print()
+    print((run_dir / "summary.txt").read_text(encoding="utf-8"), end="")
+    print(f"\nreport: {run_dir / 'report.json'}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from fedcare.kits import load_coordinator_kit
+    from server.launch import status_lines
+
+    print("\n".join(status_lines(load_coordinator_kit(args.kit))))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from simulations.simulate import DEFAULT_STUDY
 
@@ -103,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     keygen = node_cmds.add_parser("keygen", help="create this hospital's node key pair (private key stays here)")
     keygen.add_argument("--out", type=Path, required=True, help="folder for node.key and node.pub")
     keygen.set_defaults(func=_node_keygen)
+    nstart = node_cmds.add_parser("start", help="validate the site's data and join the federation")
+    nstart.add_argument("--kit", type=Path, required=True, help="this hospital's kit folder")
+    nstart.add_argument("--data", type=Path, default=None, help="the site's export directory (default: site.toml)")
+    nstart.add_argument("--insecure-dev", action="store_true", help="no TLS, no node authentication (local trials only)")
+    nstart.set_defaults(func=_node_start)
 
     coord = commands.add_parser("coordinator", help="coordinator commands")
     coord_cmds = coord.add_subparsers(dest="coordinator_command", required=True)
@@ -112,6 +170,22 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--public-key", type=Path, required=True, help="the hospital's node.pub")
     add.add_argument("--hospital-kit-out", type=Path, default=None, help="also write that hospital's kit files here")
     add.set_defaults(func=_coordinator_add_node)
+    cstart = coord_cmds.add_parser("start", help="start the SuperLink (TLS + node authentication) and register the kit's nodes")
+    cstart.add_argument("--kit", type=Path, required=True, help="the coordinator kit folder")
+    cstart.add_argument("--port", type=int, default=None, help="port (default: the kit's)")
+    cstart.add_argument("--bind", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    cstart.add_argument("--insecure-dev", action="store_true", help="no TLS, no node authentication (local trials only)")
+    cstart.set_defaults(func=_coordinator_start)
+
+    run = commands.add_parser("run", help="run the study on the federation (from the coordinator)")
+    run.add_argument("--kit", type=Path, required=True, help="the coordinator kit folder")
+    run.add_argument("--rounds", type=int, default=None, help="override the study's rounds (sites check the hash)")
+    run.add_argument("--epsilon", type=float, default=None, help="override each site's ε target")
+    run.set_defaults(func=_run)
+
+    status = commands.add_parser("status", help="connected hospital nodes and runs")
+    status.add_argument("--kit", type=Path, required=True, help="the coordinator kit folder")
+    status.set_defaults(func=_status)
 
     study = commands.add_parser("study", help="study file tools")
     study_cmds = study.add_subparsers(dest="study_command", required=True)
@@ -124,7 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     quiet_flower_environment()
     from client.data import SiteDataError
+    from client.node import NodeStartError
     from fedcare.kits import KitError
+    from server.federation import FederationError
     from fedcare.pki import KeyMaterialError
     from fedcare.study import StudyConfigError
     from simulations.simulate import SimulationError
@@ -132,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (StudyConfigError, SiteDataError, SimulationError, KitError, KeyMaterialError) as err:
+    except (StudyConfigError, SiteDataError, SimulationError, KitError, KeyMaterialError, NodeStartError, FederationError) as err:
         print(f"fedcare: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

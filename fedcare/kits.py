@@ -123,21 +123,35 @@ def _read_kit(path: Path, role: str) -> dict:
 def load_coordinator_kit(path: str | Path) -> CoordinatorKit:
     path = Path(path).resolve()
     raw = _read_kit(path, "coordinator")
-    kit = CoordinatorKit(path, tuple(raw["coordinator"]["hosts"]), int(raw["coordinator"]["port"]), raw["kit"]["study_hash"])
-    for needed in (kit.ca_cert, kit.server_cert):
-        if not needed.is_file():
-            raise KitError(f"{needed}: missing from the coordinator kit")
-    return kit
+    # TLS files are checked where they are used: `coordinator start` refuses to run without them.
+    return CoordinatorKit(path, tuple(raw["coordinator"]["hosts"]), int(raw["coordinator"]["port"]), raw["kit"]["study_hash"])
 
 
-def load_hospital_kit(path: str | Path) -> HospitalKit:
+def load_hospital_kit(path: str | Path, *, need_keys: bool = True) -> HospitalKit:
     path = Path(path).resolve()
     raw = _read_kit(path, "hospital")
     kit = HospitalKit(path, raw["kit"]["name"], raw["coordinator"]["address"], raw["kit"]["study_hash"])
-    if not kit.ca_cert.is_file():
-        raise KitError(f"{kit.ca_cert}: missing from the hospital kit")
-    check_private_permissions(kit.node_key)
+    if need_keys:
+        if not kit.ca_cert.is_file():
+            raise KitError(f"{kit.ca_cert}: missing from the hospital kit")
+        check_private_permissions(kit.node_key)
     return kit
+
+
+def read_site_settings(kit: HospitalKit) -> dict[str, str]:
+    """The hospital's `site.toml`: `data` (its export directory) and `state_dir`."""
+    try:
+        raw = tomllib.loads(kit.site_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {"state_dir": str(kit.path / "state")}
+    except tomllib.TOMLDecodeError as err:
+        raise KitError(f"{kit.site_file}: not valid TOML: {err}") from None
+    site = raw.get("site", {})
+    state = Path(str(site.get("state_dir", "state")))
+    return {
+        **({"data": str(site["data"])} if "data" in site else {}),
+        "state_dir": str(state if state.is_absolute() else kit.path / state),
+    }
 
 
 def _toml_list(values: list[str]) -> str:

@@ -14,9 +14,7 @@ import tomllib
 from dataclasses import replace
 from pathlib import Path
 
-from fedcare.runtime import quiet_flower_environment
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+from fedcare.runtime import APP_DIR, quiet_flower_environment
 
 
 def run_flower_simulation(
@@ -42,7 +40,7 @@ def run_flower_simulation(
     from flwr.supercore.telemetry import EventType
 
     if components is None:
-        components = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["components"]
+        components = tomllib.loads((APP_DIR / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["components"]
     run_id = int.from_bytes(os.urandom(7), "big")
     run = replace(Run.create_empty(run_id=run_id), override_config=dict(run_config), federation_id=NOOP_FEDERATION_ID)
     run.primary_task_id = int.from_bytes(os.urandom(7), "big")
@@ -52,7 +50,7 @@ def run_flower_simulation(
         node_id=0,
         node_config={},
         state=RecordDict(),
-        run_config=get_fused_config_from_dir(PROJECT_ROOT, run.override_config),
+        run_config=get_fused_config_from_dir(APP_DIR, run.override_config),
     )
     # Flower's own console handler shows its logs; other libraries' root handlers must not repeat them.
     logging.getLogger("flwr").propagate = False
@@ -72,7 +70,7 @@ def run_flower_simulation(
                 "log_to_driver": verbose,
             },
         },
-        app_dir=str(PROJECT_ROOT),
+        app_dir=str(APP_DIR),
         run=run,
         server_app_context=server_context,
         is_app=True,

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +22,15 @@ from export.onnx_export import export_fp32, quantize_int8, run_onnx
 from fedcare.features import model_inputs
 from fedcare.metrics import accuracy, log_loss, roc_auc
 from fedcare.model import build_model, predict_proba, set_weights
+from fedcare.report import write_report
+from fedcare.runtime import APP_DIR
 from fedcare.study import Study, StudyConfigError, load_study
 from privacy.accounting import AccountantStore
 from server.progress import latest_checkpoint, load_checkpoint, read_round_log
 from simulations.cohorts import write_cohorts
-from simulations.engine import PROJECT_ROOT, run_flower_simulation
+from simulations.engine import run_flower_simulation
 
-DEFAULT_STUDY = PROJECT_ROOT / "studies" / "depression-risk.toml"
+DEFAULT_STUDY = APP_DIR / "studies" / "depression-risk.toml"
 CALIBRATION_ROWS = 2048
 
 
@@ -85,8 +86,7 @@ def simulate(opts: SimulationOptions) -> dict:
         raise SimulationError("no round was securely aggregated; see the log above for the SecAgg+ failure")
     report = evaluate_study(study, out, checkpoint, rounds, cohorts)
     report["wall_seconds"] = round(time.monotonic() - started, 2)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    (out / "summary.txt").write_text(summary_text(report), encoding="utf-8")
+    write_report(out, report)
     return report
 
 
@@ -171,29 +171,3 @@ def evaluate_study(study: Study, out: Path, checkpoint: Path, rounds: list[dict]
 def _calibration_sample(x: np.ndarray, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return x[rng.permutation(len(x))[:CALIBRATION_ROWS]]
-
-
-def summary_text(report: dict) -> str:
-    lines = [
-        f"fedcare study {report['study']} ({report['study_hash'][:12]}…), secure aggregation: "
-        f"{'on' if report['secure_aggregation'] else 'OFF'}",
-        "",
-        "round  test AUC  loss",
-    ]
-    lines += [f"{r['round']:>5}  {r['auc']:.4f}    {r['loss']:.4f}" for r in report["rounds"]]
-    lines += ["", f"{'site':<14} {'rows':>6} {'epsilon':>8} {'delta':>8} {'AUC':>6}"]
-    lines += [
-        f"{s['name']:<14} {s['train_rows']:>6} {s['epsilon']:>8.3f} {s['delta']:>8.0e} {s['auc']:>6.3f}"
-        for s in report["sites"]
-    ]
-    final, export = report["final"], report["export"]
-    lines += [
-        "",
-        f"final global model: AUC {final['auc']:.4f}, accuracy {final['accuracy']:.4f} on {final['test_rows']} test rows",
-        f"centralized non-private baseline: AUC {report['baseline_centralized']['auc']:.4f}; "
-        f"ground-truth ceiling: AUC {report['ground_truth_auc']:.4f}",
-        f"ONNX fp32: {export['onnx']} ({export['bytes_fp32']} bytes, AUC {export['auc_fp32']:.4f})",
-        f"ONNX int8: {export['onnx_int8']} ({export['bytes_int8']} bytes, AUC {export['auc_int8']:.4f})",
-        f"wall time: {report.get('wall_seconds', 0):.1f} s",
-    ]
-    return "\n".join(lines) + "\n"

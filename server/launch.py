@@ -1,0 +1,72 @@
+"""`fedcare run` and `fedcare status`: a study run on the running federation, from the coordinator.
+
+The run goes through Flower's own `flwr run` (the App in this repository becomes the FAB
+every node executes); the ServerApp's live progress is followed with `flwr log --stream`,
+the outcome is read from `flwr ls`, and the report holds only what the coordinator knows.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from fedcare.kits import CoordinatorKit
+from fedcare.report import write_report
+from fedcare.runtime import APP_DIR
+from fedcare.study import study_for_run
+from server.federation import FederationError, FlowerCLI, node_names
+from server.report import coordinator_report
+
+
+def run_study(kit: CoordinatorKit, rounds: int | None, epsilon: float | None) -> tuple[Path, dict]:
+    """Launch the study on the online nodes, follow it, write `<run dir>/report.json`."""
+    started = time.monotonic()
+    overrides = {"rounds": rounds or 0, "epsilon": float(epsilon or 0.0)}
+    study = study_for_run(kit.study_file, overrides)
+    cli = FlowerCLI(kit)
+    online = [n for n in cli.nodes() if n.get("status") == "online"]
+    if len(online) < study.strategy.min_sites:
+        raise FederationError(
+            f"{len(online)} hospital node(s) online; the study needs at least strategy.min_sites = "
+            f"{study.strategy.min_sites}. Check `fedcare status --kit {kit.path}`."
+        )
+    run_dir = kit.state_dir / "runs" / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    run_dir.mkdir(parents=True)
+    run_id = cli.start_run(APP_DIR, {"study": str(kit.study_file), "out-dir": str(run_dir), **overrides})
+    print(f"run {run_id}: study {study.name} ({study.hash[:12]}), {study.training.rounds} rounds, "
+          f"{len(online)} nodes online; output in {run_dir}", flush=True)
+    cli.stream_log(run_id, lambda line: print(line, flush=True) if line.strip() else None)
+    outcome = _wait_finished(cli, run_id)
+    if outcome.get("status") != "finished:completed":
+        raise FederationError(f"run {run_id} ended as {outcome.get('status')}: {outcome.get('status-details', '')}")
+    names = node_names(kit)
+    sites = sorted(names.get(str(n.get("node-id")), f"node {n.get('node-id')}") for n in online)
+    report = coordinator_report(study, run_dir, sites, time.monotonic() - started)
+    report["run_id"] = run_id
+    write_report(run_dir, report)
+    return run_dir, report
+
+
+def _wait_finished(cli: FlowerCLI, run_id: int, timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = cli.runs(run_id)
+        if runs and str(runs[0].get("status", "")).startswith("finished"):
+            return runs[0]
+        if time.monotonic() > deadline:
+            return runs[0] if runs else {"status": "unknown"}
+        time.sleep(1.0)
+
+
+def status_lines(kit: CoordinatorKit) -> list[str]:
+    cli = FlowerCLI(kit)
+    names = node_names(kit)
+    lines = [f"coordinator {kit.hosts[0]}:{kit.port}  study {kit.study_hash[:12]}", "", f"{'hospital':<16} {'node id':<22} status"]
+    for node in cli.nodes():
+        node_id = str(node.get("node-id"))
+        lines.append(f"{names.get(node_id, '?'):<16} {node_id:<22} {node.get('status')}")
+    lines += ["", f"{'run':<22} {'status':<22} created"]
+    for run in cli.runs():
+        lines.append(f"{str(run.get('run-id')):<22} {str(run.get('status')):<22} {run.get('pending-at', '')}")
+    return lines
