@@ -17,9 +17,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
-
 from fedcare.study import Study
 
 
@@ -47,6 +44,8 @@ def batches_per_epoch(n_train: int, batch_size: int) -> int:
 
 def plan_schedule(study: Study, n_train: int) -> DPSchedule:
     """Choose sigma once so the whole study's planned steps spend at most the target epsilon."""
+    from opacus.accountants.utils import get_noise_multiplier  # heavy import: only where needed
+
     if n_train < 1:
         raise ValueError("a site needs at least one training row")
     sample_rate = 1.0 / batches_per_epoch(n_train, study.training.batch_size)
@@ -74,6 +73,8 @@ def plan_schedule(study: Study, n_train: int) -> DPSchedule:
 
 def epsilon_of(accountant_name: str, history: list[tuple[float, float, int]], delta: float) -> float:
     """Epsilon of a DP-SGD history [(sigma, sample_rate, steps), ...] under the named accountant."""
+    from opacus.accountants import create_accountant
+
     accountant = create_accountant(accountant_name)
     accountant.history = [tuple(h) for h in history]
     return float(accountant.get_epsilon(delta=delta)) if history else 0.0

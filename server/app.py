@@ -44,7 +44,7 @@ def main(grid: Grid, context: Context) -> None:
     print(f"study {study.name} ({study.hash[:12]}), {study.training.rounds} rounds, SecAgg+ on", flush=True)
     legacy = LegacyContext(
         context=context,
-        config=ServerConfig(num_rounds=study.training.rounds),
+        config=ServerConfig(num_rounds=study.training.rounds, round_timeout=study.secure_aggregation.timeout_seconds),
         strategy=build_strategy(study, out_dir),
     )
     DefaultWorkflow(fit_workflow=secure_aggregation_workflow(study))(grid, legacy)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
 
-from client.app import HospitalClient, SitePaths, SiteRefusal, check_within_clipping_range
+from client.hospital import HospitalClient, SitePaths, SiteRefusal, check_within_clipping_range
 from fedcare.model import build_model, get_weights
 from fedcare.study import load_study
 

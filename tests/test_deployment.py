@@ -1,0 +1,138 @@
+"""A real federation on loopback: a SuperLink and four SuperNodes started through the `fedcare`
+commands, with TLS and node authentication, running a SecAgg+ DP study; refusals of nodes that
+are not registered or do not trust the study CA; a coordinator without certificates."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import signal
+import time
+
+import pytest
+
+from fedcare.kits import node_keygen
+from fedcare.runtime import free_port
+from fedcare.study import load_study
+from simulations.cohorts import write_cohorts
+
+from .conftest import DEFAULT_STUDY
+from .federation import Processes, fedcare
+
+HOSPITALS = ["a", "b", "c", "d"]
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    work = tmp_path_factory.mktemp("federation")
+    base = load_study(DEFAULT_STUDY)
+    study = dataclasses.replace(
+        base, secure_aggregation=dataclasses.replace(base.secure_aggregation, timeout_seconds=25.0)
+    )
+    (work / "study.toml").write_text(study.to_toml())
+    port = free_port()
+    proc = fedcare("provision", "--study", str(work / "study.toml"), "--coordinator-host", "127.0.0.1,localhost",
+                   "--hospitals", ",".join(HOSPITALS), "--out", str(work / "kits"), "--port", str(port))
+    assert proc.returncode == 0, proc.stderr
+    write_cohorts(study, work / "sites", len(HOSPITALS), seed=42, size_scale=0.3)
+    procs = Processes(work)
+    try:
+        coordinator = procs.start("coordinator", "coordinator", "start", "--kit", str(work / "kits" / "coordinator"),
+                                  "--bind", "127.0.0.1")
+        assert coordinator.wait_for("registered hospitals: a, b, c, d", 120), coordinator.text()
+        nodes = {}
+        for i, name in enumerate(HOSPITALS, start=1):
+            nodes[name] = procs.start(f"node-{name}", "node", "start", "--kit", str(work / "kits" / name),
+                                      "--data", str(work / "sites" / f"hospital-{i:02d}"))
+        for name, node in nodes.items():
+            assert node.wait_for(f"node '{name}' connected", 120), node.text()
+        yield {"work": work, "port": port, "procs": procs, "nodes": nodes, "study": study}
+    finally:
+        procs.stop_all()
+
+
+def test_node_trusting_another_ca_cannot_connect(federation, tmp_path):
+    work = federation["work"]
+    proc = fedcare("provision", "--study", str(work / "study.toml"), "--coordinator-host", "127.0.0.1",
+                   "--hospitals", "x,y,z", "--out", str(tmp_path / "other"), "--port", str(federation["port"]))
+    assert proc.returncode == 0
+    started = time.monotonic()
+    proc = fedcare("node", "start", "--kit", str(tmp_path / "other" / "x"), "--data", str(work / "sites" / "hospital-01"))
+    assert proc.returncode == 2
+    assert "is not this study's coordinator: its TLS certificate does not verify against the study CA" in proc.stderr
+    assert time.monotonic() - started < 60
+
+
+def test_node_with_unregistered_key_is_refused_and_says_so(federation, tmp_path):
+    work = federation["work"]
+    intruder = tmp_path / "intruder"
+    intruder.mkdir()
+    for name in ("kit.toml", "ca.crt", "study.toml", "site.toml"):
+        shutil.copyfile(work / "kits" / "a" / name, intruder / name)
+    node_keygen(intruder)
+    started = time.monotonic()
+    proc = fedcare("node", "start", "--kit", str(intruder), "--data", str(work / "sites" / "hospital-01"), timeout=120)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "the coordinator rejected this node: its public key is not registered there" in proc.stderr
+    assert time.monotonic() - started < 60
+
+
+def test_node_with_data_that_does_not_fit_stops_before_connecting(federation, tmp_path):
+    work = federation["work"]
+    bad = tmp_path / "bad-site"
+    bad.mkdir()
+    (bad / "train.csv").write_text("age,episode_12m\n40,1\n")
+    (bad / "test.csv").write_text("age,episode_12m\n40,1\n")
+    proc = fedcare("node", "start", "--kit", str(work / "kits" / "a"), "--data", str(bad))
+    assert proc.returncode == 2
+    assert "site data does not fit the study 'depression-risk'" in proc.stderr
+    assert "missing columns required by the study: sex_female" in proc.stderr
+
+
+def test_coordinator_without_certificates_refuses_to_start(federation, tmp_path):
+    kit = tmp_path / "coordinator"
+    shutil.copytree(federation["work"] / "kits" / "coordinator", kit, ignore=shutil.ignore_patterns("state"))
+    (kit / "server.crt").unlink()
+    (kit / "server.key").unlink()
+    proc = fedcare("coordinator", "start", "--kit", str(kit), "--port", str(free_port()))
+    assert proc.returncode == 2
+    assert "refusing to start without TLS" in proc.stderr and "--insecure-dev" in proc.stderr
+    assert not (kit / "state" / "superlink.db").exists()
+
+
+def test_study_completes_with_tls_auth_secagg_dp_despite_a_killed_node(federation):
+    work, procs, nodes = federation["work"], federation["procs"], federation["nodes"]
+    run = procs.start("run", "run", "--kit", str(work / "kits" / "coordinator"), "--rounds", "2")
+    # Kill node d (SIGKILL, its whole process group) once it has trained in round 1.
+    state_d = work / "kits" / "d" / "state"
+    deadline = time.monotonic() + 400
+    while not list(state_d.glob("accountant-*.json")) and time.monotonic() < deadline and run.proc.poll() is None:
+        time.sleep(0.5)
+    assert list(state_d.glob("accountant-*.json")), run.text()
+    nodes["d"].stop(signal.SIGKILL)
+    assert run.proc.wait(timeout=900) == 0, run.text()[-4000:]
+
+    out = run.text()
+    assert "round 2/2" in out and "report:" in out
+    report_path = sorted((work / "kits" / "coordinator" / "state" / "runs").glob("*/report.json"))[-1]
+    report = json.loads(report_path.read_text())
+    assert report["secure_aggregation"] is True
+    assert [r["round"] for r in report["rounds"]] == [1, 2]
+    assert all(r["aggregated"] for r in report["rounds"])
+    assert report["rounds"][1]["sites_evaluated"] == 3
+    assert 0.5 < report["final"]["auc"] <= 1.0
+    # the coordinator holds no per-site privacy spend or metrics
+    assert {s["name"] for s in report["sites"]} <= set(HOSPITALS)
+    assert all(s["epsilon"] is None and s["auc"] is None for s in report["sites"])
+    for key in ("onnx", "onnx_int8"):
+        assert report["export"][key].endswith(".onnx")
+    # the sites recorded their spend, within the study's target
+    for name in ("a", "b", "c"):
+        [ledger] = (work / "kits" / name / "state").glob("accountant-*.json")
+        spent = json.loads(ledger.read_text())
+        assert spent["rounds_trained"] == 2
+        assert 0 < spent["epsilon"] <= federation["study"].privacy.epsilon * 1.001
+    status = fedcare("status", "--kit", str(work / "kits" / "coordinator"))
+    assert status.returncode == 0
+    assert "a " in status.stdout and "online" in status.stdout and "finished:completed" in status.stdout
