@@ -133,22 +133,31 @@ def run_node(settings: NodeSettings) -> int:
     home.mkdir(exist_ok=True)
     cmd = supernode_command(settings, free_port())
     with log_path.open("a", encoding="utf-8") as log:
+        # Same process group as this command: a signal to the group (Ctrl-C, a service manager)
+        # reaches the SuperNode and its SuperExec / ClientApp children directly.
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=flower_env(home))
-        forward = lambda signum, _frame: proc.send_signal(signum)  # noqa: E731
-        signal.signal(signal.SIGTERM, forward)
-        signal.signal(signal.SIGINT, forward)
+
+        def stop_group(signum: int = signal.SIGTERM, _frame: object = None) -> None:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+        signal.signal(signal.SIGTERM, stop_group)
+        signal.signal(signal.SIGINT, stop_group)
         diagnosis = None
         assert proc.stdout is not None
-        for line in proc.stdout:
-            log.write(line)
-            log.flush()
-            if "SuperNode ID" in line:
-                print(f"node '{settings.kit.name}' connected to {settings.kit.coordinator} ({line.strip().split()[-1]})", flush=True)
-            for needle, message in DIAGNOSES:
-                if needle in line and diagnosis is None:
-                    diagnosis = message
-                    print(f"fedcare: error: {message}", file=sys.stderr, flush=True)
-        status = proc.wait()
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                if "SuperNode ID" in line:
+                    print(f"node '{settings.kit.name}' connected to {settings.kit.coordinator} ({line.strip().split()[-1]})", flush=True)
+                diagnosis = next((message for needle, message in DIAGNOSES if needle in line), None)
+                if diagnosis is not None:
+                    print(f"fedcare: error: {diagnosis}", file=sys.stderr, flush=True)
+                    break
+        finally:
+            stop_group()
+            status = proc.wait()
     if diagnosis is not None:
         return 3
     if status != 0:

@@ -28,7 +28,7 @@ def federation(tmp_path_factory):
     work = tmp_path_factory.mktemp("federation")
     base = load_study(DEFAULT_STUDY)
     study = dataclasses.replace(
-        base, secure_aggregation=dataclasses.replace(base.secure_aggregation, timeout_seconds=25.0)
+        base, secure_aggregation=dataclasses.replace(base.secure_aggregation, timeout_seconds=90.0)
     )
     (work / "study.toml").write_text(study.to_toml())
     port = free_port()
@@ -104,12 +104,10 @@ def test_coordinator_without_certificates_refuses_to_start(federation, tmp_path)
 def test_study_completes_with_tls_auth_secagg_dp_despite_a_killed_node(federation):
     work, procs, nodes = federation["work"], federation["procs"], federation["nodes"]
     run = procs.start("run", "run", "--kit", str(work / "kits" / "coordinator"), "--rounds", "2")
-    # Kill node d (SIGKILL, its whole process group) once it has trained in round 1.
-    state_d = work / "kits" / "d" / "state"
-    deadline = time.monotonic() + 400
-    while not list(state_d.glob("accountant-*.json")) and time.monotonic() < deadline and run.proc.poll() is None:
-        time.sleep(0.5)
-    assert list(state_d.glob("accountant-*.json")), run.text()
+    # Kill node d (SIGKILL to its whole process group: fedcare, SuperNode, SuperExec, ClientApps)
+    # once round 1 is aggregated; the study must go on with the three others.
+    assert run.wait_for("round 1/2", 600), run.text()[-4000:]
+    assert list((work / "kits" / "d" / "state").glob("accountant-*.json")), "node d trained in round 1"
     nodes["d"].stop(signal.SIGKILL)
     assert run.proc.wait(timeout=900) == 0, run.text()[-4000:]
 
