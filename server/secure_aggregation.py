@@ -4,6 +4,13 @@ Flower's `SecAggPlusWorkflow` counts a site's error reply as a dropout and, past
 reconstruction threshold, halts the round with one INFO line. The coordinator of a study
 must see why: `ReportingSecAggPlusWorkflow` prints each site's refusal (e.g. a delta that
 would exceed `clipping_range`) and every halted round.
+
+It also fixes one dropout case of Flower 1.42's workflow: a site that is sampled but drops
+out before it has shared its key shares (typically a node that went offline between rounds)
+is later treated as "dead", and the unmask stage tries to reconstruct its secret from shares
+that never existed, which halts the round. No other site ever masked with such a site, so
+after key sharing the sampled set is narrowed to the sites that completed it; sites that
+drop out later are still reconstructed exactly as Flower does.
 """
 
 from __future__ import annotations
@@ -47,7 +54,10 @@ class ReportingSecAggPlusWorkflow(SecAggPlusWorkflow):
         return self._stage("setup", grid, context, state)
 
     def share_keys_stage(self, grid: Grid, context: Context, state) -> bool:
-        return self._stage("share_keys", grid, context, state)
+        ok = self._stage("share_keys", grid, context, state)
+        # Only sites whose shares were forwarded take part in masking; see the module docstring.
+        state.sampled_node_ids = set(state.active_node_ids)
+        return ok
 
     def collect_masked_vectors_stage(self, grid: Grid, context: Context, state) -> bool:
         return self._stage("collect_masked_vectors", grid, context, state)
