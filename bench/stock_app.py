@@ -25,8 +25,12 @@ from fedcare.study import load_study
 class PlainClient(NumPyClient):
     def __init__(self, context: Context) -> None:
         self.study = load_study(str(context.run_config["study"]))
-        sites = sorted(p for p in Path(str(context.run_config["sim-sites-dir"])).iterdir() if p.is_dir())
-        data = load_site(self.study, sites[int(context.node_config["partition-id"])])
+        if "data" in context.node_config:  # deployed: the hospital's node config
+            site = Path(str(context.node_config["data"]))
+        else:  # simulation: n-th site folder by partition id
+            sites = sorted(p for p in Path(str(context.run_config["sim-sites-dir"])).iterdir() if p.is_dir())
+            site = sites[int(context.node_config["partition-id"])]
+        data = load_site(self.study, site)
         self.x, self.y = model_inputs(self.study, data.train.features), data.train.labels
 
     def fit(self, parameters, config):

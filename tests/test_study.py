@@ -113,3 +113,14 @@ def test_overrides_are_validated(study):
     with pytest.raises(StudyConfigError, match="--rounds: must be >= 1"):
         study.with_overrides(rounds=0)
     assert dataclasses.replace(study) == study
+
+
+def test_run_overrides_are_part_of_the_hash_every_party_computes(study):
+    from fedcare.study import study_for_run
+
+    from .conftest import DEFAULT_STUDY
+
+    assert study_for_run(DEFAULT_STUDY, {"rounds": 0, "epsilon": 0.0}).hash == study.hash
+    changed = study_for_run(DEFAULT_STUDY, {"rounds": 2, "epsilon": 1.5})
+    assert changed.training.rounds == 2 and changed.privacy.epsilon == 1.5
+    assert changed.hash == study.with_overrides(rounds=2, epsilon=1.5).hash != study.hash
