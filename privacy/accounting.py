@@ -11,12 +11,12 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from fedcare.files import atomic_write_bytes
 from fedcare.study import Study
 
 
@@ -138,9 +138,4 @@ class AccountantStore:
             "rounds_trained": state.rounds_trained,
             "epsilon": state.epsilon,
         }
-        tmp = self.path.with_suffix(".tmp")
-        with tmp.open("w", encoding="utf-8") as out:
-            json.dump(payload, out, indent=2)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, self.path)
+        atomic_write_bytes(self.path, json.dumps(payload, indent=2).encode())

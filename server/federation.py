@@ -135,6 +135,8 @@ def start_superlink(kit: CoordinatorKit, *, bind: str, port: int, insecure_dev: 
                 "(provision the kit with `fedcare provision`, or pass --insecure-dev for a local trial without patient data)"
             )
     kit.state_dir.mkdir(parents=True, exist_ok=True)
+    if not (kit.state_dir / "superlink.db").exists():
+        (kit.state_dir / "nodes.json").unlink(missing_ok=True)  # a new database knows no node yet
     write_connection(kit, port, insecure_dev)
     log_path = kit.state_dir / "superlink.log"
     log = log_path.open("ab")
@@ -156,15 +158,19 @@ def start_superlink(kit: CoordinatorKit, *, bind: str, port: int, insecure_dev: 
 
 
 def register_nodes(kit: CoordinatorKit) -> dict[str, str]:
-    """Register every `nodes/<name>.pub`; remember name -> node id in `state/nodes.json`."""
-    cli = FlowerCLI(kit)
+    """Register each `nodes/<name>.pub` not registered yet; remember name -> node id in `state/nodes.json`.
+
+    Cheap when nothing changed (no `flwr` process is started), so a running coordinator can
+    call it every few seconds to pick up keys added with `fedcare coordinator add-node`.
+    """
     known_path = kit.state_dir / "nodes.json"
     known: dict[str, str] = json.loads(known_path.read_text()) if known_path.exists() else {}
-    for name, public_key in kit.node_keys().items():
-        node_id = cli.register(public_key)
-        if node_id is not None:
-            known[name] = node_id
-    known_path.write_text(json.dumps(known, indent=2) + "\n", encoding="utf-8")
+    new = {name: key for name, key in kit.node_keys().items() if name not in known}
+    if new:
+        cli = FlowerCLI(kit)
+        for name, public_key in new.items():
+            known[name] = cli.register(public_key) or "registered earlier"
+        known_path.write_text(json.dumps(known, indent=2) + "\n", encoding="utf-8")
     return known
 
 

@@ -10,23 +10,18 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 from flwr.common import NDArrays
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
+from fedcare.files import atomic_write_bytes
+
 
 def checkpoint_path(out_dir: str | Path, server_round: int) -> Path:
     return Path(out_dir) / "checkpoints" / f"round-{server_round:03d}.npz"
+
 
 def save_checkpoint(out_dir: str | Path, server_round: int, weights: NDArrays, study_hash: str) -> Path:
     path = checkpoint_path(out_dir, server_round)
@@ -35,8 +30,9 @@ def save_checkpoint(out_dir: str | Path, server_round: int, weights: NDArrays, s
     buffer = io.BytesIO()
     arrays = {f"w{i:03d}": np.asarray(w) for i, w in enumerate(weights)}
     np.savez(buffer, study_hash=np.array(study_hash), **arrays)
-    _atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
     return path
+
 
 def load_checkpoint(path: str | Path, expected_study_hash: str | None = None) -> NDArrays:
     with np.load(path, allow_pickle=False) as data:
@@ -45,9 +41,11 @@ def load_checkpoint(path: str | Path, expected_study_hash: str | None = None) ->
         keys = sorted(k for k in data.files if k.startswith("w"))
         return [data[k] for k in keys]
 
+
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
     found = sorted((Path(out_dir) / "checkpoints").glob("round-*.npz"))
     return found[-1] if found else None
+
 
 class RoundLog:
     """Appends one line per evaluated round and prints live progress."""
@@ -82,6 +80,7 @@ class RoundLog:
             f"{sites} sites  {entry['seconds']:.1f} s{note}",
             flush=True,
         )
+
 
 def read_round_log(out_dir: str | Path) -> list[dict]:
     path = Path(out_dir) / "rounds.jsonl"
