@@ -75,6 +75,7 @@ def _coordinator_add_node(args: argparse.Namespace) -> int:
 
 def _coordinator_start(args: argparse.Namespace) -> int:
     import signal
+    import subprocess
 
     from fedcare.kits import load_coordinator_kit
     from server.federation import register_nodes, start_superlink
@@ -92,7 +93,7 @@ def _coordinator_start(args: argparse.Namespace) -> int:
     while proc.poll() is None:
         try:
             proc.wait(timeout=5)
-        except Exception:  # noqa: BLE001 - subprocess.TimeoutExpired: pick up keys added meanwhile
+        except subprocess.TimeoutExpired:  # still running: pick up keys added with `coordinator add-node`
             if not args.insecure_dev:
                 register_nodes(kit)
     print(f"coordinator stopped (exit status {proc.returncode})", flush=True)
