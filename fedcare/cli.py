@@ -77,8 +77,9 @@ def _coordinator_start(args: argparse.Namespace) -> int:
     import signal
     import subprocess
 
-    from fedcare.kits import load_coordinator_kit
-    from server.federation import register_nodes, start_superlink
+    from fedcare.kits import KitError, load_coordinator_kit
+    from fedcare.pki import KeyMaterialError
+    from server.federation import FederationError, register_nodes, start_superlink
 
     kit = load_coordinator_kit(args.kit)
     port = args.port or kit.port
@@ -95,7 +96,10 @@ def _coordinator_start(args: argparse.Namespace) -> int:
             proc.wait(timeout=5)
         except subprocess.TimeoutExpired:  # still running: pick up keys added with `coordinator add-node`
             if not args.insecure_dev:
-                register_nodes(kit)
+                try:
+                    register_nodes(kit)
+                except (FederationError, KitError, KeyMaterialError) as err:
+                    print(f"fedcare: warning: could not register a new node key: {err}", file=sys.stderr, flush=True)
     print(f"coordinator stopped (exit status {proc.returncode})", flush=True)
     return 0 if proc.returncode in (0, -15) else 1
 
