@@ -103,16 +103,17 @@ def evaluate_study(study: Study, out: Path, checkpoint: Path, rounds: list[dict]
         test_y.append(data.test.labels)
         train_x.append(model_inputs(study, data.train.features))
         train_y.append(data.train.labels)
-        spent = [s for s in (AccountantStore.find(site_dir / ".fedcare", study.hash))]
-        if not spent:
+        runs = AccountantStore.find(site_dir / ".fedcare", study.hash)
+        if not runs:
             raise SimulationError(f"{site_dir.name}: no privacy accountant state found; the site never trained")
+        spent = runs[-1]  # this simulation's run (each --out is new)
         sites.append(
             {
                 "name": site_dir.name,
-                "epsilon": round(spent[-1].epsilon, 4),
+                "epsilon": round(spent.epsilon, 4),
                 "delta": study.privacy.delta,
-                "noise_multiplier": round(spent[-1].schedule.noise_multiplier, 4),
-                "rounds_trained": spent[-1].rounds_trained,
+                "noise_multiplier": round(spent.schedule.noise_multiplier, 4),
+                "rounds_trained": spent.rounds_trained,
                 "train_rows": int(len(data.train.labels)),
                 "test_rows": int(len(data.test.labels)),
                 "auc": round(roc_auc(data.test.labels, predict_proba(model, x_test)), 4),
