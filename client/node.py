@@ -23,6 +23,7 @@ from client.data import SiteDataError, load_site
 from fedcare.kits import HospitalKit, read_site_settings
 from fedcare.runtime import flower_command, flower_env, free_port, warn_insecure
 from fedcare.study import load_study
+from privacy.policy import load_site_policy
 
 CONNECT_TIMEOUT = 10.0
 MAX_RETRIES = 5
@@ -100,6 +101,8 @@ def supernode_command(settings: NodeSettings, local_port: int) -> list[str]:
             ("site", kit.name),
         )
     )
+    if kit.site_file.is_file():
+        node_config += f' policy="{kit.site_file}"'
     cmd = [
         flower_command("flower-supernode"),
         "--superlink", kit.coordinator,
@@ -167,6 +170,9 @@ def run_node(settings: NodeSettings) -> int:
 
 def start_node(settings: NodeSettings) -> int:
     started = time.monotonic()
+    if settings.kit.site_file.is_file():
+        policy = load_site_policy(settings.kit.site_file)  # a broken policy stops here, not mid-round
+        print(f"site policy: SecAgg+ cohort >= {policy.min_cohort}, threshold >= {policy.min_threshold}", flush=True)
     print(check_site_data(settings), flush=True)
     check_coordinator(settings.kit, settings.insecure_dev)
     print(f"coordinator {settings.kit.coordinator} reachable ({time.monotonic() - started:.1f} s); starting the node", flush=True)

@@ -204,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_flower_environment()
     from client.data import SiteDataError
     from client.node import NodeStartError
+    from privacy.policy import PolicyError
     from fedcare.kits import KitError
     from server.federation import FederationError
     from fedcare.pki import KeyMaterialError
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (StudyConfigError, SiteDataError, SimulationError, KitError, KeyMaterialError, NodeStartError, FederationError) as err:
+    except (StudyConfigError, SiteDataError, SimulationError, KitError, KeyMaterialError, NodeStartError, FederationError, PolicyError) as err:
         print(f"fedcare: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

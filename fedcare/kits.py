@@ -164,6 +164,12 @@ SITE_TEMPLATE = """# This hospital's own settings (owned by hospital IT, not by 
 data = "{data}"
 # Where the node keeps its privacy accountant state (relative to this kit).
 state_dir = "state"
+
+[policy]
+# This site takes part only in SecAgg+ rounds with at least this many sites ...
+min_cohort = 3
+# ... and at least this reconstruction threshold.
+min_threshold = 2
 """
 
 

@@ -1,2 +1,2 @@
-"""Differential-privacy accounting for a site: the study's DP-SGD schedule, noise choice and the
-site's accountant state carried across rounds (and, later, the site policy, ledger and guard)."""
+"""Privacy the site enforces: the study's DP-SGD schedule and the site's accountant across rounds,
+the site's own policy, and the masked-only guard that keeps every update inside SecAgg+."""

@@ -1,0 +1,88 @@
+"""The masked-only guard in the real ClientApp chain (guard -> secaggplus_mod -> client)."""
+
+from __future__ import annotations
+
+import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.common import ndarrays_to_parameters
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.compat.common import recorddict_compat as compat
+from flwr.common import FitIns, GetParametersIns
+
+from client.app import app
+from fedcare.model import build_model, get_weights
+from privacy.policy import PolicyError, load_site_policy
+
+
+def _context(tmp_path, study_path, site_dir, policy=None) -> Context:
+    node_config = {"data": str(site_dir), "study": str(study_path), "state-dir": str(tmp_path / "state")}
+    if policy is not None:
+        node_config["policy"] = str(policy)
+    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
+
+
+def _call(message: Message, context: Context) -> str:
+    """Run the ClientApp; return the refusal text (an exception) or '' if it answered."""
+    try:
+        reply = app(message, context)
+    except Exception as err:  # noqa: BLE001 - the ClientApp wraps the guard's exception
+        return f"{err} {err.__cause__ or ''}"
+    assert not any(len(r) for r in reply.content.array_records.values()), "no arrays may come back"
+    return ""
+
+
+def _setup(sample: int, threshold: int) -> Message:
+    cfg = ConfigRecord({
+        Key.STAGE: Stage.SETUP, Key.SAMPLE_NUMBER: sample, Key.SHARE_NUMBER: sample, Key.THRESHOLD: threshold,
+        Key.CLIPPING_RANGE: 8.0, Key.TARGET_RANGE: 1 << 22, Key.MOD_RANGE: 1 << 32, Key.MAX_WEIGHT: 20000.0,
+    })
+    return Message(RecordDict({RECORD_KEY_CONFIGS: cfg}), dst_node_id=7, message_type="train")
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """Flower stamps messages with the running task's identity; a unit test sets one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+
+
+@pytest.fixture()
+def site(study, cohorts_dir, tmp_path):
+    path = tmp_path / "study.toml"
+    path.write_text(study.to_toml())
+    return path, cohorts_dir / "hospital-01"
+
+
+def test_get_parameters_is_refused(site, tmp_path):
+    content = compat.getparametersins_to_recorddict(GetParametersIns(config={}))
+    reason = _call(Message(content, dst_node_id=7, message_type="get_parameters"), _context(tmp_path, *site))
+    assert "'get_parameters' request refused: this site answers only SecAgg+ training and evaluation" in reason
+
+
+def test_plain_fit_outside_secagg_is_refused_before_training(site, study, tmp_path):
+    weights = get_weights(build_model(study))
+    content = compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters(weights), {"study_hash": study.hash}), True)
+    reason = _call(Message(content, dst_node_id=7, message_type="train"), _context(tmp_path, *site))
+    assert "training request outside SecAgg+ refused" in reason
+    assert not (tmp_path / "state").exists()  # nothing trained, nothing spent
+
+
+def test_secagg_setup_below_site_policy_is_refused(site, tmp_path):
+    policy = tmp_path / "site.toml"
+    policy.write_text("[policy]\nmin_cohort = 5\nmin_threshold = 3\n")
+    context = _context(tmp_path, *site, policy=policy)
+    assert "cohort of 4 sites is below this site's policy min_cohort = 5" in _call(_setup(4, 3), context)
+    assert "reconstruction threshold 2 is below this site's policy min_threshold = 3" in _call(_setup(6, 2), context)
+    assert _call(_setup(6, 4), context) == ""  # meets the policy: the SecAgg+ setup answers (public keys only)
+
+
+def test_default_policy_refuses_a_two_site_cohort(site, tmp_path):
+    assert "below this site's policy min_cohort = 3" in _call(_setup(2, 2), _context(tmp_path, *site))
+
+
+def test_invalid_policy_names_the_field(tmp_path):
+    bad = tmp_path / "site.toml"
+    bad.write_text("[policy]\nmin_cohort = 2\n")
+    with pytest.raises(PolicyError, match="policy.min_cohort: expected an integer >= 3, got 2"):
+        load_site_policy(bad)
