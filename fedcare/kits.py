@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import re
 import shutil
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedcare.files import read_toml
 from fedcare.pki import (
     CertificateAuthority,
     KeyMaterialError,
@@ -105,12 +105,7 @@ def _check_name(name: str, what: str) -> str:
 
 def _read_kit(path: Path, role: str) -> dict:
     kit_file = Path(path) / "kit.toml"
-    try:
-        raw = tomllib.loads(kit_file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise KitError(f"{kit_file}: not found; is {path} a fedcare kit folder?") from None
-    except tomllib.TOMLDecodeError as err:
-        raise KitError(f"{kit_file}: not valid TOML: {err}") from None
+    raw = read_toml(kit_file, KitError, f"not found; is {path} a fedcare kit folder?")
     found = raw.get("kit", {}).get("role")
     if found != role:
         raise KitError(f"{kit_file}: this is a {found or 'unknown'} kit, not a {role} kit")
@@ -140,12 +135,9 @@ def load_hospital_kit(path: str | Path, *, need_keys: bool = True) -> HospitalKi
 
 def read_site_settings(kit: HospitalKit) -> dict[str, str]:
     """The hospital's `site.toml`: `data` (its export directory) and `state_dir`."""
-    try:
-        raw = tomllib.loads(kit.site_file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    if not kit.site_file.exists():
         return {"state_dir": str(kit.path / "state")}
-    except tomllib.TOMLDecodeError as err:
-        raise KitError(f"{kit.site_file}: not valid TOML: {err}") from None
+    raw = read_toml(kit.site_file, KitError, "not found")
     site = raw.get("site", {})
     state = Path(str(site.get("state_dir", "state")))
     return {

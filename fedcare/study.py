@@ -12,10 +12,11 @@ import dataclasses
 import hashlib
 import json
 import math
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from fedcare.files import read_toml
 
 FEATURE_TYPES = ("numeric", "count", "binary")
 MISSING_POLICIES = ("impute", "indicator", "reject")
@@ -150,14 +151,7 @@ def study_for_run(path: str | Path, run_config: dict[str, Any]) -> Study:
 def load_study(path: str | Path) -> Study:
     """Read and validate a study TOML file."""
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise StudyConfigError(f"{path}: study file not found") from None
-    except tomllib.TOMLDecodeError as err:
-        raise StudyConfigError(f"{path}: not valid TOML: {err}") from None
-    except UnicodeDecodeError:
-        raise StudyConfigError(f"{path}: not UTF-8 text") from None
+    raw = read_toml(path, StudyConfigError, "study file not found")
     return parse_study(raw, source=str(path))
 
 

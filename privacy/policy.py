@@ -10,10 +10,11 @@ So far the policy covers the secure-aggregation floor enforced by the masked-onl
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from fedcare.files import read_toml
 
 
 class PolicyError(ValueError):
@@ -28,12 +29,7 @@ class SitePolicy:
 
 def load_site_policy(path: str | Path) -> SitePolicy:
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PolicyError(f"{path}: site policy file not found") from None
-    except tomllib.TOMLDecodeError as err:
-        raise PolicyError(f"{path}: not valid TOML: {err}") from None
+    raw = read_toml(path, PolicyError, "site policy file not found")
     section: dict[str, Any] = raw.get("policy", {})
     values = {}
     for field, minimum in (("min_cohort", 3), ("min_threshold", 2)):
