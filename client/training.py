@@ -7,8 +7,10 @@ accountant state and epsilon spent so far.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +70,18 @@ class RoundResult:
     steps: int
 
 
+@contextlib.contextmanager
+def _opacus_notices_silenced() -> Iterator[None]:
+    """Opacus' notices about its non-cryptographic RNG and ghost-clipping hooks (the RNG choice
+    is documented in README, Privacy); usable as a decorator."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
+        warnings.filterwarnings("ignore", message=".*Full backward hook.*")
+        warnings.filterwarnings("ignore", message=".*Optimal order is the largest alpha.*")
+        yield
+
+
+@_opacus_notices_silenced()
 def train_round(
     study: Study,
     model: RiskMLP,
@@ -77,23 +91,6 @@ def train_round(
     carried: SiteAccountantState | None,
 ) -> RoundResult:
     """Run one round of DP-SGD in place on `model`; the accountant continues from `carried`."""
-    with warnings.catch_warnings():
-        # Opacus' notices about its non-cryptographic RNG and ghost-clipping hooks; the RNG
-        # choice is documented in README (Privacy).
-        warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
-        warnings.filterwarnings("ignore", message=".*Full backward hook.*")
-        warnings.filterwarnings("ignore", message=".*Optimal order is the largest alpha.*")
-        return _train_round(study, model, x, y, schedule, carried)
-
-
-def _train_round(
-    study: Study,
-    model: RiskMLP,
-    x: np.ndarray,
-    y: np.ndarray,
-    schedule: DPSchedule,
-    carried: SiteAccountantState | None,
-) -> RoundResult:
     engine = PrivacyEngine(accountant=schedule.accountant)
     if carried is not None:
         carried.restore_into(engine.accountant)

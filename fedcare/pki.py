@@ -94,14 +94,6 @@ class CertificateAuthority:
         )
         return cls(key, cert)
 
-    @classmethod
-    def load(cls, key_path: Path, cert_path: Path) -> CertificateAuthority:
-        check_private_permissions(key_path)
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise KeyMaterialError(f"{key_path}: not an ECDSA key")
-        return cls(key, x509.load_pem_x509_certificate(cert_path.read_bytes()))
-
     def save(self, key_path: Path, cert_path: Path) -> None:
         write_secret(key_path, _pem_private(self.key))
         write_public(cert_path, _pem_cert(self.cert))
