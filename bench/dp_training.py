@@ -52,7 +52,7 @@ def main() -> None:
         train_plain(study, build_model(study), x, y, study.training.local_epochs)
         plain.append(samples / (time.perf_counter() - t0))
         t0 = time.perf_counter()
-        train_round(study, build_model(study), x, y, schedule, None)
+        train_round(study, build_model(study), x, y, schedule)
         private.append(samples / (time.perf_counter() - t0))
     p, d = statistics.median(plain), statistics.median(private)
     print(f"rows={len(y)} batch={study.training.batch_size} model={study.model.hidden} epochs={study.training.local_epochs} threads=1")

@@ -1,21 +1,18 @@
 """The hospital's Flower client (the NumPyClient behind `client.app:app`).
 
-Training messages arrive only through `secaggplus_mod`: the site trains one round of
-DP-SGD on the global model, records the privacy spent on disk, and returns its model
-delta, which the mod masks before anything leaves the site. Evaluation returns the
-loss and a score histogram on the site's test split (summable across sites).
-
-Where the site's files are (node config, set by the hospital):
-    data       the site's data directory (train.csv, test.csv)
-    study      the hospital's copy of the study file (default: the run's `study`)
-    state-dir  where the privacy accountant is kept (default: <data>/.fedcare)
-In simulation, `data` is `<run_config sim-sites-dir>/<n-th site>` by partition id.
+Training messages arrive only through `secaggplus_mod`. In each round the site
+  1. evaluates the global model it received on its test split (score histogram, loss),
+  2. unless the round is evaluation-only: asks its ledger and policy whether it may train
+     (`privacy.budget.charge_round`, which records the round's ε before anything is trained),
+     trains one round of DP-SGD and computes its model delta,
+  3. returns one vector for SecAgg+ to mask (`fedcare.contribution`): the delta weighted by its
+     size, its size, and its evaluation, with a constant in every plaintext field.
+Where the site's files are: `client/site.py`.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,36 +20,17 @@ from flwr.client import Client, NumPyClient
 from flwr.common import Context, NDArrays, Scalar
 
 from client.data import SiteData, load_site
+from client.site import SitePaths, SiteRefusal, site_paths
+from fedcare.contribution import LOSS_CAP, ContributionFormat
 from fedcare.features import model_inputs
-from fedcare.metrics import log_loss, score_histogram
+from fedcare.metrics import score_histogram
 from fedcare.model import build_model, get_weights, predict_proba, set_weights
 from fedcare.study import load_study, study_for_run
-from privacy.accounting import AccountantStore, SiteAccountantState
+from privacy.budget import BudgetRefusal, carried_schedule, charge_round
+from privacy.ledger import LedgerTampered, PrivacyLedger
+from privacy.policy import PolicyError, policy_for_site
 
-
-class SiteRefusal(RuntimeError):
-    """The site declines a request; the message says why (it reaches the coordinator as an error)."""
-
-
-@dataclass(frozen=True)
-class SitePaths:
-    study: Path
-    data: Path
-    state_dir: Path
-
-
-def site_paths(context: Context) -> SitePaths:
-    node, run = context.node_config, context.run_config
-    study = Path(str(node.get("study", run.get("study", ""))))
-    if "data" in node:
-        data = Path(str(node["data"]))
-    elif run.get("sim-sites-dir") and "partition-id" in node:
-        sites = sorted(p for p in Path(str(run["sim-sites-dir"])).iterdir() if p.is_dir())
-        data = sites[int(node["partition-id"])]
-    else:
-        raise SiteRefusal("node config has no 'data' directory for this site")
-    state_dir = Path(str(node.get("state-dir", data / ".fedcare")))
-    return SitePaths(study=study, data=data, state_dir=state_dir)
+__all__ = ["HospitalClient", "SitePaths", "SiteRefusal", "hospital_client"]
 
 
 @functools.lru_cache(maxsize=4)
@@ -65,9 +43,12 @@ class HospitalClient(NumPyClient):
 
     def __init__(self, paths: SitePaths, run_id: int, run_config: dict[str, Scalar] | None = None) -> None:
         self.paths = paths
+        self.run_id = run_id
         self.study = study_for_run(paths.study, run_config or {})
         self.data = _load_data(paths.study, paths.data)
-        self.store = AccountantStore(paths.state_dir, self.study.hash, run_id)
+        self.ledger = PrivacyLedger(paths.state_dir)
+        sa = self.study.secure_aggregation
+        self.format = ContributionFormat(max_weight=sa.max_weight, clipping_range=sa.clipping_range)
 
     def _check_study(self, config: dict[str, Scalar]) -> None:
         if config.get("study_hash") != self.study.hash:
@@ -79,52 +60,56 @@ class HospitalClient(NumPyClient):
     def get_parameters(self, config: dict[str, Scalar]) -> NDArrays:
         raise SiteRefusal("this site never returns model parameters outside secure aggregation")
 
-    def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
-        from client.training import train_round  # Opacus loads only for training messages
-        from privacy.accounting import plan_schedule
-
-        self._check_study(config)
-        study = self.study
-        x = model_inputs(study, self.data.train.features)
-        y = self.data.train.labels
-        n = len(y)
-        sa = study.secure_aggregation
-        if n > sa.max_weight:
-            raise SiteRefusal(f"site has {n} training rows, more than secure_aggregation.max_weight ({sa.max_weight:g})")
-        carried = self.store.load()
-        schedule = carried.schedule if carried else plan_schedule(study, n)
-        if carried and carried.rounds_trained >= schedule.rounds:
-            raise SiteRefusal(f"the study's planned {schedule.rounds} rounds are spent; training more would exceed ε")
-        model = build_model(study)
-        set_weights(model, parameters)
-        result = train_round(study, model, x, y, schedule, carried)
-        # Record the spend before the update can leave the site.
-        self.store.save(
-            SiteAccountantState(
-                study_hash=study.hash,
-                schedule=schedule,
-                accountant_state=result.accountant_state,
-                rounds_trained=(carried.rounds_trained if carried else 0) + 1,
-                epsilon=result.epsilon,
-            )
-        )
-        delta = [new - old for new, old in zip(get_weights(model), parameters)]
-        check_within_clipping_range(delta, n, sa.max_weight, sa.clipping_range)
-        return delta, n, {}
-
     def evaluate(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
+        raise SiteRefusal("this site reports evaluation only inside secure aggregation")
+
+    def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
         self._check_study(config)
+        for split, rows in (("training", len(self.data.train.labels)), ("test", len(self.data.test.labels))):
+            if rows > self.format.max_weight:
+                raise SiteRefusal(
+                    f"site has {rows} {split} rows, more than secure_aggregation.max_weight ({self.format.max_weight:g})"
+                )
+        histogram, loss_sum = self._evaluate(parameters)
+        if config.get("evaluate_only"):
+            delta, n = [np.zeros_like(p) for p in parameters], 0
+        else:
+            delta, n = self._train(parameters, int(config.get("round", 0))), len(self.data.train.labels)
+        vector = self.format.encode(delta, n, histogram, loss_sum)
+        check_within_clipping_range(self.format.largest_value(vector), self.format.clipping_range)
+        return vector, self.format.plaintext_weight, {}
+
+    def _evaluate(self, parameters: NDArrays) -> tuple[np.ndarray, float]:
         model = build_model(self.study)
         set_weights(model, parameters)
         probs = predict_proba(model, model_inputs(self.study, self.data.test.features))
         labels = self.data.test.labels
-        hist = score_histogram(labels, probs)
-        return log_loss(labels, probs), len(labels), {"score_histogram": hist.astype(np.int64).tobytes()}
+        p = np.clip(probs.astype(np.float64), 1e-7, 1 - 1e-7)
+        losses = -(labels * np.log(p) + (1 - labels) * np.log(1 - p))
+        return score_histogram(labels, probs), float(np.minimum(losses, LOSS_CAP).sum())
+
+    def _train(self, parameters: NDArrays, server_round: int) -> NDArrays:
+        from client.training import train_round  # Opacus loads only for training rounds
+        from privacy.accounting import batches_per_epoch, plan_schedule
+
+        x = model_inputs(self.study, self.data.train.features)
+        y = self.data.train.labels
+        try:
+            schedule = carried_schedule(self.ledger.entries(), self.study, self.run_id) or plan_schedule(self.study, len(y))
+            if abs(schedule.sample_rate * batches_per_epoch(len(y), self.study.training.batch_size) - 1) > 1e-9:
+                raise SiteRefusal("the site's training data changed size since this run's DP schedule was planned")
+            # The round's ε is recorded here, before training: a crash from now on never under-counts.
+            charge_round(self.ledger, policy_for_site(self.paths.policy), self.study.hash, schedule, self.run_id, server_round)
+        except (BudgetRefusal, LedgerTampered, PolicyError) as err:
+            raise SiteRefusal(str(err)) from None
+        model = build_model(self.study)
+        set_weights(model, parameters)
+        train_round(self.study, model, x, y, schedule)
+        return [new - old for new, old in zip(get_weights(model), parameters)]
 
 
-def check_within_clipping_range(delta: NDArrays, n: int, max_weight: float, clipping_range: float) -> None:
-    """SecAgg+ sends delta * n / max_weight clipped to ±clipping_range silently; refuse instead."""
-    peak = max(float(np.abs(d).max()) for d in delta) * n / max_weight
+def check_within_clipping_range(peak: float, clipping_range: float) -> None:
+    """SecAgg+ clips values beyond ±clipping_range silently; refuse instead."""
     if not np.isfinite(peak) or peak > clipping_range:
         raise SiteRefusal(
             f"model delta (largest weighted value {peak:.3g}) exceeds secure_aggregation.clipping_range "
@@ -133,4 +118,5 @@ def check_within_clipping_range(delta: NDArrays, n: int, max_weight: float, clip
 
 
 def hospital_client(context: Context) -> Client:
-    return HospitalClient(site_paths(context), context.run_id, dict(context.run_config)).to_client()
+    paths = site_paths(dict(context.node_config), dict(context.run_config))
+    return HospitalClient(paths, context.run_id, dict(context.run_config)).to_client()

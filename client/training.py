@@ -1,8 +1,9 @@
 """Local DP-SGD training of the study model (Opacus, ghost clipping, Poisson sampling).
 
-`train_round` is the one entry point: it restores the site's accountant, runs the
-round's planned epochs of DP-SGD, and returns the new weights together with the
-accountant state and epsilon spent so far.
+`train_round` is the one entry point: it runs the round's planned epochs of DP-SGD
+with the schedule's noise multiplier, drawing the noise from a cryptographic source
+(`privacy/noise.py`). What the round costs is charged before, by the site's ledger
+(`privacy/budget.py`), from the same schedule.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ import contextlib
 import os
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +21,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from fedcare.model import RiskMLP
 from fedcare.study import Study
-from privacy.accounting import DPSchedule, SiteAccountantState
+from privacy.accounting import DPSchedule
+from privacy.noise import CryptoGaussian, use_crypto_noise
 
 # glibc re-mmaps large per-sample buffers every step without these (see DESIGN.md).
 os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 30))
@@ -63,13 +63,6 @@ def make_optimizer(study: Study, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=t.learning_rate, momentum=t.momentum)
 
 
-@dataclass(frozen=True)
-class RoundResult:
-    accountant_state: dict[str, Any]
-    epsilon: float
-    steps: int
-
-
 @contextlib.contextmanager
 def _opacus_notices_silenced() -> Iterator[None]:
     """Opacus' notices about its non-cryptographic RNG and ghost-clipping hooks (the RNG choice
@@ -88,17 +81,14 @@ def train_round(
     x: np.ndarray,
     y: np.ndarray,
     schedule: DPSchedule,
-    carried: SiteAccountantState | None,
-) -> RoundResult:
-    """Run one round of DP-SGD in place on `model`; the accountant continues from `carried`."""
+) -> int:
+    """Run one round of DP-SGD in place on `model`; returns the number of noisy steps taken."""
     engine = PrivacyEngine(accountant=schedule.accountant)
-    if carried is not None:
-        carried.restore_into(engine.accountant)
     loader = make_loader(x, y, study.training.batch_size)
     if abs(1.0 / len(loader) - schedule.sample_rate) > 1e-12:
         raise ValueError("the site's training data changed size since the study's DP schedule was planned")
     optimizer = make_optimizer(study, model)
-    private_model, optimizer, criterion, private_loader = engine.make_private(
+    private_model, optimizer, criterion, _ = engine.make_private(
         module=model,
         optimizer=optimizer,
         data_loader=loader,
@@ -108,26 +98,26 @@ def train_round(
         poisson_sampling=True,
         grad_sample_mode="ghost",
     )
+    source = CryptoGaussian()  # fresh key from os.urandom: noise and sampling nobody can predict
+    use_crypto_noise(optimizer, source)
     private_model.train()
     rows: BatchIndexedRows = loader.dataset
     steps = 0
-    for _ in range(study.training.local_epochs):
-        # Opacus' Poisson sampler picks each batch; rows are gathered in one indexing
-        # operation instead of through DataLoader's fetch/collate machinery.
-        for indices in private_loader.batch_sampler:
-            if not indices:
-                # Probability (1 - q)^n, i.e. about e^-batch_size: negligible for the study's
-                # batch sizes. The step is skipped and, consistently, not charged.
-                continue
-            xb, yb = rows.__getitems__(indices)
-            optimizer.zero_grad(set_to_none=True)
-            loss = criterion(private_model(xb), yb)  # logits and labels are both [B]
-            loss.backward()
-            optimizer.step()
-            steps += 1
-    state = dict(engine.accountant.state_dict())
-    epsilon = float(engine.accountant.get_epsilon(delta=schedule.delta))
-    return RoundResult(accountant_state=state, epsilon=epsilon, steps=steps)
+    # Poisson sampling as Opacus' sampler does it (rate q = 1 / batches per epoch, 1 / q steps per
+    # epoch), drawn from the cryptographic source; rows are gathered in one indexing operation.
+    for _ in range(schedule.steps_per_round):
+        indices = source.poisson_batch(len(rows), schedule.sample_rate)
+        if not indices:
+            # Probability (1 - q)^n, i.e. about e^-batch_size: negligible for the study's
+            # batch sizes. The step is skipped; the ledger charged the planned steps anyway.
+            continue
+        xb, yb = rows.__getitems__(indices)
+        optimizer.zero_grad(set_to_none=True)
+        loss = criterion(private_model(xb), yb)  # logits and labels are both [B]
+        loss.backward()
+        optimizer.step()
+        steps += 1
+    return steps
 
 
 def train_plain(study: Study, model: RiskMLP, x: np.ndarray, y: np.ndarray, epochs: int, seed: int = 0) -> None:

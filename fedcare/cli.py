@@ -131,6 +131,47 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _privacy_site(args: argparse.Namespace):
+    """(state directory, policy file or None) of a hospital kit or of a bare state directory."""
+    if args.kit is not None:
+        from fedcare.kits import load_hospital_kit, read_site_settings
+
+        kit = load_hospital_kit(args.kit, need_keys=False)
+        return Path(read_site_settings(kit)["state_dir"]), kit.site_file if kit.site_file.exists() else None
+    return args.state_dir, args.policy
+
+
+def _privacy_report(args: argparse.Namespace) -> int:
+    from privacy.ledger import LedgerTampered, PrivacyLedger
+    from privacy.policy import policy_for_site
+    from privacy.statement import statement_text
+
+    state_dir, policy_file = _privacy_site(args)
+    ledger = PrivacyLedger(state_dir)
+    policy = policy_for_site(policy_file)
+    try:
+        entries = ledger.entries()
+    except LedgerTampered as err:
+        print(f"fedcare: LEDGER FAILED VERIFICATION: {err}", file=sys.stderr)
+        print("training is blocked at this site until an administrator restores the ledger from a backup, "
+              "or accepts it as it stands with `fedcare privacy reseal --reason TEXT`", file=sys.stderr)
+        return 3
+    print(statement_text(entries, policy, str(ledger.path)))
+    return 0
+
+
+def _privacy_reseal(args: argparse.Namespace) -> int:
+    from privacy.ledger import PrivacyLedger
+
+    state_dir, _ = _privacy_site(args)
+    problem = PrivacyLedger(state_dir).reseal(args.reason)
+    if not problem:
+        print("the ledger verifies; nothing to reseal")
+    else:
+        print(f"ledger resealed; recorded as an administrator entry with the problem found: {problem}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from simulations.simulate import DEFAULT_STUDY
 
@@ -192,6 +233,21 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--kit", type=Path, required=True, help="the coordinator kit folder")
     status.set_defaults(func=_status)
 
+    privacy = commands.add_parser("privacy", help="the site's privacy ledger")
+    privacy_cmds = privacy.add_subparsers(dest="privacy_command", required=True)
+    for name, func, text in (
+        ("report", _privacy_report, "print the ledger as a table and verify its chain (exit 3 if tampered)"),
+        ("reseal", _privacy_reseal, "administrator: accept a ledger that failed verification, recording why"),
+    ):
+        sub = privacy_cmds.add_parser(name, help=text)
+        where = sub.add_mutually_exclusive_group(required=True)
+        where.add_argument("--kit", type=Path, help="the hospital kit folder")
+        where.add_argument("--state-dir", type=Path, help="a site state directory (e.g. a simulated site's .fedcare)")
+        sub.add_argument("--policy", type=Path, default=None, help="with --state-dir: the site.toml holding [policy]")
+        if name == "reseal":
+            sub.add_argument("--reason", required=True, help="why the administrator accepts the ledger (recorded)")
+        sub.set_defaults(func=func)
+
     study = commands.add_parser("study", help="study file tools")
     study_cmds = study.add_subparsers(dest="study_command", required=True)
     check = study_cmds.add_parser("check", help="validate a study file and print its hash")
@@ -204,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_flower_environment()
     from client.data import SiteDataError
     from client.node import NodeStartError
+    from privacy.ledger import LedgerTampered
     from privacy.policy import PolicyError
     from fedcare.kits import KitError
     from server.federation import FederationError
@@ -214,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (StudyConfigError, SiteDataError, SimulationError, KitError, KeyMaterialError, NodeStartError, FederationError, PolicyError) as err:
+    except (StudyConfigError, SiteDataError, SimulationError, KitError, KeyMaterialError, NodeStartError, FederationError, PolicyError,
+            LedgerTampered) as err:
         print(f"fedcare: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -2,11 +2,12 @@
 
 A legacy Flower client answers whatever the coordinator asks, including `get_parameters`
 and a plain `fit` outside secure aggregation, which would hand the coordinator this site's
-model in plaintext. The guard lets through only
-  - training messages that are a SecAgg+ stage, whose setup meets the site's policy
-    (cohort size and reconstruction threshold), and
-  - evaluation messages,
-and refuses any reply that would carry arrays back. A refusal is an exception, so the
+model in plaintext, and a plaintext evaluation that would reveal its size and scores. The
+guard lets through only training messages that are a SecAgg+ stage, whose setup meets the
+site's policy (cohort size and reconstruction threshold); evaluation travels inside the
+masked vector (`fedcare.contribution`). It refuses any reply that would carry arrays back,
+and a masked-vector reply whose plaintext fields say anything about the site (metrics, or a
+number of examples other than the round's constant). A refusal is an exception, so the
 coordinator receives an error reply whose reason says why, and nothing else.
 """
 
@@ -15,9 +16,10 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.app.message_type import MessageType
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
 
-from privacy.policy import policy_for_node
+from client.site import site_paths
+from privacy.policy import policy_for_site
 
 SECAGG_STAGES = (Stage.SETUP, Stage.SHARE_KEYS, Stage.COLLECT_MASKED_VECTORS, Stage.UNMASK)
 
@@ -38,7 +40,7 @@ def masked_only_guard(msg: Message, ctxt: Context, call_next: ClientAppCallable)
         if stage not in SECAGG_STAGES:
             raise GuardRefusal("training request outside SecAgg+ refused: this site sends updates only masked")
         if stage == Stage.SETUP:
-            policy = policy_for_node(dict(ctxt.node_config))
+            policy = policy_for_site(site_paths(dict(ctxt.node_config), dict(ctxt.run_config)).policy)
             cohort, threshold = int(configs[Key.SAMPLE_NUMBER]), int(configs[Key.THRESHOLD])
             if cohort < policy.min_cohort:
                 raise GuardRefusal(f"SecAgg+ cohort of {cohort} sites is below this site's policy min_cohort = {policy.min_cohort}")
@@ -46,9 +48,23 @@ def masked_only_guard(msg: Message, ctxt: Context, call_next: ClientAppCallable)
                 raise GuardRefusal(
                     f"SecAgg+ reconstruction threshold {threshold} is below this site's policy min_threshold = {policy.min_threshold}"
                 )
-    elif mtype != MessageType.EVALUATE:
-        raise GuardRefusal(f"'{mtype}' request refused: this site answers only SecAgg+ training and evaluation")
+    else:
+        raise GuardRefusal(f"'{mtype}' request refused: this site answers only SecAgg+ training rounds")
     reply = call_next(msg, ctxt)
     if _carries_arrays(reply):
         raise GuardRefusal(f"reply to '{mtype}' would carry arrays back; refused")
+    if stage == Stage.COLLECT_MASKED_VECTORS and not reply.has_error():
+        _check_plaintext_fields(reply, ctxt)
     return reply
+
+
+def _check_plaintext_fields(reply: Message, ctxt: Context) -> None:
+    """Next to the masked vector, only constants may travel: no metrics, the round's fixed weight."""
+    metrics = reply.content.config_records.get("fitres.metrics")
+    if metrics is not None and len(metrics):
+        raise GuardRefusal(f"reply would carry plaintext metrics ({', '.join(sorted(metrics))}); refused")
+    counts = reply.content.metric_records.get("fitres.num_examples")
+    reported = counts.get("num_examples") if counts is not None else None
+    expected = int(ctxt.state.config_records[RECORD_KEY_STATE]["max_weight"])
+    if reported != expected:
+        raise GuardRefusal(f"reply would reveal a number of examples ({reported}) instead of the constant {expected}; refused")

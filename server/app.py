@@ -1,4 +1,8 @@
-"""The coordinator's Flower ServerApp: SecAgg+ training rounds, federated evaluation, checkpoints.
+"""The coordinator's Flower ServerApp: SecAgg+ rounds, aggregate-only evaluation, checkpoints.
+
+The study's training rounds are followed by one evaluation-only SecAgg+ round: every
+round's masked vectors carry the sites' evaluation of the model the round started from
+(`fedcare.contribution`), so the last one reports the final model.
 
 Run config (from `flwr run --run-config` or `fedcare simulate`):
     study    path of the study TOML on the coordinator
@@ -11,6 +15,7 @@ from flwr.common import Context
 from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
 from flwr.server.workflow import DefaultWorkflow
 
+from fedcare.contribution import ContributionFormat
 from fedcare.model import build_model, get_weights
 from fedcare.study import Study, study_for_run
 from server.progress import RoundLog, save_checkpoint
@@ -27,10 +32,13 @@ def build_strategy(study: Study, out_dir: str) -> DeltaFedAvg:
         save_checkpoint(out_dir, server_round, weights, study.hash)
         log.mark_aggregated(server_round)
 
+    sa = study.secure_aggregation
     return DeltaFedAvg(
         initial_weights=get_weights(build_model(study)),
         server_learning_rate=study.strategy.server_learning_rate,
         min_sites=study.strategy.min_sites,
+        training_rounds=study.training.rounds,
+        contribution=ContributionFormat(max_weight=sa.max_weight, clipping_range=sa.clipping_range),
         fit_config={"study_hash": study.hash},
         on_aggregated=on_aggregated,
         on_evaluated=log.record,
@@ -44,7 +52,7 @@ def main(grid: Grid, context: Context) -> None:
     print(f"study {study.name} ({study.hash[:12]}), {study.training.rounds} rounds, SecAgg+ on", flush=True)
     legacy = LegacyContext(
         context=context,
-        config=ServerConfig(num_rounds=study.training.rounds, round_timeout=study.secure_aggregation.timeout_seconds),
+        config=ServerConfig(num_rounds=study.training.rounds + 1, round_timeout=study.secure_aggregation.timeout_seconds),
         strategy=build_strategy(study, out_dir),
     )
     DefaultWorkflow(fit_workflow=secure_aggregation_workflow(study))(grid, legacy)

@@ -3,7 +3,8 @@
 Layout of the coordinator's output directory:
 
     checkpoints/round-001.npz   global weights after round 1 (arrays w000, w001, ...)
-    rounds.jsonl                one JSON object per evaluated round
+    rounds.jsonl                one JSON object per training round, with the federated evaluation
+                                of the model after it
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from flwr.common import NDArrays
 
+from fedcare.contribution import Evaluation
 from fedcare.files import atomic_write_bytes
 
 
@@ -48,38 +50,43 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 
 
 class RoundLog:
-    """Appends one line per evaluated round and prints live progress."""
+    """Prints live progress and appends one line per training round once its model is evaluated."""
 
     def __init__(self, out_dir: str | Path, total_rounds: int) -> None:
         self.path = Path(out_dir) / "rounds.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.total_rounds = total_rounds
-        self.started = time.monotonic()
-        self.last = self.started
-        self.aggregated: set[int] = set()
+        self.last = time.monotonic()
+        self.aggregated: dict[int, float] = {}
 
     def mark_aggregated(self, server_round: int) -> None:
-        self.aggregated.add(server_round)
-
-    def record(self, server_round: int, auc: float, loss: float, sites: int) -> None:
         now = time.monotonic()
-        entry = {
-            "round": server_round,
-            "aggregated": server_round in self.aggregated,
-            "auc": round(auc, 5),
-            "loss": round(loss, 5),
-            "sites_evaluated": sites,
-            "seconds": round(now - self.last, 2),
-        }
+        self.aggregated[server_round] = round(now - self.last, 2)
         self.last = now
-        with self.path.open("a", encoding="utf-8") as out:
-            out.write(json.dumps(entry) + "\n")
-        note = "" if entry["aggregated"] else "  (no secure aggregate this round: model unchanged)"
+        print(f"round {server_round}/{self.total_rounds} aggregated  {self.aggregated[server_round]:.1f} s", flush=True)
+
+    def record(self, model_round: int, evaluation: Evaluation) -> None:
+        """The federated evaluation of the model after `model_round` (0: the initial model)."""
+        what = "initial model" if model_round == 0 else f"model after round {model_round}/{self.total_rounds}"
         print(
-            f"round {server_round}/{self.total_rounds}  test AUC {auc:.3f}  loss {loss:.4f}  "
-            f"{sites} sites  {entry['seconds']:.1f} s{note}",
+            f"{what}: test AUC {evaluation.auc:.3f}  loss {evaluation.loss:.4f}  "
+            f"({evaluation.sites} sites evaluated, aggregate only)",
             flush=True,
         )
+        if model_round == 0:
+            return
+        entry = {
+            "round": model_round,
+            "aggregated": model_round in self.aggregated,
+            "auc": round(evaluation.auc, 5),
+            "loss": round(evaluation.loss, 5),
+            "sites_evaluated": evaluation.sites,
+            "seconds": self.aggregated.get(model_round),
+        }
+        with self.path.open("a", encoding="utf-8") as out:
+            out.write(json.dumps(entry) + "\n")
+        if not entry["aggregated"]:
+            print(f"round {model_round}/{self.total_rounds}: no secure aggregate; the model is unchanged", flush=True)
 
 
 def read_round_log(out_dir: str | Path) -> list[dict]:

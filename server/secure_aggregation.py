@@ -5,6 +5,10 @@ reconstruction threshold, halts the round with one INFO line. The coordinator of
 must see why: `ReportingSecAggPlusWorkflow` prints each site's refusal (e.g. a delta that
 would exceed `clipping_range`) and every halted round.
 
+A site that refuses because its privacy budget is spent will refuse every later round too.
+When such refusals leave too few sites for a round to be unmasked, the study's remaining
+training rounds are skipped (said so once); the evaluation-only round still reports the model.
+
 It also fixes one dropout case of Flower 1.42's workflow: a site that is sampled but drops
 out before it has shared its key shares (typically a node that went offline between rounds)
 is later treated as "dead", and the unmask stage tries to reconstruct its secret from shares
@@ -19,11 +23,14 @@ import re
 
 from flwr.common import Context
 from flwr.server import Grid
+from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
 
 from fedcare.study import Study
 
 STAGES = ("setup", "share_keys", "collect_masked_vectors", "unmask")
+BUDGET_REFUSAL = "privacy budget:"
 
 
 def _reason(failure: BaseException) -> str:
@@ -34,7 +41,21 @@ def _reason(failure: BaseException) -> str:
 
 
 class ReportingSecAggPlusWorkflow(SecAggPlusWorkflow):
-    """SecAgg+ that reports each failed site reply and each halted round."""
+    """SecAgg+ that reports each failed site reply and each halted round, and stops training
+    once sites that have spent their privacy budget leave too few to aggregate."""
+
+    def __init__(self, *, training_rounds: int, **secaggplus: object) -> None:
+        super().__init__(**secaggplus)
+        self.training_rounds = training_rounds
+        self.stopped = ""
+        self._budget_refusals = 0
+
+    def __call__(self, grid: Grid, context: LegacyContext) -> None:
+        current = int(context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
+        if self.stopped and current <= self.training_rounds:
+            return
+        self._budget_refusals = 0
+        super().__call__(grid, context)
 
     def _stage(self, name: str, grid: Grid, context: Context, state) -> bool:
         before = len(state.failures)
@@ -45,9 +66,15 @@ class ReportingSecAggPlusWorkflow(SecAggPlusWorkflow):
             key = id(failure.args[0]) if failure.args else id(failure)
             if key not in seen:
                 seen.add(key)
-                print(f"  secure aggregation ({name}): a site failed: {_reason(failure)}", flush=True)
+                reason = _reason(failure)
+                self._budget_refusals += BUDGET_REFUSAL in reason
+                print(f"  secure aggregation ({name}): a site failed: {reason}", flush=True)
         if not ok:
             print(f"  secure aggregation halted at stage '{name}': this round has no aggregate", flush=True)
+            if self._budget_refusals:
+                self.stopped = "sites have spent their privacy budget and too few remain to aggregate"
+                print(f"study stopped: {self.stopped}; remaining training rounds skipped, the model is evaluated",
+                      flush=True)
         return ok
 
     def setup_stage(self, grid: Grid, context: Context, state) -> bool:
@@ -70,6 +97,7 @@ def secure_aggregation_workflow(study: Study) -> ReportingSecAggPlusWorkflow:
     """SecAgg+ with the study's parameters (the timeout is always set)."""
     sa = study.secure_aggregation
     return ReportingSecAggPlusWorkflow(
+        training_rounds=study.training.rounds,
         num_shares=sa.num_shares,
         reconstruction_threshold=sa.reconstruction_threshold,
         max_weight=sa.max_weight,

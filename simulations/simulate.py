@@ -25,7 +25,7 @@ from fedcare.model import build_model, predict_proba, set_weights
 from fedcare.report import write_report
 from fedcare.runtime import APP_DIR
 from fedcare.study import Study, StudyConfigError, load_study
-from privacy.accounting import AccountantStore
+from privacy.ledger import PrivacyLedger, rounds_of
 from server.progress import latest_checkpoint, load_checkpoint, read_round_log
 from simulations.cohorts import write_cohorts
 from simulations.engine import run_flower_simulation
@@ -103,17 +103,16 @@ def evaluate_study(study: Study, out: Path, checkpoint: Path, rounds: list[dict]
         test_y.append(data.test.labels)
         train_x.append(model_inputs(study, data.train.features))
         train_y.append(data.train.labels)
-        runs = AccountantStore.find(site_dir / ".fedcare", study.hash)
-        if not runs:
-            raise SimulationError(f"{site_dir.name}: no privacy accountant state found; the site never trained")
-        spent = runs[-1]  # this simulation's run (each --out is new)
+        spent = rounds_of(PrivacyLedger(site_dir / ".fedcare").entries(), study.hash)
+        if not spent:
+            raise SimulationError(f"{site_dir.name}: its privacy ledger records no round; the site never trained")
         sites.append(
             {
                 "name": site_dir.name,
-                "epsilon": round(spent.epsilon, 4),
+                "epsilon": round(spent[-1].epsilon_study, 4),
                 "delta": study.privacy.delta,
-                "noise_multiplier": round(spent.schedule.noise_multiplier, 4),
-                "rounds_trained": spent.rounds_trained,
+                "noise_multiplier": round(spent[-1].noise_multiplier, 4),
+                "rounds_trained": len(spent),
                 "train_rows": int(len(data.train.labels)),
                 "test_rows": int(len(data.test.labels)),
                 "auc": round(roc_auc(data.test.labels, predict_proba(model, x_test)), 4),

@@ -1,4 +1,4 @@
-"""The hospital client's refusals and what it records before an update can leave the site."""
+"""The hospital client's refusals, what it records before an update can leave the site, and what it sends."""
 
 import dataclasses
 
@@ -9,13 +9,15 @@ from flwr.common.secure_aggregation.quantization import dequantize, quantize
 from client.hospital import HospitalClient, SitePaths, SiteRefusal, check_within_clipping_range
 from fedcare.model import build_model, get_weights
 from fedcare.study import load_study
+from privacy.ledger import PrivacyLedger
 
 
 @pytest.fixture()
 def client(study, cohorts_dir, tmp_path):
     path = tmp_path / "study.toml"
     path.write_text(study.with_overrides(rounds=1).to_toml())
-    return HospitalClient(SitePaths(study=path, data=cohorts_dir / "hospital-01", state_dir=tmp_path / "state"), run_id=9)
+    paths = SitePaths(study=path, data=cohorts_dir / "hospital-01", state_dir=tmp_path / "state", policy=None)
+    return HospitalClient(paths, run_id=9)
 
 
 def test_never_returns_parameters_outside_secure_aggregation(client):
@@ -29,18 +31,37 @@ def test_refuses_another_study(client):
         client.fit(weights, {"study_hash": "0" * 64, "round": 1})
 
 
-def test_fit_records_spend_then_returns_delta_and_refuses_beyond_plan(client):
+def test_fit_records_spend_then_returns_one_masked_vector_and_refuses_beyond_plan(client):
     weights = get_weights(build_model(client.study))
     config = {"study_hash": client.study.hash, "round": 1}
-    delta, n, metrics = client.fit(weights, config)
-    assert metrics == {}
-    assert n == len(client.data.train.labels)
-    assert [d.shape for d in delta] == [w.shape for w in weights]
-    assert max(np.abs(d).max() for d in delta) > 0
-    saved = client.store.load()
-    assert saved.rounds_trained == 1 and 0 < saved.epsilon <= client.study.privacy.epsilon * 1.001
+    vector, n, metrics = client.fit(weights, config)
+    # Plaintext fields hold the same constant at every site; everything else is in the vector SecAgg+ masks.
+    assert metrics == {} and n == int(client.study.secure_aggregation.max_weight)
+    assert [v.shape for v in vector[: len(weights)]] == [w.shape for w in weights]
+    assert max(np.abs(d).max() for d in vector[: len(weights)]) > 0
+    fmt = client.format
+    read = fmt.decode(vector, sites=1)  # one site's vector read as if it were the sum of one
+    assert read.train_rows == len(client.data.train.labels)
+    assert read.evaluation.test_rows == len(client.data.test.labels)
+    [entry] = PrivacyLedger(client.paths.state_dir).entries()
+    assert entry.round == 1 and 0 < entry.epsilon_study <= client.study.privacy.epsilon * 1.001
     with pytest.raises(SiteRefusal, match="planned 1 rounds are spent"):
         client.fit(weights, config)
+    assert len(PrivacyLedger(client.paths.state_dir).entries()) == 1  # a refusal spends nothing
+
+
+def test_evaluation_only_round_trains_nothing_and_spends_nothing(client):
+    weights = get_weights(build_model(client.study))
+    vector, _, _ = client.fit(weights, {"study_hash": client.study.hash, "round": 2, "evaluate_only": True})
+    read = client.format.decode(vector, sites=1)
+    assert read.mean_delta is None and read.train_rows == 0
+    assert read.evaluation.test_rows == len(client.data.test.labels) and 0 < read.evaluation.auc < 1
+    assert PrivacyLedger(client.paths.state_dir).entries() == []
+
+
+def test_plaintext_evaluation_is_refused(client):
+    with pytest.raises(SiteRefusal, match="evaluation only inside secure aggregation"):
+        client.evaluate(get_weights(build_model(client.study)), {"study_hash": client.study.hash})
 
 
 def test_clipping_check_matches_secaggplus_exactly(study):
@@ -51,24 +72,24 @@ def test_clipping_check_matches_secaggplus_exactly(study):
     limit = sa.clipping_range / ratio
     rng = np.random.default_rng(0)
     delta = [rng.uniform(-limit, limit, size=(40, 8)) * 0.999]
-    check_within_clipping_range(delta, n, sa.max_weight, sa.clipping_range)
+    check_within_clipping_range(float(np.abs(delta[0]).max()) * ratio, sa.clipping_range)
     sent = [d * ratio for d in delta]
     restored = dequantize(quantize(sent, sa.clipping_range, sa.quantization_range), sa.clipping_range, sa.quantization_range)
     step = 2 * sa.clipping_range / sa.quantization_range
     assert np.abs(restored[0] - sent[0]).max() <= step
-    too_big = [delta[0] * 1.01 / 0.999]
+    too_big = float(np.abs(delta[0]).max()) * 1.01 / 0.999 * ratio
     with pytest.raises(SiteRefusal, match="exceeds secure_aggregation.clipping_range .* SecAgg\\+ would clip it silently"):
-        check_within_clipping_range(too_big, n, sa.max_weight, sa.clipping_range)
+        check_within_clipping_range(too_big, sa.clipping_range)
     with pytest.raises(SiteRefusal):
-        check_within_clipping_range([np.array([np.nan])], n, sa.max_weight, sa.clipping_range)
+        check_within_clipping_range(float("nan"), sa.clipping_range)
 
 
 def test_site_larger_than_max_weight_is_refused(study, cohorts_dir, tmp_path):
     small = dataclasses.replace(study, secure_aggregation=dataclasses.replace(study.secure_aggregation, max_weight=10.0))
     path = tmp_path / "study.toml"
     path.write_text(small.to_toml())
-    client = HospitalClient(SitePaths(study=path, data=cohorts_dir / "hospital-01", state_dir=tmp_path), run_id=1)
+    client = HospitalClient(SitePaths(study=path, data=cohorts_dir / "hospital-01", state_dir=tmp_path, policy=None), run_id=1)
     weights = get_weights(build_model(load_study(path)))
     with pytest.raises(SiteRefusal, match="more than secure_aggregation.max_weight"):
         client.fit(weights, {"study_hash": client.study.hash})
-    assert client.store.load() is None
+    assert PrivacyLedger(tmp_path).entries() == []

@@ -1,42 +1,120 @@
+"""The coordinator's strategy: applies only the SecAgg+ aggregate, learns sizes and metrics only as sums."""
+
 import numpy as np
 import pytest
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.ndarrays_arithmetic import (
+    factor_combine,
+    factor_extract,
+    parameters_addition,
+    parameters_mod,
+    parameters_multiply,
+    parameters_subtraction,
+)
+from flwr.common.secure_aggregation.quantization import dequantize, quantize
 
+from fedcare.contribution import ContributionFormat
+from fedcare.metrics import auc_from_histogram, score_histogram
 from strategies.fedavg import DeltaFedAvg, PlaintextUpdateError
 
+FORMAT = ContributionFormat(max_weight=20000.0, clipping_range=8.0)
+TARGET, MODULUS = 1 << 22, 1 << 32
+SHAPES = [(19, 32), (32,), (1, 32), (1,)]
 
-def _res(parameters, n=10):
-    return FitRes(status=Status(Code.OK, ""), parameters=parameters, num_examples=n, metrics={})
+
+def _res(parameters):
+    return FitRes(status=Status(Code.OK, ""), parameters=parameters, num_examples=FORMAT.plaintext_weight, metrics={})
 
 
-def _strategy(lr=1.0, seen=None):
+def _strategy(lr=1.0, seen=None, evaluated=None, weights=None):
     return DeltaFedAvg(
-        initial_weights=[np.ones((2, 2), np.float32), np.zeros(2, np.float32)],
+        initial_weights=weights or [np.zeros(s, np.float32) for s in SHAPES],
         server_learning_rate=lr,
         min_sites=3,
+        training_rounds=2,
+        contribution=FORMAT,
         fit_config={"study_hash": "h"},
         on_aggregated=(lambda r, w: seen.append((r, w))) if seen is not None else None,
+        on_evaluated=(lambda r, e: evaluated.append((r, e))) if evaluated is not None else None,
     )
 
 
-def test_applies_the_secure_aggregate_as_a_delta():
-    seen = []
-    strategy = _strategy(lr=0.5, seen=seen)
-    aggregate = ndarrays_to_parameters([np.full((2, 2), 2.0, np.float32), np.array([1.0, -1.0], np.float32)])
+def _site(rng, n_train, n_test):
+    delta = [rng.normal(0, 0.05, size=s) for s in SHAPES]
+    labels = rng.random(n_test) < 0.2
+    probs = np.clip(rng.beta(2, 5, n_test) + 0.2 * labels, 0, 1)
+    return delta, n_train, score_histogram(labels, probs), float(n_test * 0.45)
+
+
+def _secaggplus_mean(vectors: list[list[np.ndarray]], plaintext_weight: int) -> list[np.ndarray]:
+    """What Flower 1.42's SecAgg+ computes from these site vectors (client `_collect_masked_vectors`,
+    server `unmask_stage`), with pairwise masks that cancel in the sum."""
+    rng = np.random.default_rng(7)
+    masked = []
+    for vector in vectors:
+        ratio = plaintext_weight / FORMAT.max_weight
+        q_ratio = round(ratio * TARGET)
+        quantized = quantize(parameters_multiply(vector, q_ratio / TARGET), FORMAT.clipping_range, TARGET)
+        masked.append(factor_combine(q_ratio, quantized))
+    shapes = [a.shape for a in masked[0]]
+    for i in range(len(masked)):  # pairwise masks: i adds, j subtracts
+        for j in range(i + 1, len(masked)):
+            mask = [rng.integers(0, MODULUS, size=s, dtype=np.int64) for s in shapes]
+            masked[i] = parameters_mod(parameters_addition(masked[i], mask), MODULUS)
+            masked[j] = parameters_mod(parameters_subtraction(masked[j], mask), MODULUS)
+    total = masked[0]
+    for m in masked[1:]:
+        total = parameters_addition(total, m)
+    q_total, summed = factor_extract(parameters_mod(total, MODULUS))
+    mean = dequantize(summed, FORMAT.clipping_range, TARGET)
+    return [(v - (len(vectors) - 1) * FORMAT.clipping_range) * (TARGET / q_total) for v in mean]
+
+
+def test_hidden_size_weighting_equals_plaintext_fedavg_within_quantization_error():
+    rng = np.random.default_rng(0)
+    sites = [_site(rng, n, t) for n, t in ((400, 130), (2500, 900), (6000, 2100))]
+    vectors = [FORMAT.encode(*site) for site in sites]
+    seen, evaluated = [], []
+    strategy = _strategy(seen=seen, evaluated=evaluated)
+    aggregate = ndarrays_to_parameters(_secaggplus_mean(vectors, FORMAT.plaintext_weight))
     params, _ = strategy.aggregate_fit(1, [(None, _res(aggregate))] * 3, [])
-    new = parameters_to_ndarrays(params)
-    np.testing.assert_allclose(new[0], np.full((2, 2), 2.0))
-    np.testing.assert_allclose(new[1], [0.5, -0.5])
-    assert seen[0][0] == 1
+
+    weights = np.array([n for _, n, _, _ in sites], dtype=np.float64)
+    plaintext_fedavg = [np.average([d[i] for d, *_ in sites], axis=0, weights=weights) for i in range(len(SHAPES))]
+    step = 2 * FORMAT.clipping_range / TARGET  # one quantization step per site, divided by Σw below
+    for got, want in zip(parameters_to_ndarrays(params), plaintext_fedavg):
+        assert np.abs(got - want).max() <= 3 * step / (weights.sum() / FORMAT.max_weight)
+    # The coordinator learned the sums only: the union's histogram exactly, the union's AUC and loss.
+    [(model_round, evaluation)] = evaluated
+    union = sum(h for _, _, h, _ in sites)
+    assert model_round == 0 and evaluation.sites == 3
+    assert evaluation.test_rows == int(union.sum())
+    assert evaluation.auc == pytest.approx(auc_from_histogram(union), abs=1e-12)
+    assert evaluation.loss == pytest.approx(sum(l for *_, l in sites) / union.sum(), rel=1e-3)
+    assert seen and seen[0][0] == 1
+
+
+def test_evaluation_only_round_changes_nothing_and_reports_the_final_model():
+    rng = np.random.default_rng(1)
+    sites = [_site(rng, 0, 500) for _ in range(3)]
+    vectors = [FORMAT.encode([np.zeros(s) for s in SHAPES], 0, h, loss) for _, _, h, loss in sites]
+    seen, evaluated = [], []
+    strategy = _strategy(seen=seen, evaluated=evaluated)
+    aggregate = ndarrays_to_parameters(_secaggplus_mean(vectors, FORMAT.plaintext_weight))
+    params, _ = strategy.aggregate_fit(3, [(None, _res(aggregate))] * 3, [])
+    assert params is None and seen == []
+    assert evaluated[0][0] == 2 and evaluated[0][1].test_rows == 1500
 
 
 def test_refuses_individual_plaintext_updates():
     strategy = _strategy()
-    updates = [ndarrays_to_parameters([np.zeros((2, 2), np.float32), np.zeros(2, np.float32)]) for _ in range(3)]
+    updates = [ndarrays_to_parameters([np.zeros(s, np.float32) for s in SHAPES] + [np.zeros(1), np.zeros(2001)]) for _ in range(3)]
     with pytest.raises(PlaintextUpdateError, match="fedcare aggregates only SecAgg\\+ sums"):
         strategy.aggregate_fit(1, [(None, _res(p)) for p in updates], [])
 
 
-def test_sends_study_hash_and_round_to_sites():
+def test_round_config_and_no_plaintext_evaluation():
     strategy = _strategy()
-    assert strategy.on_fit_config_fn(4) == {"study_hash": "h", "round": 4}
+    assert strategy.on_fit_config_fn(2) == {"study_hash": "h", "round": 2, "evaluate_only": False}
+    assert strategy.on_fit_config_fn(3) == {"study_hash": "h", "round": 3, "evaluate_only": True}
+    assert strategy.configure_evaluate(1, None, None) == []

@@ -1,0 +1,105 @@
+"""The site's decision before each DP-SGD round: may it train, and what will the round cost?
+
+`charge_round` is the one entry point. It verifies the ledger, checks the study against the
+site's policy (accepted studies, δ), composes the round's planned cost (σ, sample rate, steps)
+with every earlier round of the same study at this site under the study's accountant, adds the
+other studies' ε (basic composition across studies), and refuses if the study's or the site's
+lifetime ε would exceed the policy. Otherwise it records the round in the ledger and only
+then may the round be trained: a crash after this point can over-count, never under-count.
+
+ε is always recomputed from the recorded (σ, sample rate, steps) of each round, never taken
+from a stored total.
+"""
+
+from __future__ import annotations
+
+from fedcare.study import Study
+from privacy.accounting import DPSchedule, epsilon_of
+from privacy.ledger import LedgerEntry, PrivacyLedger, rounds_of, studies_of
+from privacy.policy import SitePolicy
+
+TOLERANCE = 1e-9
+
+
+class BudgetRefusal(RuntimeError):
+    """The site will not train this round; the message says why."""
+
+
+def study_epsilon(entries: list[LedgerEntry], study_hash: str, extra: tuple[float, float, int] | None = None) -> float:
+    """ε of one study at this site (all its runs), optionally with one more round."""
+    rounds = rounds_of(entries, study_hash)
+    history = [e.dp_step for e in rounds] + ([extra] if extra else [])
+    if not history:
+        return 0.0
+    first = rounds[0] if rounds else None
+    accountant = first.accountant if first else ""
+    delta = first.delta if first else 0.0
+    return epsilon_of(accountant, history, delta)
+
+
+def lifetime_epsilon(entries: list[LedgerEntry], exclude: str | None = None) -> float:
+    """Σ ε over the site's studies (sequential composition), optionally leaving one study out."""
+    return sum(study_epsilon(entries, h) for h in studies_of(entries) if h != exclude)
+
+
+def check_study_allowed(policy: SitePolicy, study_hash: str, delta: float) -> None:
+    if not policy.accepts_study(study_hash):
+        raise BudgetRefusal(f"study {study_hash[:12]}… is not in this site's policy accepted_studies")
+    if delta > policy.max_delta:
+        raise BudgetRefusal(f"the study's δ = {delta:g} exceeds this site's policy max_delta = {policy.max_delta:g}")
+
+
+def carried_schedule(entries: list[LedgerEntry], study: Study, run_id: int) -> DPSchedule | None:
+    """The schedule this run started with (σ is fixed for the whole run); None for a new run."""
+    run = rounds_of(entries, study.hash, run_id)
+    if not run:
+        return None
+    first = run[0]
+    return DPSchedule(
+        noise_multiplier=first.noise_multiplier,
+        sample_rate=first.sample_rate,
+        steps_per_round=first.steps,
+        rounds=study.training.rounds,
+        target_epsilon=study.privacy.epsilon,
+        delta=first.delta,
+        accountant=first.accountant,
+    )
+
+
+def charge_round(
+    ledger: PrivacyLedger,
+    policy: SitePolicy,
+    study_hash: str,
+    schedule: DPSchedule,
+    run_id: int,
+    server_round: int,
+) -> LedgerEntry:
+    """Refuse (BudgetRefusal) or record this round's cost; see the module docstring."""
+    entries = ledger.entries()  # raises LedgerTampered: a broken ledger blocks training
+    check_study_allowed(policy, study_hash, schedule.delta)
+    done = len(rounds_of(entries, study_hash, run_id))
+    if done >= schedule.rounds:
+        raise BudgetRefusal(f"the study's planned {schedule.rounds} rounds are spent; training more would exceed ε")
+    step = (schedule.noise_multiplier, schedule.sample_rate, schedule.steps_per_round)
+    if not rounds_of(entries, study_hash):
+        # The first round of a study sets its accountant and δ for every later round.
+        eps_study = epsilon_of(schedule.accountant, [step], schedule.delta)
+    else:
+        eps_study = study_epsilon(entries, study_hash, extra=step)
+    eps_lifetime = lifetime_epsilon(entries, exclude=study_hash) + eps_study
+    if eps_study > policy.max_epsilon_per_study + TOLERANCE:
+        raise BudgetRefusal(
+            f"privacy budget: this round would bring the study to ε = {eps_study:.3f} > this site's "
+            f"max_epsilon_per_study = {policy.max_epsilon_per_study:g}; the site trains no more rounds of it"
+        )
+    if eps_lifetime > policy.max_epsilon_lifetime + TOLERANCE:
+        raise BudgetRefusal(
+            f"privacy budget: this round would bring the site's lifetime ε to {eps_lifetime:.3f} > its "
+            f"max_epsilon_lifetime = {policy.max_epsilon_lifetime:g}; the site trains no more rounds"
+        )
+    return ledger.append(
+        event="round", study_hash=study_hash, run_id=run_id, round=server_round,
+        noise_multiplier=schedule.noise_multiplier, sample_rate=schedule.sample_rate,
+        steps=schedule.steps_per_round, accountant=schedule.accountant, delta=schedule.delta,
+        epsilon_study=eps_study, epsilon_lifetime=eps_lifetime, note="",
+    )

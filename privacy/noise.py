@@ -1,0 +1,188 @@
+"""Cryptographically random, floating-point-hardened Gaussian noise and Poisson sampling for DP-SGD.
+
+The same source also draws the Poisson-sampled batches: subsampling amplifies privacy only if
+which rows were sampled stays secret, and Opacus' sampler uses torch's generator too.
+
+Why: Opacus draws its noise from torch's default generator (a Mersenne Twister whose state an
+observer of enough outputs, or of the seed, can recover, so the noise could be subtracted), and
+its `secure_mode` needs `torchcsprng`, which does not install here. Soundness argument:
+  - the uniform bits are ChaCha20 keystream under a fresh 256-bit key from `os.urandom`, so they
+    are computationally indistinguishable from uniform and unpredictable; one cipher context per
+    instance, only ever advanced, so no keystream is used twice (a forked child re-keys);
+  - 53-bit uniforms in (0, 1] and Box–Muller give exact-in-the-reals N(0, 1) pairs (both used);
+  - a single floating-point Gaussian takes a sparse, invertible set of values, which leaks the
+    unnoised value (arXiv 2112.05307). As Opacus' `secure_mode` does (arXiv 2107.10138, sec. 5.1,
+    n = 2), each noise value is the sum of 4 independent draws times std / 2: still N(0, std^2),
+    but inverting it costs ~2^(53·3). Draws and sum are float64 (Opacus' own secure_mode draws
+    float32); only the result is cast to the gradient's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import types
+from typing import Any
+
+import numpy as np
+import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+_KEY_BYTES = 32
+_NONCE_BYTES = 16  # cryptography's ChaCha20 nonce: 4-byte little-endian block counter + 12-byte nonce
+_HARDENING_DRAWS = 4  # 2n with n = 2, as in Opacus' secure_mode
+_SHIFT, _ONE = np.uint64(11), np.uint64(1)
+_NUMPY_DTYPES = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16}
+
+
+def _chacha20_encryptor(key: bytes, nonce: bytes) -> Any:
+    return Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
+
+
+def _uniform_53(words: np.ndarray) -> np.ndarray:
+    """64-bit words to float64 uniforms in (0, 1]: the top 53 bits, plus one, times 2^-53 (exact)."""
+    u = ((words >> _SHIFT) + _ONE).astype(np.float64)
+    u *= 2.0**-53
+    return u
+
+
+def _box_muller(u1: np.ndarray, u2: np.ndarray) -> np.ndarray:
+    """Two independent N(0, 1) per (u1, u2) pair, u1 in (0, 1] so log(u1) is finite."""
+    pairs = len(u1)
+    radius = np.log(u1)
+    radius *= -2.0
+    np.sqrt(radius, out=radius)
+    angle = u2 * (2.0 * math.pi)
+    out = np.empty(2 * pairs)
+    np.cos(angle, out=out[:pairs])
+    np.sin(angle, out=out[pairs:])
+    out[:pairs] *= radius
+    out[pairs:] *= radius
+    return out
+
+
+class CryptoGaussian:
+    """Standard-normal samples from a ChaCha20 keystream.
+
+    `key=None` (production) draws a fresh key and nonce from `os.urandom`. A given `key` (tests
+    only) uses a zero nonce, so two instances with the same key produce the same stream.
+    """
+
+    def __init__(self, key: bytes | None = None) -> None:
+        if key is not None and len(key) != _KEY_BYTES:
+            raise ValueError(f"ChaCha20 key must be {_KEY_BYTES} bytes, got {len(key)}")
+        self._fixed_key = key is not None
+        self._lock = threading.Lock()
+        self._rekey(key)
+
+    def _rekey(self, key: bytes | None) -> None:
+        if key is None:
+            key, nonce = os.urandom(_KEY_BYTES), os.urandom(_NONCE_BYTES)
+        else:
+            nonce = bytes(_NONCE_BYTES)
+        self._encryptor = _chacha20_encryptor(key, nonce)
+        self._pid = os.getpid()
+
+    def _keystream(self, nbytes: int) -> bytes:
+        with self._lock:
+            if self._pid != os.getpid() and not self._fixed_key:
+                # A fork copied the cipher state: the child must not replay the parent's stream.
+                self._rekey(None)
+            return self._encryptor.update(bytes(nbytes))
+
+    def uniform(self, n: int) -> np.ndarray:
+        """`n` independent uniforms in (0, 1] with 53-bit precision (float64)."""
+        return _uniform_53(np.frombuffer(self._keystream(8 * n), dtype="<u8"))
+
+    def poisson_batch(self, rows: int, sample_rate: float) -> list[int]:
+        """One Poisson-sampled batch: each row independently with probability `sample_rate`
+        (what Opacus' sampler does, from this source instead of torch's generator)."""
+        return np.flatnonzero(self.uniform(rows) <= sample_rate).tolist()
+
+    def standard_normal(self, n: int) -> np.ndarray:
+        """`n` independent N(0, 1) samples (float64). For odd `n` the last pair's second value is dropped."""
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        pairs = (n + 1) // 2
+        words = np.frombuffer(self._keystream(16 * pairs), dtype="<u8")
+        u = _uniform_53(words)
+        return _box_muller(u[:pairs], u[pairs:])[:n]
+
+    def hardened(
+        self,
+        shape: torch.Size | tuple[int, ...] | int,
+        std: float,
+        dtype: torch.dtype = torch.float32,
+        *,
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor:
+        """N(0, std^2) noise of `shape`: the sum of 4 independent standard-normal draws times std / 2."""
+        if not math.isfinite(std) or std < 0:
+            raise ValueError(f"std must be finite and >= 0, got {std}")
+        size = torch.Size((shape,) if isinstance(shape, int) else shape)
+        if std == 0:
+            return torch.zeros(size, dtype=dtype, device=device)
+        numel = size.numel()
+        draws = self.standard_normal(_HARDENING_DRAWS * numel).reshape(_HARDENING_DRAWS, numel)
+        noise = draws.sum(axis=0)
+        noise *= std / 2.0
+        return _to_tensor(noise.reshape(size), dtype, device)
+
+
+def _to_tensor(values: np.ndarray, dtype: torch.dtype, device: torch.device | str | None) -> torch.Tensor:
+    """float64 values as a tensor of `dtype` on `device` (numpy casts are cheaper for small arrays)."""
+    np_dtype = _NUMPY_DTYPES.get(dtype)
+    tensor = torch.from_numpy(values.astype(np_dtype, copy=False)) if np_dtype else torch.from_numpy(values).to(dtype)
+    if device is not None and torch.device(device).type != "cpu":
+        tensor = tensor.to(device)
+    return tensor
+
+
+def _effective_noise_multiplier(optimizer: Any, adaptive: bool) -> float:
+    # DPOptimizerFastGradientClipping honours adaptive clipping's adjusted multiplier; DPOptimizer does not.
+    if adaptive:
+        return getattr(optimizer, "_adjusted_noise_multiplier", optimizer.noise_multiplier)
+    return optimizer.noise_multiplier
+
+
+def _uses_adjusted_multiplier(optimizer: Any) -> bool:
+    """True for DPOptimizerFastGradientClipping's `add_noise`, False for DPOptimizer's; any other refused."""
+    from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+
+    add_noise = getattr(type(optimizer), "add_noise", None)
+    if add_noise is DPOptimizerFastGradientClipping.add_noise:
+        return True
+    if add_noise is DPOptimizer.add_noise:
+        return False
+    raise TypeError(
+        "use_crypto_noise supports DPOptimizer and DPOptimizerFastGradientClipping; "
+        f"{type(optimizer).__name__} overrides add_noise with its own semantics "
+        "(distributed, FSDP or adaptive clipping), which this replacement would not keep"
+    )
+
+
+def use_crypto_noise(optimizer: Any, source: CryptoGaussian | None = None) -> None:
+    """Make this Opacus DP optimizer draw its noise from `source` (a fresh CryptoGaussian by default),
+    hardened as in Opacus' secure_mode. Only this instance's `add_noise` is replaced."""
+    missing = [name for name in ("add_noise", "params", "noise_multiplier", "max_grad_norm") if not hasattr(optimizer, name)]
+    if missing:
+        raise TypeError(
+            "use_crypto_noise needs an Opacus DP optimizer (as returned by PrivacyEngine.make_private); "
+            f"{type(optimizer).__name__} has no {', '.join(missing)}"
+        )
+    adaptive = _uses_adjusted_multiplier(optimizer)
+    noise_source = source if source is not None else CryptoGaussian()
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+    def add_noise(self: Any) -> None:
+        """Opacus' add_noise, with the noise drawn from a CryptoGaussian (hardened)."""
+        std = _effective_noise_multiplier(self, adaptive) * self.max_grad_norm
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            ref = p.summed_grad
+            noise = noise_source.hardened(ref.shape, std, dtype=ref.dtype, device=ref.device)
+            p.grad = (ref + noise).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+    optimizer.add_noise = types.MethodType(add_noise, optimizer)
