@@ -23,6 +23,7 @@ from client.data import SiteDataError, load_site
 from fedcare.kits import HospitalKit, read_site_settings
 from fedcare.runtime import flower_command, flower_env, free_port, warn_insecure
 from fedcare.study import load_study
+from privacy.ledger import LedgerTampered, PrivacyLedger
 from privacy.policy import load_site_policy
 
 CONNECT_TIMEOUT = 10.0
@@ -172,7 +173,15 @@ def start_node(settings: NodeSettings) -> int:
     started = time.monotonic()
     if settings.kit.site_file.is_file():
         policy = load_site_policy(settings.kit.site_file)  # a broken policy stops here, not mid-round
-        print(f"site policy: SecAgg+ cohort >= {policy.min_cohort}, threshold >= {policy.min_threshold}", flush=True)
+        print(f"site policy: {policy.describe()}", flush=True)
+    try:
+        entries = PrivacyLedger(settings.state_dir).entries()
+    except LedgerTampered as err:
+        raise NodeStartError(
+            f"privacy ledger failed verification: {err}. Training is blocked: restore the ledger from a backup, "
+            f"or accept it with `fedcare privacy reseal --kit {settings.kit.path} --reason TEXT`"
+        ) from None
+    print(f"privacy ledger: {len(entries)} entries verified ({settings.state_dir / 'ledger.jsonl'})", flush=True)
     print(check_site_data(settings), flush=True)
     check_coordinator(settings.kit, settings.insecure_dev)
     print(f"coordinator {settings.kit.coordinator} reachable ({time.monotonic() - started:.1f} s); starting the node", flush=True)

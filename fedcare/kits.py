@@ -154,14 +154,22 @@ SITE_TEMPLATE = """# This hospital's own settings (owned by hospital IT, not by 
 [site]
 # Directory holding the site's export: train.csv and test.csv, columns named by the study.
 data = "{data}"
-# Where the node keeps its privacy accountant state (relative to this kit).
+# Where the node keeps its privacy ledger (relative to this kit). Back it up; never edit it.
 state_dir = "state"
 
 [policy]
+# The most privacy this site spends on any one study (all its runs together) ...
+max_epsilon_per_study = 3.0
+# ... and across every study it ever takes part in (studies add up).
+max_epsilon_lifetime = 10.0
+# The largest delta a study may ask of this site.
+max_delta = 1e-5
 # This site takes part only in SecAgg+ rounds with at least this many sites ...
 min_cohort = 3
 # ... and at least this reconstruction threshold.
 min_threshold = 2
+# Study hashes this site trains (`fedcare study check` prints one); empty: any study it is sent.
+accepted_studies = []
 """
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import warnings
+
+import numpy as np
 from dataclasses import dataclass
 
 from fedcare.study import Study
@@ -72,4 +74,7 @@ def epsilon_of(accountant_name: str, history: list[tuple[float, float, int]], de
 
     accountant = create_accountant(accountant_name)
     accountant.history = [tuple(h) for h in history]
-    return float(accountant.get_epsilon(delta=delta)) if history else 0.0
+    if not history:
+        return 0.0
+    with np.errstate(divide="ignore"):  # PRV takes log(1 - q), -inf when a site's batch is all its rows
+        return float(accountant.get_epsilon(delta=delta))

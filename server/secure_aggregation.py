@@ -36,8 +36,8 @@ BUDGET_REFUSAL = "privacy budget:"
 def _reason(failure: BaseException) -> str:
     """The site's own message out of Flower's error wrapper, trimmed to one line."""
     text = str(getattr(failure.args[0], "reason", failure) if failure.args else failure)
-    found = re.findall(r"SiteRefusal: ([^\n'\"]+)", text) or re.findall(r":<'(.+?)'>", text, re.S)
-    return " ".join((found[-1] if found else text).split())[:400]
+    found = re.findall(r"(?:SiteRefusal|GuardRefusal): ([^\n]+)", text) or re.findall(r":<'(.+?)'>", text, re.S)
+    return " ".join((found[-1] if found else text).split()).rstrip("'\">")[:400]
 
 
 class ReportingSecAggPlusWorkflow(SecAggPlusWorkflow):

@@ -15,6 +15,7 @@ import pytest
 from fedcare.kits import node_keygen
 from fedcare.runtime import free_port
 from fedcare.study import load_study
+from privacy.ledger import PrivacyLedger
 from simulations.cohorts import write_cohorts
 
 from .conftest import DEFAULT_STUDY
@@ -107,7 +108,7 @@ def test_study_completes_with_tls_auth_secagg_dp_despite_a_killed_node(federatio
     # Kill node d (SIGKILL to its whole process group: fedcare, SuperNode, SuperExec, ClientApps)
     # once round 1 is aggregated; the study must go on with the three others.
     assert run.wait_for("round 1/2", 600), run.text()[-4000:]
-    assert list((work / "kits" / "d" / "state").glob("accountant-*.json")), "node d trained in round 1"
+    assert (work / "kits" / "d" / "state" / "ledger.jsonl").exists(), "node d trained in round 1"
     nodes["d"].stop(signal.SIGKILL)
     assert run.proc.wait(timeout=900) == 0, run.text()[-4000:]
 
@@ -125,12 +126,13 @@ def test_study_completes_with_tls_auth_secagg_dp_despite_a_killed_node(federatio
     assert all(s["epsilon"] is None and s["auc"] is None for s in report["sites"])
     for key in ("onnx", "onnx_int8"):
         assert report["export"][key].endswith(".onnx")
-    # the sites recorded their spend, within the study's target
+    # the sites recorded their spend in their ledgers, within the study's target
     for name in ("a", "b", "c"):
-        [ledger] = (work / "kits" / name / "state").glob("accountant-*.json")
-        spent = json.loads(ledger.read_text())
-        assert spent["rounds_trained"] == 2
-        assert 0 < spent["epsilon"] <= federation["study"].privacy.epsilon * 1.001
+        spent = PrivacyLedger(work / "kits" / name / "state").entries()
+        assert [e.round for e in spent] == [1, 2]
+        assert 0 < spent[-1].epsilon_study <= federation["study"].privacy.epsilon * 1.001
+    report = fedcare("privacy", "report", "--kit", str(work / "kits" / "a"))
+    assert report.returncode == 0 and "chain verified: 2 entries" in report.stdout
     status = fedcare("status", "--kit", str(work / "kits" / "coordinator"))
     assert status.returncode == 0
     assert "a " in status.stdout and "online" in status.stdout and "finished:completed" in status.stdout

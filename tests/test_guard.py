@@ -7,11 +7,10 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common import ndarrays_to_parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
-from flwr.common import FitIns, GetParametersIns
+from flwr.common import EvaluateIns, FitIns, GetParametersIns
 
 from client.app import app
 from fedcare.model import build_model, get_weights
-from privacy.policy import PolicyError, load_site_policy
 
 
 def _context(tmp_path, study_path, site_dir, policy=None) -> Context:
@@ -57,7 +56,14 @@ def site(study, cohorts_dir, tmp_path):
 def test_get_parameters_is_refused(site, tmp_path):
     content = compat.getparametersins_to_recorddict(GetParametersIns(config={}))
     reason = _call(Message(content, dst_node_id=7, message_type="get_parameters"), _context(tmp_path, *site))
-    assert "'get_parameters' request refused: this site answers only SecAgg+ training and evaluation" in reason
+    assert "'get_parameters' request refused: this site answers only SecAgg+ training rounds" in reason
+
+
+def test_plaintext_evaluation_is_refused(site, study, tmp_path):
+    weights = get_weights(build_model(study))
+    content = compat.evaluateins_to_recorddict(EvaluateIns(ndarrays_to_parameters(weights), {"study_hash": study.hash}), True)
+    reason = _call(Message(content, dst_node_id=7, message_type="evaluate"), _context(tmp_path, *site))
+    assert "'evaluate' request refused: this site answers only SecAgg+ training rounds" in reason
 
 
 def test_plain_fit_outside_secagg_is_refused_before_training(site, study, tmp_path):
@@ -81,8 +87,15 @@ def test_default_policy_refuses_a_two_site_cohort(site, tmp_path):
     assert "below this site's policy min_cohort = 3" in _call(_setup(2, 2), _context(tmp_path, *site))
 
 
-def test_invalid_policy_names_the_field(tmp_path):
-    bad = tmp_path / "site.toml"
-    bad.write_text("[policy]\nmin_cohort = 2\n")
-    with pytest.raises(PolicyError, match="policy.min_cohort: expected an integer >= 3, got 2"):
-        load_site_policy(bad)
+def test_simulated_site_policy_comes_from_its_directory(study, tmp_path, cohorts_dir):
+    """In simulation a site's own site.toml (next to its data) is its policy, as a kit's is in deployment."""
+    import shutil
+
+    sites = tmp_path / "sites"
+    shutil.copytree(cohorts_dir / "hospital-01", sites / "hospital-01")
+    (sites / "hospital-01" / "site.toml").write_text("[policy]\nmin_cohort = 6\n")
+    path = tmp_path / "study.toml"
+    path.write_text(study.to_toml())
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 1}, state=RecordDict(),
+                      run_config={"study": str(path), "sim-sites-dir": str(sites)})
+    assert "below this site's policy min_cohort = 6" in _call(_setup(5, 3), context)

@@ -39,7 +39,7 @@ def test_study_completes_with_secure_aggregation_and_dp(simulated):
     assert abs(export["auc_fp32"] - export["auc_int8"]) <= 0.005
     assert abs(export["auc_fp32"] - report["final"]["auc"]) < 1e-3
     assert os.path.getsize(export["onnx"]) == export["bytes_fp32"]
-    assert "round 2/2" in stdout and "report:" in stdout
+    assert "round 2/2 aggregated" in stdout and "model after round 2/2: test AUC" in stdout and "report:" in stdout
     assert (out / "summary.txt").read_text().startswith("fedcare study depression-risk")
 
 
