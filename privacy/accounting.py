@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
-from dataclasses import dataclass
 
 from fedcare.study import Study
 

@@ -143,3 +143,17 @@ def test_crash_while_writing_leaves_the_previous_ledger(tmp_path):
     assert proc.returncode == 137, proc.stderr[-2000:]
     assert ledger.path.read_bytes() == before
     assert len(ledger.entries()) == 2  # still verifies: the old ledger, whole
+
+
+def test_privacy_report_cli_verifies_then_flags_tampering(tmp_path):
+    ledger = _ledger(tmp_path, rounds=2)
+    cli = [sys.executable, "-m", "fedcare.cli", "privacy", "report", "--state-dir", str(ledger.dir)]
+    ok = subprocess.run(cli, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "chain verified: 2 entries" in ok.stdout and "abababababab" in ok.stdout
+    lines = _lines(ledger)
+    ledger.path.write_text(lines[0] + "\n")  # the latest round's entry removed
+    bad = subprocess.run(cli, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 3
+    assert "LEDGER FAILED VERIFICATION" in bad.stderr and "holds 1 entries but the head records 2" in bad.stderr
+    assert "fedcare privacy reseal" in bad.stderr
