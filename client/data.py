@@ -1,4 +1,5 @@
-"""Read a site's tabular export (CSV, one row per patient) against the study's feature spec.
+"""Read a site's export against the study's feature spec: CSV or Parquet (one row per patient),
+or FHIR R4 (`client/fhir.py`), one split (train, test) at a time.
 
 Good rows load; a bad row is quarantined with a reason (line number, column, why) and
 never crashes the reader. Only counts and line numbers are reported, never values.
@@ -81,6 +82,56 @@ def _parse_value(feature: Feature, text: str) -> tuple[float, str | None]:
     return value, None
 
 
+class _RowCollector:
+    """Checks one record at a time (label, then each feature in spec order) and keeps the good ones."""
+
+    def __init__(self, study: Study, report: LoadReport) -> None:
+        self.study, self.report = study, report
+        self.rows: list[list[float]] = []
+        self.labels: list[int] = []
+
+    def add(self, line: int, label_text: str, feature_texts: list[str]) -> None:
+        self.report.rows_read += 1
+        label_text = label_text.strip()
+        if label_text not in ("0", "1"):
+            self.report.quarantine(line, f"{self.study.label.name}: label must be 0 or 1")
+            return
+        values = []
+        for feature, text in zip(self.study.features, feature_texts):
+            value, reason = _parse_value(feature, text)
+            if reason:
+                self.report.quarantine(line, reason)
+                return
+            values.append(value)
+        for feature, value in zip(self.study.features, values):
+            if math.isnan(value):
+                self.report.missing_by_feature[feature.name] += 1
+        self.rows.append(values)
+        self.labels.append(int(label_text))
+
+    def table(self, path: Path) -> SiteTable:
+        self.report.rows_loaded = len(self.rows)
+        if not self.rows:
+            raise SiteDataError(f"{path}: no usable rows\n{self.report.summary()}")
+        return SiteTable(
+            features=np.asarray(self.rows, dtype=np.float64).reshape(len(self.rows), len(self.study.features)),
+            labels=np.asarray(self.labels, dtype=np.float32),
+            report=self.report,
+        )
+
+
+def _check_columns(study: Study, path: Path, header: list[str], where: str) -> list[str]:
+    """The columns the study needs, present once each; returns the ignored extra columns."""
+    wanted = [f.name for f in study.features] + [study.label.name]
+    absent = [name for name in wanted if name not in header]
+    if absent:
+        raise SiteDataError(f"{path}: {where}: missing columns required by the study: {', '.join(absent)}")
+    duplicated = sorted({h for h in header if header.count(h) > 1 and h in wanted})
+    if duplicated:
+        raise SiteDataError(f"{path}: {where}: duplicated columns: {', '.join(duplicated)}")
+    return [h for h in header if h not in wanted]
+
+
 def read_site_csv(study: Study, path: str | Path) -> SiteTable:
     """Load one CSV split; raises `SiteDataError` only when nothing usable can be loaded."""
     path = Path(path)
@@ -89,8 +140,7 @@ def read_site_csv(study: Study, path: str | Path) -> SiteTable:
         handle = path.open(newline="", encoding="utf-8")
     except FileNotFoundError:
         raise SiteDataError(f"{path}: file not found") from None
-    rows: list[list[float]] = []
-    labels: list[int] = []
+    collector = _RowCollector(study, report)
     with handle:
         reader = csv.reader(handle)
         try:
@@ -100,14 +150,7 @@ def read_site_csv(study: Study, path: str | Path) -> SiteTable:
         except (csv.Error, UnicodeDecodeError) as err:
             raise SiteDataError(f"{path}: line 1: unreadable header: {err}") from None
         header = [h.strip() for h in header]
-        wanted = [f.name for f in study.features] + [study.label.name]
-        absent = [name for name in wanted if name not in header]
-        if absent:
-            raise SiteDataError(f"{path}: line 1: missing columns required by the study: {', '.join(absent)}")
-        duplicated = sorted({h for h in header if header.count(h) > 1 and h in wanted})
-        if duplicated:
-            raise SiteDataError(f"{path}: line 1: duplicated columns: {', '.join(duplicated)}")
-        report.ignored_columns = [h for h in header if h not in wanted]
+        report.ignored_columns = _check_columns(study, path, header, "line 1")
         positions = [header.index(f.name) for f in study.features]
         label_pos = header.index(study.label.name)
         line = 1
@@ -124,48 +167,89 @@ def read_site_csv(study: Study, path: str | Path) -> SiteTable:
             line = reader.line_num
             if not cells:
                 continue
-            report.rows_read += 1
             if len(cells) != len(header):
+                report.rows_read += 1
                 report.quarantine(line, f"expected {len(header)} columns, got {len(cells)}")
                 continue
-            label_text = cells[label_pos].strip()
-            if label_text not in ("0", "1"):
-                report.quarantine(line, f"{study.label.name}: label must be 0 or 1")
-                continue
-            values, reason = [], None
-            for feature, pos in zip(study.features, positions):
-                value, reason = _parse_value(feature, cells[pos])
-                if reason:
-                    break
-                values.append(value)
-            if reason:
-                report.quarantine(line, reason)
-                continue
-            for feature, value in zip(study.features, values):
-                if math.isnan(value):
-                    report.missing_by_feature[feature.name] += 1
-            rows.append(values)
-            labels.append(int(label_text))
-    report.rows_loaded = len(rows)
-    if not rows:
-        raise SiteDataError(f"{path}: no usable rows\n{report.summary()}")
-    return SiteTable(
-        features=np.asarray(rows, dtype=np.float64),
-        labels=np.asarray(labels, dtype=np.float32),
-        report=report,
-    )
+            collector.add(line, cells[label_pos], [cells[p] for p in positions])
+    return collector.table(path)
+
+
+def _cell_text(value: object) -> str:
+    """A Parquet cell as the CSV reader would see it (None is missing; 1.0 is "1")."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def read_site_parquet(study: Study, path: str | Path, batch_rows: int = 65536) -> SiteTable:
+    """Load one Parquet split (one row per patient, columns named by the study), batch by batch.
+    Rows are numbered from 1 in reasons; a column of the wrong type quarantines its rows."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    report = LoadReport(path=str(path))
+    try:
+        parquet = pq.ParquetFile(path)
+    except FileNotFoundError:
+        raise SiteDataError(f"{path}: file not found") from None
+    except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+        raise SiteDataError(f"{path}: not a readable Parquet file ({type(err).__name__}: {str(err)[:200]})") from None
+    header = list(parquet.schema_arrow.names)
+    report.ignored_columns = _check_columns(study, path, header, "schema")
+    names = [f.name for f in study.features]
+    collector = _RowCollector(study, report)
+    row = 0
+    try:
+        for batch in parquet.iter_batches(batch_size=batch_rows, columns=names + [study.label.name]):
+            columns = [batch.column(name).to_pylist() for name in names]
+            labels = batch.column(study.label.name).to_pylist()
+            for i, label in enumerate(labels):
+                row += 1
+                collector.add(row, _cell_text(label), [_cell_text(col[i]) for col in columns])
+    except OSError as err:
+        report.quarantine(row + 1, f"unreadable from here on ({type(err).__name__}: truncated or damaged file)")
+    return collector.table(path)
 
 
 @dataclass(frozen=True)
 class SiteData:
-    """A site's training and test splits, as read from `<site_dir>/{train,test}.csv`."""
+    """A site's training and test splits."""
 
     train: SiteTable
     test: SiteTable
+
+
+SPLIT_FORMATS = ("csv", "parquet", "fhir")
+
+
+def split_source(site_dir: Path, split: str) -> tuple[str, Path]:
+    """Where a split lives: `<split>.csv`, `<split>.parquet`, or a `<split>/` FHIR directory."""
+    for fmt, path in (("csv", site_dir / f"{split}.csv"), ("parquet", site_dir / f"{split}.parquet"),
+                      ("fhir", site_dir / split)):
+        if path.exists():
+            return fmt, path
+    raise SiteDataError(f"{site_dir}: no {split} split: expected {split}.csv, {split}.parquet or a {split}/ FHIR directory")
+
+
+def read_split(study: Study, fmt: str, path: Path) -> SiteTable:
+    if fmt == "csv":
+        return read_site_csv(study, path)
+    if fmt == "parquet":
+        return read_site_parquet(study, path)
+    from client.fhir import read_site_fhir
+
+    if study.mapping is None:
+        raise SiteDataError(f"{path}: FHIR data, but the study has no [mapping] section saying how to derive features")
+    return read_site_fhir(study, study.mapping, path)
 
 
 def load_site(study: Study, site_dir: str | Path) -> SiteData:
     site_dir = Path(site_dir)
     if not site_dir.is_dir():
         raise SiteDataError(f"{site_dir}: site data directory not found")
-    return SiteData(train=read_site_csv(study, site_dir / "train.csv"), test=read_site_csv(study, site_dir / "test.csv"))
+    return SiteData(*(read_split(study, *split_source(site_dir, split)) for split in ("train", "test")))

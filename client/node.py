@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.data import SiteDataError, load_site
+from client.check import check_site_export
 from fedcare.kits import HospitalKit, read_site_settings
 from fedcare.runtime import flower_command, flower_env, free_port, warn_insecure
 from fedcare.study import load_study
@@ -52,13 +52,12 @@ def resolve_settings(kit: HospitalKit, data: Path | None, insecure_dev: bool) ->
 
 
 def check_site_data(settings: NodeSettings) -> str:
-    """Validate the site's files against the study; returns the report, raises on fatal problems."""
+    """Validate the site's files against the study (`fedcare data check`); raises on fatal problems."""
     study = load_study(settings.kit.study_file)
-    try:
-        data = load_site(study, settings.data)
-    except SiteDataError as err:
-        raise NodeStartError(f"site data does not fit the study '{study.name}':\n{err}") from None
-    return f"{data.train.report.summary()}\n{data.test.report.summary()}"
+    check = check_site_export(study, settings.data)
+    if check.fatal:
+        raise NodeStartError(f"site data does not fit the study '{study.name}':\n{check.text}")
+    return check.text
 
 
 def check_coordinator(kit: HospitalKit, insecure_dev: bool, timeout: float = CONNECT_TIMEOUT) -> None:

@@ -39,6 +39,15 @@ def _study_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_check(args: argparse.Namespace) -> int:
+    from client.check import check_site_export
+    from fedcare.study import load_study
+
+    check = check_site_export(load_study(args.study), args.data)
+    print(check.text, file=sys.stderr if check.fatal else sys.stdout)
+    return 2 if check.fatal else 0
+
+
 def _provision(args: argparse.Namespace) -> int:
     from fedcare.kits import provision
 
@@ -232,6 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="connected hospital nodes and runs")
     status.add_argument("--kit", type=Path, required=True, help="the coordinator kit folder")
     status.set_defaults(func=_status)
+
+    data = commands.add_parser("data", help="site data tools")
+    data_cmds = data.add_subparsers(dest="data_command", required=True)
+    dcheck = data_cmds.add_parser("check", help="validate a site's export (CSV, Parquet or FHIR R4) against a study; counts only")
+    dcheck.add_argument("--study", type=Path, required=True, help="the study file")
+    dcheck.add_argument("--data", type=Path, required=True,
+                        help="a site directory (train and test splits), one split file, or one FHIR directory")
+    dcheck.set_defaults(func=_data_check)
 
     privacy = commands.add_parser("privacy", help="the site's privacy ledger")
     privacy_cmds = privacy.add_subparsers(dest="privacy_command", required=True)

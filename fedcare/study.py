@@ -9,14 +9,18 @@ key order do not change it; every party compares it before training.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedcare.files import read_toml
+
+if TYPE_CHECKING:
+    from fedcare.mapping import Mapping
 
 FEATURE_TYPES = ("numeric", "count", "binary")
 MISSING_POLICIES = ("impute", "indicator", "reject")
@@ -106,6 +110,16 @@ class Study:
     privacy: PrivacyTargets
     secure_aggregation: SecureAggregation
     strategy: Strategy
+    mapping_source: dict[str, Any] | None = None  # the [mapping] table as written (FHIR derivation)
+
+    @functools.cached_property
+    def mapping(self) -> Mapping | None:
+        """How each feature is derived from FHIR R4 (`fedcare/mapping.py`), or None."""
+        if self.mapping_source is None:
+            return None
+        from fedcare.mapping import parse_mapping
+
+        return parse_mapping(self.mapping_source, [f.name for f in self.features], f"study {self.name}")
 
     @property
     def hash(self) -> str:
@@ -219,6 +233,13 @@ def parse_study(raw: dict[str, Any], source: str = "<study>") -> Study:
     )
     if parsed.label.name in names:
         raise StudyConfigError(f"{source}: label.name: '{parsed.label.name}' is also a feature name")
+    if "mapping" in raw:
+        from fedcare.mapping import parse_mapping
+
+        if not isinstance(raw["mapping"], dict):
+            raise StudyConfigError(f"{source}: mapping: expected a [mapping] table")
+        parse_mapping(raw["mapping"], names, source)  # every mistake is reported at load, naming the field
+        parsed = dataclasses.replace(parsed, mapping_source=raw["mapping"])
     return parsed
 
 
@@ -396,4 +417,23 @@ def _render_toml(study: Study) -> str:
         section("secure_aggregation", study.secure_aggregation),
         section("strategy", study.strategy),
     ]
+    if study.mapping_source is not None:
+        parts += _render_tables("mapping", study.mapping_source, val)
     return "\n\n".join(parts) + "\n"
+
+
+def _render_tables(name: str, table: dict[str, Any], val: Any) -> list[str]:
+    """A nested TOML table: scalars and arrays (of scalars or inline tables) here, sub-tables after."""
+    def inline(v: Any) -> str:
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k} = {inline(x)}" for k, x in v.items()) + "}"
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(inline(x) for x in v) + "]"
+        return val(v)
+
+    here = [f"{k} = {inline(v)}" for k, v in table.items() if not isinstance(v, dict)]
+    parts = [f"[{name}]" + ("\n" + "\n".join(here) if here else "")]
+    for k, v in table.items():
+        if isinstance(v, dict):
+            parts += _render_tables(f"{name}.{k}", v, val)
+    return parts

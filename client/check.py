@@ -1,0 +1,69 @@
+"""`fedcare data check`: what a site's export yields for a study, in counts only.
+
+The same check runs in `fedcare node start` before the node joins. It never prints a value
+or a patient identifier: records read, patients built, records quarantined by reason (with
+line numbers), missingness per feature, unit conversions applied (FHIR).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from client.data import SiteDataError, SiteTable, read_split, split_source
+from fedcare.study import Study
+
+
+@dataclass(frozen=True)
+class DataCheck:
+    text: str
+    fatal: bool
+
+
+def _split_paths(path: Path) -> list[tuple[str, str, Path]]:
+    """(split name, format, path) for a site directory (train and test) or a single split."""
+    if path.is_file():
+        fmt = {".csv": "csv", ".parquet": "parquet"}.get(path.suffix.lower())
+        if fmt is None:
+            raise SiteDataError(f"{path}: expected a .csv or .parquet file, a FHIR directory or a site directory")
+        return [(path.stem, fmt, path)]
+    if not path.is_dir():
+        raise SiteDataError(f"{path}: not found")
+    if any(path.glob("*.ndjson")) or any(path.glob("*.json")):
+        return [(path.name, "fhir", path)]
+    return [(split, *split_source(path, split)) for split in ("train", "test")]
+
+
+def _missingness(study: Study, table: SiteTable) -> list[str]:
+    rows = max(table.report.rows_loaded, 1)
+    lines = []
+    for feature in study.features:
+        missing = table.report.missing_by_feature.get(feature.name, 0)
+        if missing:
+            lines.append(f"    {feature.name:<28} {missing:>8} of {rows} ({100 * missing / rows:.1f} %), policy '{feature.missing}'")
+    return ["  missing values by feature:", *lines] if lines else ["  no missing values"]
+
+
+def check_site_export(study: Study, path: str | Path) -> DataCheck:
+    """Read every split under `path` against `study`; fatal when a split yields no usable patient."""
+    path = Path(path)
+    try:
+        splits = _split_paths(path)
+    except SiteDataError as err:
+        return DataCheck(f"fedcare data check: {err}", fatal=True)
+    out = [f"study {study.name} ({study.hash[:12]}…), {len(study.features)} features"]
+    fatal = False
+    for split, fmt, split_path in splits:
+        out.append(f"\n[{split}] {fmt}: {split_path}")
+        try:
+            table = read_split(study, fmt, split_path)
+        except SiteDataError as err:
+            out.append(f"  FATAL: {err}")
+            fatal = True
+            continue
+        report = table.report
+        out.append(f"  records read {report.rows_read}, patients built {report.rows_loaded}, "
+                   f"quarantined {sum(report.quarantined.values())}, label prevalence {table.labels.mean():.3f}")
+        out += ["  " + line for line in report.summary().splitlines()[1:]]
+        out += _missingness(study, table)
+    return DataCheck("\n".join(out), fatal)
