@@ -1,12 +1,15 @@
 """The hospital's Flower client (the NumPyClient behind `client.app:app`).
 
-Training messages arrive only through `secaggplus_mod`. In each round the site
-  1. evaluates the global model it received on its test split (score histogram, loss),
-  2. unless the round is evaluation-only: asks its ledger and policy whether it may train
-     (`privacy.budget.charge_round`, which records the round's ε before anything is trained),
-     trains one round of DP-SGD and computes its model delta,
-  3. returns one vector for SecAgg+ to mask (`fedcare.contribution`): the delta weighted by its
-     size, its size, and its evaluation, with a constant in every plaintext field.
+Training messages arrive only through `secaggplus_mod`, in phases (`strategies/fedavg.py`):
+  statistics  (federated standardization) per-feature count, Σz, Σz² of the training rows;
+  train       1. evaluates the global model it received on its test split (histogram, loss),
+              2. asks its ledger and policy whether it may train (`privacy.budget.charge_round`,
+                 which records the round's ε before anything is trained), trains one round of
+                 DP-SGD and computes its model delta;
+  evaluate    step 1 only.
+Every phase returns one vector for SecAgg+ to mask (`fedcare.contribution`), with a constant in
+every plaintext field. Features are scaled with the coordinator's federated scaling when the
+study asks for it (sent with each round), otherwise with the spec's.
 Where the site's files are: `client/site.py`.
 """
 
@@ -21,11 +24,11 @@ from flwr.common import Context, NDArrays, Scalar
 
 from client.data import SiteData, load_site
 from client.site import SitePaths, SiteRefusal, site_paths
-from fedcare.contribution import LOSS_CAP, ContributionFormat
+from fedcare.contribution import LOSS_CAP, ContributionFormat, scaling_from_bytes
 from fedcare.features import model_inputs
 from fedcare.metrics import score_histogram
 from fedcare.model import build_model, get_weights, predict_proba, set_weights
-from fedcare.study import load_study, study_for_run
+from fedcare.study import Study, StudyConfigError, load_study, study_for_run
 from privacy.budget import BudgetRefusal, carried_schedule, charge_round
 from privacy.ledger import LedgerTampered, PrivacyLedger
 from privacy.policy import PolicyError, policy_for_site
@@ -47,8 +50,7 @@ class HospitalClient(NumPyClient):
         self.study = study_for_run(paths.study, run_config or {})
         self.data = _load_data(paths.study, paths.data)
         self.ledger = PrivacyLedger(paths.state_dir)
-        sa = self.study.secure_aggregation
-        self.format = ContributionFormat(max_weight=sa.max_weight, clipping_range=sa.clipping_range)
+        self.format = ContributionFormat.for_study(self.study)
 
     def _check_study(self, config: dict[str, Scalar]) -> None:
         if config.get("study_hash") != self.study.hash:
@@ -70,29 +72,50 @@ class HospitalClient(NumPyClient):
                 raise SiteRefusal(
                     f"site has {rows} {split} rows, more than secure_aggregation.max_weight ({self.format.max_weight:g})"
                 )
-        histogram, loss_sum = self._evaluate(parameters)
-        if config.get("evaluate_only"):
-            delta, n = [np.zeros_like(p) for p in parameters], 0
+        phase = str(config.get("phase", "train"))
+        zeros = [np.zeros_like(p) for p in parameters]
+        if phase == "statistics":
+            statistics = self.format.statistics(self.data.train.features)
+            vector = self.format.encode(zeros, 0, np.zeros((2, self.format.bins)), 0.0, statistics)
         else:
-            delta, n = self._train(parameters, int(config.get("round", 0))), len(self.data.train.labels)
-        vector = self.format.encode(delta, n, histogram, loss_sum)
+            scaled = self._scaled_study(config)
+            histogram, loss_sum = self._evaluate(scaled, parameters)
+            if phase == "evaluate":
+                delta, n = zeros, 0
+            elif phase == "train":
+                delta, n = self._train(scaled, parameters, int(config.get("round", 0))), len(self.data.train.labels)
+            else:
+                raise SiteRefusal(f"unknown round phase '{phase}'")
+            vector = self.format.encode(delta, n, histogram, loss_sum)
         check_within_clipping_range(self.format.largest_value(vector), self.format.clipping_range)
         return vector, self.format.plaintext_weight, {}
 
-    def _evaluate(self, parameters: NDArrays) -> tuple[np.ndarray, float]:
-        model = build_model(self.study)
+    def _scaled_study(self, config: dict[str, Scalar]) -> Study:
+        """The study with the round's federated scaling, when the study asks for one."""
+        if self.study.standardization != "federated":
+            return self.study
+        blob = config.get("scaling")
+        if not isinstance(blob, bytes):
+            raise SiteRefusal("the study uses federated standardization but the round carries no scaling")
+        try:
+            return self.study.with_scaling(*scaling_from_bytes(blob, len(self.study.features)))
+        except (ValueError, StudyConfigError) as err:
+            raise SiteRefusal(f"the round's scaling is unusable: {err}") from None
+
+    def _evaluate(self, study: Study, parameters: NDArrays) -> tuple[np.ndarray, float]:
+        model = build_model(study)
         set_weights(model, parameters)
-        probs = predict_proba(model, model_inputs(self.study, self.data.test.features))
+        probs = predict_proba(model, model_inputs(study, self.data.test.features))
         labels = self.data.test.labels
         p = np.clip(probs.astype(np.float64), 1e-7, 1 - 1e-7)
         losses = -(labels * np.log(p) + (1 - labels) * np.log(1 - p))
         return score_histogram(labels, probs), float(np.minimum(losses, LOSS_CAP).sum())
 
-    def _train(self, parameters: NDArrays, server_round: int) -> NDArrays:
+    def _train(self, study: Study, parameters: NDArrays, server_round: int) -> NDArrays:
         from client.training import train_round  # Opacus loads only for training rounds
         from privacy.accounting import batches_per_epoch, plan_schedule
 
-        x = model_inputs(self.study, self.data.train.features)
+        x = model_inputs(study, self.data.train.features)
         y = self.data.train.labels
         try:
             schedule = carried_schedule(self.ledger.entries(), self.study, self.run_id) or plan_schedule(self.study, len(y))
@@ -102,9 +125,9 @@ class HospitalClient(NumPyClient):
             charge_round(self.ledger, policy_for_site(self.paths.policy), self.study.hash, schedule, self.run_id, server_round)
         except (BudgetRefusal, LedgerTampered, PolicyError) as err:
             raise SiteRefusal(str(err)) from None
-        model = build_model(self.study)
+        model = build_model(study)
         set_weights(model, parameters)
-        train_round(self.study, model, x, y, schedule)
+        train_round(study, model, x, y, schedule)
         return [new - old for new, old in zip(get_weights(model), parameters)]
 
 

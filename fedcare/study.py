@@ -26,6 +26,7 @@ FEATURE_TYPES = ("numeric", "count", "binary")
 MISSING_POLICIES = ("impute", "indicator", "reject")
 STRATEGIES = ("fedavg",)
 OPTIMIZERS = ("sgd", "adam")
+STANDARDIZATIONS = ("spec", "federated")
 ACCOUNTANTS = ("prv", "rdp")
 
 
@@ -110,6 +111,7 @@ class Study:
     privacy: PrivacyTargets
     secure_aggregation: SecureAggregation
     strategy: Strategy
+    standardization: str = "spec"  # "spec": center/scale as written; "federated": from SecAgg+ sums
     mapping_source: dict[str, Any] | None = None  # the [mapping] table as written (FHIR derivation)
 
     @functools.cached_property
@@ -145,6 +147,16 @@ class Study:
                 raise StudyConfigError(f"--epsilon: must be a finite number > 0, got {epsilon}")
             privacy = dataclasses.replace(privacy, epsilon=epsilon)
         return dataclasses.replace(self, training=training, privacy=privacy)
+
+    def with_scaling(self, center: list[float], scale: list[float]) -> Study:
+        """This study with each feature's (center, scale) replaced, e.g. by federated standardization.
+        The hash changes: compare hashes before applying a scaling, never after."""
+        if len(center) != len(self.features) or len(scale) != len(self.features):
+            raise StudyConfigError(f"scaling: expected {len(self.features)} centers and scales")
+        if not all(math.isfinite(c) for c in center) or not all(math.isfinite(x) and x > 0 for x in scale):
+            raise StudyConfigError("scaling: centers must be finite and scales finite and > 0")
+        features = tuple(dataclasses.replace(f, center=float(c), scale=float(x)) for f, c, x in zip(self.features, center, scale))
+        return dataclasses.replace(self, features=features)
 
     def to_toml(self) -> str:
         """Render this study as a TOML file that `load_study` reads back to an equal Study."""
@@ -233,6 +245,9 @@ def parse_study(raw: dict[str, Any], source: str = "<study>") -> Study:
     )
     if parsed.label.name in names:
         raise StudyConfigError(f"{source}: label.name: '{parsed.label.name}' is also a feature name")
+    if "standardization" in raw:
+        method = r.choice(r.table("standardization"), "standardization.method", STANDARDIZATIONS)
+        parsed = dataclasses.replace(parsed, standardization=method)
     if "mapping" in raw:
         from fedcare.mapping import parse_mapping
 
@@ -417,6 +432,8 @@ def _render_toml(study: Study) -> str:
         section("secure_aggregation", study.secure_aggregation),
         section("strategy", study.strategy),
     ]
+    if study.standardization != "spec":
+        parts.append(f"[standardization]\nmethod = {val(study.standardization)}")
     if study.mapping_source is not None:
         parts += _render_tables("mapping", study.mapping_source, val)
     return "\n\n".join(parts) + "\n"

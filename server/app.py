@@ -1,7 +1,8 @@
 """The coordinator's Flower ServerApp: SecAgg+ rounds, aggregate-only evaluation, checkpoints.
 
-The study's training rounds are followed by one evaluation-only SecAgg+ round: every
-round's masked vectors carry the sites' evaluation of the model the round started from
+Phases (all SecAgg+ rounds, `strategies/fedavg.py`): an optional statistics round (federated
+standardization), the training rounds, then one evaluation-only round: every training round's
+masked vectors carry the sites' evaluation of the model the round started from
 (`fedcare.contribution`), so the last one reports the final model.
 
 Run config (from `flwr run --run-config` or `fedcare simulate`):
@@ -18,7 +19,7 @@ from flwr.server.workflow import DefaultWorkflow
 from fedcare.contribution import ContributionFormat
 from fedcare.model import build_model, get_weights
 from fedcare.study import Study, study_for_run
-from server.progress import RoundLog, save_checkpoint
+from server.progress import RoundLog, save_checkpoint, save_scaling
 from server.secure_aggregation import secure_aggregation_workflow
 from strategies.fedavg import DeltaFedAvg
 
@@ -32,16 +33,17 @@ def build_strategy(study: Study, out_dir: str) -> DeltaFedAvg:
         save_checkpoint(out_dir, server_round, weights, study.hash)
         log.mark_aggregated(server_round)
 
-    sa = study.secure_aggregation
     return DeltaFedAvg(
         initial_weights=get_weights(build_model(study)),
         server_learning_rate=study.strategy.server_learning_rate,
         min_sites=study.strategy.min_sites,
         training_rounds=study.training.rounds,
-        contribution=ContributionFormat(max_weight=sa.max_weight, clipping_range=sa.clipping_range),
+        contribution=ContributionFormat.for_study(study),
         fit_config={"study_hash": study.hash},
+        federated_standardization=study.standardization == "federated",
         on_aggregated=on_aggregated,
         on_evaluated=log.record,
+        on_standardized=lambda result: save_scaling(out_dir, study, result),
     )
 
 
@@ -50,9 +52,11 @@ def main(grid: Grid, context: Context) -> None:
     study = study_for_run(str(context.run_config["study"]), context.run_config)
     out_dir = str(context.run_config["out-dir"])
     print(f"study {study.name} ({study.hash[:12]}), {study.training.rounds} rounds, SecAgg+ on", flush=True)
+    strategy = build_strategy(study, out_dir)
     legacy = LegacyContext(
         context=context,
-        config=ServerConfig(num_rounds=study.training.rounds + 1, round_timeout=study.secure_aggregation.timeout_seconds),
-        strategy=build_strategy(study, out_dir),
+        config=ServerConfig(num_rounds=strategy.total_rounds, round_timeout=study.secure_aggregation.timeout_seconds),
+        strategy=strategy,
     )
-    DefaultWorkflow(fit_workflow=secure_aggregation_workflow(study))(grid, legacy)
+    training = range(strategy.offset + 1, strategy.offset + study.training.rounds + 1)
+    DefaultWorkflow(fit_workflow=secure_aggregation_workflow(study, training))(grid, legacy)

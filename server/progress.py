@@ -3,6 +3,7 @@
 Layout of the coordinator's output directory:
 
     checkpoints/round-001.npz   global weights after round 1 (arrays w000, w001, ...)
+    scaling.json                federated standardization: pooled counts and the (center, scale) used
     rounds.jsonl                one JSON object per training round, with the federated evaluation
                                 of the model after it
 """
@@ -17,8 +18,9 @@ from pathlib import Path
 import numpy as np
 from flwr.common import NDArrays
 
-from fedcare.contribution import Evaluation
+from fedcare.contribution import Evaluation, Standardization
 from fedcare.files import atomic_write_bytes
+from fedcare.study import Study
 
 
 def checkpoint_path(out_dir: str | Path, server_round: int) -> Path:
@@ -47,6 +49,29 @@ def load_checkpoint(path: str | Path, expected_study_hash: str | None = None) ->
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
     found = sorted((Path(out_dir) / "checkpoints").glob("round-*.npz"))
     return found[-1] if found else None
+
+
+def save_scaling(out_dir: str | Path, study: Study, result: Standardization) -> None:
+    """Record the federated scaling (it goes into the report and the exported model)."""
+    payload = {
+        "method": "federated",
+        "features": [f.name for f in study.features],
+        "center": [float(c) for c in result.center],
+        "scale": [float(s) for s in result.scale],
+        "rows_with_value": [int(n) for n in result.counts],
+    }
+    atomic_write_bytes(Path(out_dir) / "scaling.json", json.dumps(payload, indent=1).encode())
+    print(f"federated standardization: scaling from SecAgg+ sums over {int(result.counts.max())} training rows "
+          f"(per-feature counts, means and standard deviations of all sites together)", flush=True)
+
+
+def scaled_study(study: Study, out_dir: str | Path) -> Study:
+    """The study with the run's federated scaling applied, if the run computed one."""
+    path = Path(out_dir) / "scaling.json"
+    if not path.exists():
+        return study
+    scaling = json.loads(path.read_text(encoding="utf-8"))
+    return study.with_scaling(scaling["center"], scaling["scale"])
 
 
 class RoundLog:

@@ -12,20 +12,22 @@ from export.calibration import spec_calibration_inputs
 from export.onnx_export import export_fp32, quantize_int8
 from fedcare.model import build_model, set_weights
 from fedcare.study import Study
-from server.progress import latest_checkpoint, load_checkpoint, read_round_log
+from server.progress import latest_checkpoint, load_checkpoint, read_round_log, scaled_study
 
 NO_DATA = "the coordinator holds no patient data"
 
 
 def export_global_model(study: Study, run_dir: Path) -> dict:
-    """Export the latest checkpoint to fp32 and int8 ONNX (int8 calibrated from the spec alone)."""
+    """Export the latest checkpoint to fp32 and int8 ONNX (int8 calibrated from the spec alone),
+    with the run's federated scaling when it has one."""
+    scaled = scaled_study(study, run_dir)
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
         raise FileNotFoundError(f"{run_dir}: no checkpoint; no round was securely aggregated")
     model = build_model(study)
     set_weights(model, load_checkpoint(checkpoint, study.hash))
-    fp32 = export_fp32(model, study, run_dir / "export" / "model.onnx")
-    int8 = quantize_int8(fp32, spec_calibration_inputs(study), run_dir / "export" / "model.int8.onnx", study)
+    fp32 = export_fp32(model, scaled, run_dir / "export" / "model.onnx")
+    int8 = quantize_int8(fp32, spec_calibration_inputs(scaled), run_dir / "export" / "model.int8.onnx", scaled)
     return {
         "onnx": str(fp32),
         "onnx_int8": str(int8),
@@ -36,6 +38,15 @@ def export_global_model(study: Study, run_dir: Path) -> dict:
         "bytes_int8": int8.stat().st_size,
         "calibration": "spec-derived inputs (no patient rows)",
         "checkpoint": str(checkpoint),
+    }
+
+
+def scaling_report(study: Study, run_dir: Path) -> dict:
+    """The feature scaling the run used: federated (pooled statistics) or the spec's."""
+    scaled = scaled_study(study, run_dir)
+    return {
+        "method": "federated" if scaled is not study else "spec",
+        "features": {f.name: {"center": round(f.center, 6), "scale": round(f.scale, 6)} for f in scaled.features},
     }
 
 
@@ -56,6 +67,7 @@ def coordinator_report(study: Study, run_dir: Path, site_names: list[str], wall_
                   "source": "federated evaluation of the final global model (sum of the sites' score histograms)"},
         "baseline_centralized": {"auc": None, "note": NO_DATA},
         "export": export_global_model(study, run_dir),
+        "scaling": scaling_report(study, run_dir),
         "privacy": {
             "target_epsilon": study.privacy.epsilon,
             "delta": study.privacy.delta,

@@ -44,15 +44,15 @@ class ReportingSecAggPlusWorkflow(SecAggPlusWorkflow):
     """SecAgg+ that reports each failed site reply and each halted round, and stops training
     once sites that have spent their privacy budget leave too few to aggregate."""
 
-    def __init__(self, *, training_rounds: int, **secaggplus: object) -> None:
+    def __init__(self, *, training_rounds: range, **secaggplus: object) -> None:
         super().__init__(**secaggplus)
-        self.training_rounds = training_rounds
+        self.training_rounds = training_rounds  # server rounds that train
         self.stopped = ""
         self._budget_refusals = 0
 
     def __call__(self, grid: Grid, context: LegacyContext) -> None:
         current = int(context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
-        if self.stopped and current <= self.training_rounds:
+        if self.stopped and current in self.training_rounds:
             return
         self._budget_refusals = 0
         super().__call__(grid, context)
@@ -93,11 +93,11 @@ class ReportingSecAggPlusWorkflow(SecAggPlusWorkflow):
         return self._stage("unmask", grid, context, state)
 
 
-def secure_aggregation_workflow(study: Study) -> ReportingSecAggPlusWorkflow:
+def secure_aggregation_workflow(study: Study, training_rounds: range) -> ReportingSecAggPlusWorkflow:
     """SecAgg+ with the study's parameters (the timeout is always set)."""
     sa = study.secure_aggregation
     return ReportingSecAggPlusWorkflow(
-        training_rounds=study.training.rounds,
+        training_rounds=training_rounds,
         num_shares=sa.num_shares,
         reconstruction_threshold=sa.reconstruction_threshold,
         max_weight=sa.max_weight,

@@ -21,6 +21,19 @@ computed on the true values (before missingness is applied), with b_site solved 
 site's prevalence hits its target. Interactions and the U-shape mean an MLP can beat a
 logistic regression; `ground_truth_auc` (AUC of the true probabilities on the test
 splits) is the ceiling any model can reach.
+
+Representable in FHIR. Every value is one that `simulations/fhir_cohorts.py` can render as
+FHIR R4 resources and the study's `[mapping]` (docs/FHIR.md) derives back exactly:
+
+* age is whole years (the mapping floors birthDate -> index date); continuous values are
+  rounded to 4 decimals (what the CSV holds); antidepressant_pdc is a whole number of
+  covered days / 180 (the mapping's 180-day window);
+* features the mapping derives as a count, `any` or PDC (phq9_count_12m, the diagnosis
+  flags, prior episodes, admissions, ED visits, antidepressant_pdc) are never missing: a
+  patient without records has 0;
+* the PHQ-9 history is consistent: phq9_latest is present iff phq9_count_12m >= 1, and
+  phq9_slope_90d is present only with >= 2 assessments (the slope needs two recent ones);
+  the true slope is bounded so the earlier score it implies (7 days back) stays in [0, 27].
 """
 
 from __future__ import annotations
@@ -40,6 +53,19 @@ LARGEST_SITE = 6000
 TEST_FRACTION = 0.2
 WEARABLE_FEATURES = ("sleep_hours", "steps_per_day", "resting_hr", "hrv_rmssd")
 QUESTIONNAIRE_FEATURES = ("phq9_latest", "phq9_slope_90d", "gad7_latest")
+# Derived from FHIR as a count / `any` / proportion of days covered: no records means 0, never missing.
+ALWAYS_RECORDED = (
+    "phq9_count_12m",
+    "prior_depressive_episodes",
+    "dx_anxiety",
+    "dx_substance_use",
+    "dx_chronic_pain",
+    "psych_admissions_12m",
+    "ed_visits_12m",
+    "antidepressant_pdc",
+)
+PDC_DAYS = 180  # the mapping's antidepressant_pdc window
+DECIMALS = 4  # continuous values are generated at the precision the CSV holds
 
 
 @dataclass(frozen=True)
@@ -96,16 +122,19 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 def _true_features(p: SiteProfile, rng: np.random.Generator) -> dict[str, np.ndarray]:
     n = p.patients
-    age = np.clip(rng.normal(p.age_mean, 15, n), 18, 95)
+    age = np.floor(np.clip(rng.normal(p.age_mean, 15, n), 18, 95))  # whole years, as from a birth date
     female = rng.binomial(1, 0.56, n).astype(float)
     adi = np.clip(rng.normal(p.deprivation_mean, 20, n), 1, 100)
     d = rng.normal(0.01 * (adi - 50), 1.0, n)  # latent severity
     treated = rng.binomial(1, _sigmoid(-0.8 + 1.2 * d))
+    phq9 = np.clip(np.round(8 + 4.5 * d + rng.normal(0, 2.5, n)), 0, 27)
+    # The slope (points per 30 days) may not imply a score outside [0, 27] one week earlier.
+    slope = np.clip(rng.normal(0.4 * d, 1.2, n), np.maximum(-15, -(27 - phq9) * 30 / 7), np.minimum(15, phq9 * 30 / 7))
     return {
         "age": age,
         "sex_female": female,
-        "phq9_latest": np.clip(np.round(8 + 4.5 * d + rng.normal(0, 2.5, n)), 0, 27),
-        "phq9_slope_90d": np.clip(rng.normal(0.4 * d, 1.2, n), -15, 15),
+        "phq9_latest": phq9,
+        "phq9_slope_90d": slope,
         "phq9_count_12m": rng.poisson(1 + 1.5 * np.maximum(d, 0)).astype(float),
         "gad7_latest": np.clip(np.round(6 + 2.5 * d + rng.normal(0, 2.5, n)), 0, 21),
         "prior_depressive_episodes": rng.poisson(np.exp(-1 + 0.8 * d)).astype(float),
@@ -114,7 +143,7 @@ def _true_features(p: SiteProfile, rng: np.random.Generator) -> dict[str, np.nda
         "dx_chronic_pain": rng.binomial(1, _sigmoid(-2 + 0.03 * (age - 47))).astype(float),
         "psych_admissions_12m": rng.poisson(np.exp(-3 + 0.9 * d)).astype(float),
         "ed_visits_12m": rng.poisson(np.exp(-1 + 0.4 * d + 0.01 * (adi - 50))).astype(float),
-        "antidepressant_pdc": np.where(treated == 1, rng.beta(4, 2, n), 0.0),
+        "antidepressant_pdc": np.where(treated == 1, np.round(rng.beta(4, 2, n) * PDC_DAYS) / PDC_DAYS, 0.0),
         "sleep_hours": np.clip(rng.normal(7 - 0.3 * d, 1.0, n), 2, 14),
         "steps_per_day": np.clip(np.exp(rng.normal(np.log(6500) - 0.1 * d, 0.45, n)), 100, 40000),
         "resting_hr": np.clip(rng.normal(70 + 2 * d, 8, n), 40, 130),
@@ -164,13 +193,16 @@ def generate_site(study: Study, profile: SiteProfile, seed: int, index: int) -> 
     missing = [f.name for f in study.features if f.name not in feats]
     if missing:
         raise ValueError(f"the synthetic generator has no model for features: {', '.join(missing)}")
+    for f in study.features:
+        if f.type == "numeric" and f.name != "antidepressant_pdc":
+            feats[f.name] = np.round(feats[f.name], DECIMALS)
     log_odds = true_log_odds(feats)
     risk = _sigmoid(log_odds + _intercept_for(log_odds, profile.prevalence))
     labels = rng.binomial(1, risk).astype(np.int64)
     true_table = np.column_stack([feats[f.name] for f in study.features])
     observed = true_table.copy()
     for j, f in enumerate(study.features):
-        if f.missing == "reject":
+        if f.missing == "reject" or f.name in ALWAYS_RECORDED:
             continue
         rate = (
             profile.wearable_missing
@@ -180,11 +212,32 @@ def generate_site(study: Study, profile: SiteProfile, seed: int, index: int) -> 
             else profile.other_missing
         )
         observed[rng.random(profile.patients) < rate, j] = np.nan
+    _consistent_phq9_history(study, true_table, observed)
     return Cohort(profile, true_table, observed, labels, risk)
 
 
+def _consistent_phq9_history(study: Study, true_table: np.ndarray, observed: np.ndarray) -> None:
+    """Make the recorded PHQ-9 count agree with the recorded latest score and slope (in place).
+
+    No assessment on record (phq9_latest missing) means a count of 0 and no slope; a slope
+    needs two assessments, a latest score one. The count is not in the risk model, so the
+    ground truth is unchanged.
+    """
+    names = [f.name for f in study.features]
+    if not {"phq9_latest", "phq9_slope_90d", "phq9_count_12m"} <= set(names):
+        return
+    latest, slope, count = names.index("phq9_latest"), names.index("phq9_slope_90d"), names.index("phq9_count_12m")
+    has_latest = ~np.isnan(observed[:, latest])
+    observed[~has_latest, slope] = np.nan
+    has_slope = ~np.isnan(observed[:, slope])
+    recorded = np.where(has_slope, np.maximum(observed[:, count], 2), np.maximum(observed[:, count], 1))
+    observed[:, count] = np.where(has_latest, recorded, 0.0)
+    true_table[:, count] = observed[:, count]
+
+
 def _write_csv(path: Path, study: Study, rows: np.ndarray, labels: np.ndarray) -> None:
-    formats = ["{:.0f}" if f.type in ("count", "binary") else "{:.4f}" for f in study.features]
+    # 12 significant digits: the 4-decimal values print as before, a PDC of k/180 stays exact to 1e-12.
+    formats = ["{:.0f}" if f.type in ("count", "binary") else "{:.12g}" for f in study.features]
     with path.open("w", newline="", encoding="utf-8") as out:
         writer = csv.writer(out)
         writer.writerow([f.name for f in study.features] + [study.label.name])

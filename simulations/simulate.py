@@ -26,7 +26,8 @@ from fedcare.report import write_report
 from fedcare.runtime import APP_DIR
 from fedcare.study import Study, StudyConfigError, load_study
 from privacy.ledger import PrivacyLedger, rounds_of
-from server.progress import latest_checkpoint, load_checkpoint, read_round_log
+from server.progress import latest_checkpoint, load_checkpoint, read_round_log, scaled_study
+from server.report import scaling_report
 from simulations.cohorts import write_cohorts
 from simulations.engine import run_flower_simulation
 
@@ -94,14 +95,15 @@ def evaluate_study(study: Study, out: Path, checkpoint: Path, rounds: list[dict]
     """The evaluator's view: final metrics, per-site ε and AUC, baseline, export."""
     model = build_model(study)
     set_weights(model, load_checkpoint(checkpoint, study.hash))
+    scaled = scaled_study(study, out / "coordinator")  # the scaling the sites trained with
     site_dirs = [out / "sites" / s["name"] for s in cohorts["sites"]]
     sites, test_x, test_y, train_x, train_y = [], [], [], [], []
     for site_dir in site_dirs:
         data = load_site(study, site_dir)
-        x_test = model_inputs(study, data.test.features)
+        x_test = model_inputs(scaled, data.test.features)
         test_x.append(x_test)
         test_y.append(data.test.labels)
-        train_x.append(model_inputs(study, data.train.features))
+        train_x.append(model_inputs(scaled, data.train.features))
         train_y.append(data.train.labels)
         spent = rounds_of(PrivacyLedger(site_dir / ".fedcare").entries(), study.hash)
         if not spent:
@@ -126,9 +128,9 @@ def evaluate_study(study: Study, out: Path, checkpoint: Path, rounds: list[dict]
     train_plain(study, baseline, np.concatenate(train_x), np.concatenate(train_y), baseline_epochs)
 
     export_dir = out / "export"
-    fp32 = export_fp32(model, study, export_dir / "model.onnx")
+    fp32 = export_fp32(model, scaled, export_dir / "model.onnx")
     calibration = _calibration_sample(np.concatenate(train_x), study.model.seed)
-    int8 = quantize_int8(fp32, calibration, export_dir / "model.int8.onnx", study)
+    int8 = quantize_int8(fp32, calibration, export_dir / "model.int8.onnx", scaled)
     auc_fp32 = roc_auc(y_all, run_onnx(fp32, x_all))
     auc_int8 = roc_auc(y_all, run_onnx(int8, x_all))
     return {
@@ -159,6 +161,7 @@ def evaluate_study(study: Study, out: Path, checkpoint: Path, rounds: list[dict]
             "bytes_int8": int8.stat().st_size,
             "calibration": f"{len(calibration)} rows sampled from the sites' training splits (simulation only)",
         },
+        "scaling": scaling_report(study, out / "coordinator"),
         "privacy": {
             "target_epsilon": study.privacy.epsilon,
             "delta": study.privacy.delta,

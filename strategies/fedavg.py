@@ -8,9 +8,13 @@ every result. `DeltaFedAvg` reads it and applies
     global <- global + server_learning_rate * (example-weighted mean delta)
 
 It refuses results that are not the SecAgg+ aggregate (distinct per-site parameter
-objects), so no code path can average plaintext updates. There is no plaintext evaluation
-phase: after the last training round, one evaluation-only SecAgg+ round (no training, no ε)
-reports the final model.
+objects), so no code path can average plaintext updates.
+
+A study's SecAgg+ rounds, in order (every phase is a SecAgg+ round; nothing else exists):
+  statistics  only with `standardization = "federated"`: sites send per-feature count, Σz, Σz²;
+              the pooled mean and std become every site's scaling (no training, no ε)
+  train 1..R  DP-SGD rounds; each also carries the evaluation of the model it started from
+  evaluate    after round R: evaluation only (no training, no ε) of the final model
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
-from fedcare.contribution import ContributionFormat, Evaluation
+from fedcare.contribution import ContributionFormat, Evaluation, Standardization, scaling_bytes
 
 
 class PlaintextUpdateError(RuntimeError):
@@ -41,6 +45,7 @@ class PlaintextUpdateError(RuntimeError):
 
 RoundCallback = Callable[[int, NDArrays], None]
 EvaluationCallback = Callable[[int, Evaluation], None]
+StandardizationCallback = Callable[[Standardization], None]
 
 
 class DeltaFedAvg(FedAvg):
@@ -55,16 +60,20 @@ class DeltaFedAvg(FedAvg):
     min_sites : int
         Minimum number of sites sampled in a round.
     training_rounds : int
-        Rounds of training; round `training_rounds + 1` is the evaluation-only round.
+        Rounds of training (the phases above give the server round of each).
+    federated_standardization : bool
+        Open with a statistics round whose pooled mean and std scale every site's features.
     contribution : ContributionFormat
         How the sites' masked vectors are laid out (from the study's SecAgg+ parameters).
     fit_config : dict
-        Sent to every site with each round (the study hash); the round number and
-        `evaluate_only` are added.
+        Sent to every site with each round (the study hash); `phase`, `round` (training
+        round) and, once known, `scaling` are added.
     on_aggregated : callable(round, weights), optional
         Called with each new global model (checkpointing).
     on_evaluated : callable(model_round, evaluation), optional
         Called with the federated evaluation of the model after `model_round` (0 = initial).
+    on_standardized : callable(standardization), optional
+        Called with the pooled statistics and the scaling they give.
     """
 
     def __init__(
@@ -76,8 +85,10 @@ class DeltaFedAvg(FedAvg):
         training_rounds: int,
         contribution: ContributionFormat,
         fit_config: dict[str, Scalar],
+        federated_standardization: bool = False,
         on_aggregated: RoundCallback | None = None,
         on_evaluated: EvaluationCallback | None = None,
+        on_standardized: StandardizationCallback | None = None,
     ) -> None:
         super().__init__(
             fraction_fit=1.0,
@@ -85,15 +96,38 @@ class DeltaFedAvg(FedAvg):
             min_fit_clients=min_sites,
             min_available_clients=min_sites,
             initial_parameters=ndarrays_to_parameters(initial_weights),
-            on_fit_config_fn=lambda rnd: {**fit_config, "round": rnd, "evaluate_only": rnd > training_rounds},
+            on_fit_config_fn=self.round_config,
             accept_failures=True,
         )
+        self.fit_config = fit_config
+        self.offset = 1 if federated_standardization else 0
+        self.scaling: bytes | None = None
         self.global_weights: NDArrays = [np.asarray(w, dtype=np.float32) for w in initial_weights]
         self.server_learning_rate = server_learning_rate
         self.training_rounds = training_rounds
         self.contribution = contribution
         self.on_aggregated = on_aggregated
         self.on_evaluated = on_evaluated
+        self.on_standardized = on_standardized
+
+    @property
+    def total_rounds(self) -> int:
+        return self.offset + self.training_rounds + 1
+
+    def phase(self, server_round: int) -> tuple[str, int]:
+        """(phase, training round) of a server round."""
+        if server_round <= self.offset:
+            return "statistics", 0
+        if server_round <= self.offset + self.training_rounds:
+            return "train", server_round - self.offset
+        return "evaluate", self.training_rounds
+
+    def round_config(self, server_round: int) -> dict[str, Scalar]:
+        phase, training_round = self.phase(server_round)
+        if phase != "statistics" and self.offset and self.scaling is None:
+            raise RuntimeError("federated standardization has no result (its SecAgg+ round failed): the study stops")
+        extra: dict[str, Scalar] = {"scaling": self.scaling} if self.scaling is not None else {}
+        return {**self.fit_config, "phase": phase, "round": training_round, **extra}
 
     def __repr__(self) -> str:
         return f"DeltaFedAvg(server_learning_rate={self.server_learning_rate})"
@@ -106,7 +140,7 @@ class DeltaFedAvg(FedAvg):
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
-        if server_round > self.training_rounds + 1:
+        if server_round > self.total_rounds:
             return []
         return super().configure_fit(server_round, parameters, client_manager)
 
@@ -124,17 +158,25 @@ class DeltaFedAvg(FedAvg):
                 "DeltaFedAvg received individual site updates; fedcare aggregates only SecAgg+ sums"
             )
         vector = parameters_to_ndarrays(aggregate)
-        if len(vector) != len(self.global_weights) + 2:
-            raise ValueError(f"aggregate has {len(vector)} arrays; the study expects {len(self.global_weights) + 2}")
+        if len(vector) != len(self.global_weights) + 3:
+            raise ValueError(f"aggregate has {len(vector)} arrays; the study expects {len(self.global_weights) + 3}")
         read = self.contribution.decode(vector, sites=len(results))
+        phase, training_round = self.phase(server_round)
+        if phase == "statistics":
+            if read.standardization is None:
+                return None, {}
+            self.scaling = scaling_bytes(read.standardization.center, read.standardization.scale)
+            if self.on_standardized:
+                self.on_standardized(read.standardization)
+            return None, {}
         if self.on_evaluated:
-            self.on_evaluated(server_round - 1, read.evaluation)
-        if read.mean_delta is None or server_round > self.training_rounds:
+            self.on_evaluated(training_round - 1 if phase == "train" else training_round, read.evaluation)
+        if phase != "train" or read.mean_delta is None:
             return None, {}
         self.global_weights = [
             (w + self.server_learning_rate * d.astype(np.float64)).astype(np.float32)
             for w, d in zip(self.global_weights, read.mean_delta)
         ]
         if self.on_aggregated:
-            self.on_aggregated(server_round, self.global_weights)
+            self.on_aggregated(training_round, self.global_weights)
         return ndarrays_to_parameters(self.global_weights), {}

@@ -7,6 +7,8 @@ import pytest
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
 
 from client.hospital import HospitalClient, SitePaths, SiteRefusal, check_within_clipping_range
+from fedcare.contribution import scaling_bytes
+from fedcare.features import scaling
 from fedcare.model import build_model, get_weights
 from fedcare.study import load_study
 from privacy.ledger import PrivacyLedger
@@ -18,6 +20,11 @@ def client(study, cohorts_dir, tmp_path):
     path.write_text(study.with_overrides(rounds=1).to_toml())
     paths = SitePaths(study=path, data=cohorts_dir / "hospital-01", state_dir=tmp_path / "state", policy=None)
     return HospitalClient(paths, run_id=9)
+
+
+def _config(client, phase="train", round=1):
+    """A round's config as the coordinator sends it (here with the spec's scaling as the federated one)."""
+    return {"study_hash": client.study.hash, "phase": phase, "round": round, "scaling": scaling_bytes(*scaling(client.study))}
 
 
 def test_never_returns_parameters_outside_secure_aggregation(client):
@@ -33,7 +40,7 @@ def test_refuses_another_study(client):
 
 def test_fit_records_spend_then_returns_one_masked_vector_and_refuses_beyond_plan(client):
     weights = get_weights(build_model(client.study))
-    config = {"study_hash": client.study.hash, "round": 1}
+    config = _config(client)
     vector, n, metrics = client.fit(weights, config)
     # Plaintext fields hold the same constant at every site; everything else is in the vector SecAgg+ masks.
     assert metrics == {} and n == int(client.study.secure_aggregation.max_weight)
@@ -52,10 +59,29 @@ def test_fit_records_spend_then_returns_one_masked_vector_and_refuses_beyond_pla
 
 def test_evaluation_only_round_trains_nothing_and_spends_nothing(client):
     weights = get_weights(build_model(client.study))
-    vector, _, _ = client.fit(weights, {"study_hash": client.study.hash, "round": 2, "evaluate_only": True})
+    vector, _, _ = client.fit(weights, _config(client, "evaluate", 1))
     read = client.format.decode(vector, sites=1)
     assert read.mean_delta is None and read.train_rows == 0
     assert read.evaluation.test_rows == len(client.data.test.labels) and 0 < read.evaluation.auc < 1
+    assert PrivacyLedger(client.paths.state_dir).entries() == []
+
+
+def test_statistics_round_sends_only_sums_and_spends_nothing(client):
+    weights = get_weights(build_model(client.study))
+    vector, n, metrics = client.fit(weights, {"study_hash": client.study.hash, "phase": "statistics", "round": 0})
+    read = client.format.decode(vector, sites=1)
+    raw = client.data.train.features
+    assert read.mean_delta is None and read.evaluation.test_rows == 0
+    np.testing.assert_array_equal(read.standardization.counts, (~np.isnan(raw)).sum(axis=0))
+    assert PrivacyLedger(client.paths.state_dir).entries() == []
+
+
+def test_training_without_the_federated_scaling_is_refused(client):
+    weights = get_weights(build_model(client.study))
+    with pytest.raises(SiteRefusal, match="federated standardization but the round carries no scaling"):
+        client.fit(weights, {"study_hash": client.study.hash, "phase": "train", "round": 1})
+    with pytest.raises(SiteRefusal, match="the round's scaling is unusable"):
+        client.fit(weights, {**_config(client), "scaling": b"\x00" * 16})
     assert PrivacyLedger(client.paths.state_dir).entries() == []
 
 
@@ -91,5 +117,5 @@ def test_site_larger_than_max_weight_is_refused(study, cohorts_dir, tmp_path):
     client = HospitalClient(SitePaths(study=path, data=cohorts_dir / "hospital-01", state_dir=tmp_path, policy=None), run_id=1)
     weights = get_weights(build_model(load_study(path)))
     with pytest.raises(SiteRefusal, match="more than secure_aggregation.max_weight"):
-        client.fit(weights, {"study_hash": client.study.hash})
+        client.fit(weights, _config(client))
     assert PrivacyLedger(tmp_path).entries() == []

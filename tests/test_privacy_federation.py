@@ -92,7 +92,8 @@ def test_recorded_study_reveals_no_update_or_size_and_a_spent_site_stops(study, 
         data = load_site(study, site)
         sizes |= {float(len(data.train.labels)), float(len(data.test.labels))}
     masked_replies = [r for r in received if r["masked_values"]]
-    assert len(masked_replies) == 3 + 2 + 2 + 3  # rounds 1-3 (one site refused twice) + the evaluation round
+    # statistics round, training rounds 1-3 (one site refused twice), the evaluation round
+    assert len(masked_replies) == 3 + 3 + 2 + 2 + 3
     for reply in received:
         assert reply["arrays"] == 0, "no reply carries a parameter array"
         assert reply["metrics_keys"] == [], "no plaintext metrics"

@@ -13,21 +13,26 @@ from flwr.common.secure_aggregation.ndarrays_arithmetic import (
 )
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
 
-from fedcare.contribution import ContributionFormat
+from fedcare.contribution import ContributionFormat, scaling_from_bytes
+from fedcare.study import load_study
 from fedcare.metrics import auc_from_histogram, score_histogram
 from strategies.fedavg import DeltaFedAvg, PlaintextUpdateError
 
-FORMAT = ContributionFormat(max_weight=20000.0, clipping_range=8.0)
+from .conftest import DEFAULT_STUDY
+
+FORMAT = ContributionFormat.for_study(load_study(DEFAULT_STUDY))
 TARGET, MODULUS = 1 << 22, 1 << 32
-SHAPES = [(19, 32), (32,), (1, 32), (1,)]
+SHAPES = [(30, 32), (32,), (1, 32), (1,)]
 
 
 def _res(parameters):
     return FitRes(status=Status(Code.OK, ""), parameters=parameters, num_examples=FORMAT.plaintext_weight, metrics={})
 
 
-def _strategy(lr=1.0, seen=None, evaluated=None, weights=None):
+def _strategy(lr=1.0, seen=None, evaluated=None, weights=None, federated=False, standardized=None):
     return DeltaFedAvg(
+        federated_standardization=federated,
+        on_standardized=(lambda result: standardized.append(result)) if standardized is not None else None,
         initial_weights=weights or [np.zeros(s, np.float32) for s in SHAPES],
         server_learning_rate=lr,
         min_sites=3,
@@ -106,15 +111,55 @@ def test_evaluation_only_round_changes_nothing_and_reports_the_final_model():
     assert evaluated[0][0] == 2 and evaluated[0][1].test_rows == 1500
 
 
+def test_federated_standardization_from_secure_sums_equals_pooled_statistics(study, cohorts_dir):
+    from client.data import load_site
+
+    tables = [load_site(study, cohorts_dir / f"hospital-0{i}").train.features for i in (1, 2, 3)]
+    zeros = [np.zeros(s) for s in SHAPES]
+    vectors = [FORMAT.encode(zeros, 0, np.zeros((2, FORMAT.bins)), 0.0, FORMAT.statistics(t)) for t in tables]
+    standardized = []
+    strategy = _strategy(federated=True, standardized=standardized)
+    assert strategy.phase(1) == ("statistics", 0) and strategy.phase(2) == ("train", 1) and strategy.phase(4) == ("evaluate", 2)
+    aggregate = ndarrays_to_parameters(_secaggplus_mean(vectors, FORMAT.plaintext_weight))
+    params, _ = strategy.aggregate_fit(1, [(None, _res(aggregate))] * 3, [])
+    assert params is None
+    [result] = standardized
+    pooled = np.concatenate(tables)
+    lows, highs = np.array(FORMAT.lows), np.array(FORMAT.highs)
+    clipped = np.where(np.isnan(pooled), np.nan, np.clip(pooled, lows, highs))
+    np.testing.assert_array_equal(result.counts, (~np.isnan(pooled)).sum(axis=0))
+    # Within SecAgg+'s quantization: one step (2·clipping_range / 2^22) per site on each scaled sum.
+    step = 2 * FORMAT.clipping_range / TARGET * FORMAT.eval_scale * len(tables)
+    bound = np.maximum(np.abs(lows - FORMAT.centers), np.abs(highs - FORMAT.centers)) / FORMAT.scales
+    n = result.counts
+    mean_error = step * bound / n * np.array(FORMAT.scales)
+    assert np.all(np.abs(result.center - np.nanmean(clipped, axis=0)) <= mean_error)
+    std = np.nanstd(clipped, axis=0)
+    var_error = step * bound**2 / n * np.array(FORMAT.scales) ** 2 + 2 * np.abs(np.nanmean(clipped, axis=0) - FORMAT.centers) * mean_error
+    assert np.all(np.abs(result.scale**2 - std**2) <= var_error + 1e-12)
+    assert np.all(mean_error < 0.01 * std)  # and that error is small next to the spread
+    # every later round sends that scaling to the sites
+    config = strategy.round_config(2)
+    center, scale = scaling_from_bytes(config["scaling"], len(FORMAT.centers))
+    np.testing.assert_allclose(center, result.center) and np.testing.assert_allclose(scale, result.scale)
+    assert config["phase"] == "train" and config["round"] == 1
+
+
+def test_training_never_starts_without_the_federated_scaling():
+    strategy = _strategy(federated=True)
+    with pytest.raises(RuntimeError, match="federated standardization has no result"):
+        strategy.round_config(2)
+
+
 def test_refuses_individual_plaintext_updates():
     strategy = _strategy()
-    updates = [ndarrays_to_parameters([np.zeros(s, np.float32) for s in SHAPES] + [np.zeros(1), np.zeros(2001)]) for _ in range(3)]
+    updates = [ndarrays_to_parameters(FORMAT.encode([np.zeros(s) for s in SHAPES], 10, np.zeros((2, 1000)), 0.0)) for _ in range(3)]
     with pytest.raises(PlaintextUpdateError, match="fedcare aggregates only SecAgg\\+ sums"):
         strategy.aggregate_fit(1, [(None, _res(p)) for p in updates], [])
 
 
 def test_round_config_and_no_plaintext_evaluation():
     strategy = _strategy()
-    assert strategy.on_fit_config_fn(2) == {"study_hash": "h", "round": 2, "evaluate_only": False}
-    assert strategy.on_fit_config_fn(3) == {"study_hash": "h", "round": 3, "evaluate_only": True}
+    assert strategy.on_fit_config_fn(2) == {"study_hash": "h", "phase": "train", "round": 2}
+    assert strategy.on_fit_config_fn(3) == {"study_hash": "h", "phase": "evaluate", "round": 2}
     assert strategy.configure_evaluate(1, None, None) == []

@@ -1,0 +1,333 @@
+"""The study's `[mapping]`: how each feature and the label derive from FHIR R4 (docs/FHIR.md).
+
+`parse_mapping(table, feature_names, path)` validates the `[mapping]` table of a study file
+into a frozen `Mapping`. Every mistake raises `fedcare.study.StudyConfigError` with one line
+naming the file and the field, e.g.
+
+    s.toml: mapping.features.phq9_latest.aggregate: expected one of latest, mean, count, any, slope_per_30d, pdc, got 'median'
+
+The unit conversions the FHIR reader applies live here too (`CONVERSIONS`), so a mapping
+naming a unit nobody can convert to fails at load, not at the first site.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from fedcare import study as _study  # module import: fedcare.study imports this module lazily too
+
+SOURCES = (
+    "patient_age",
+    "patient_female",
+    "patient_extension",
+    "observation",
+    "bmi",
+    "condition",
+    "encounter",
+    "medication",
+)
+AGGREGATES = ("latest", "mean", "count", "any", "slope_per_30d", "pdc")
+# Aggregates each record-based source can compute (patient_* and bmi take none).
+ALLOWED_AGGREGATES: dict[str, tuple[str, ...]] = {
+    "observation": ("latest", "mean", "count", "any", "slope_per_30d"),
+    "condition": ("count", "any"),
+    "encounter": ("count", "any"),
+    "medication": ("pdc", "any"),
+}
+# (required keys, optional keys) besides `source`, per source, for a feature rule.
+FEATURE_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "patient_age": ((), ("unit",)),
+    "patient_female": ((), ()),
+    "patient_extension": (("url",), ()),
+    "observation": (("codes", "window_days", "aggregate", "unit"), ()),
+    "bmi": (("weight_codes", "height_codes", "window_days"), ("unit",)),
+    "condition": (("codes", "window_days", "aggregate"), ()),
+    "encounter": (("classes", "window_days", "aggregate"), ("reason_codes",)),
+    "medication": (("codes", "window_days", "aggregate"), ()),
+}
+# The same for one `[mapping.label] any_of` entry: always aggregate "any", a window after the index.
+LABEL_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "observation": (("codes", "window_days_after"), ("aggregate",)),
+    "condition": (("codes", "window_days_after"), ("aggregate",)),
+    "encounter": (("classes", "window_days_after"), ("aggregate", "reason_codes")),
+    "medication": (("codes", "window_days_after"), ("aggregate",)),
+}
+AGE_UNITS = ("years", "a")
+BMI_UNITS = ("kg/m2",)
+ICD10_SYSTEMS = frozenset({"http://hl7.org/fhir/sid/icd-10-cm", "http://hl7.org/fhir/sid/icd-10"})
+
+
+def _scale(factor: float) -> Callable[[float], float]:
+    return lambda x: x * factor
+
+
+# Target unit -> {source UCUM code -> conversion}. Identity entries included (docs/FHIR.md "Units").
+CONVERSIONS: dict[str, dict[str, Callable[[float], float]]] = {
+    "kg": {"kg": _scale(1.0), "g": _scale(1 / 1000), "[lb_av]": _scale(0.45359237)},
+    "cm": {"cm": _scale(1.0), "m": _scale(100.0), "[in_i]": _scale(2.54)},
+    "m": {"m": _scale(1.0), "cm": _scale(1 / 100), "[in_i]": _scale(0.0254)},
+    "h": {"h": _scale(1.0), "min": _scale(1 / 60), "s": _scale(1 / 3600)},
+    "/min": {"/min": _scale(1.0), "{beats}/min": _scale(1.0)},
+    "ms": {"ms": _scale(1.0), "s": _scale(1000.0)},
+    "{score}": {"{score}": _scale(1.0), "1": _scale(1.0), "{#}": _scale(1.0)},
+    "/d": {"/d": _scale(1.0), "{steps}/d": _scale(1.0)},
+    "Cel": {"Cel": _scale(1.0), "[degF]": lambda x: (x - 32) * 5 / 9},
+}
+
+
+class Code(NamedTuple):
+    """One `"<system>|<code>"` of a rule; `is_prefix` when it was written with a trailing `*`."""
+
+    system: str
+    code: str
+    is_prefix: bool
+
+
+@dataclass(frozen=True)
+class FeatureRule:
+    """How one feature (or one label condition) derives from the FHIR resources.
+
+    Only the fields its `source` uses are set. A feature rule looks back `window_days`
+    from the index date; a label rule (`[mapping.label] any_of`) looks forward
+    `window_days_after` days and always has aggregate "any".
+    """
+
+    source: str
+    codes: tuple[Code, ...] = ()
+    window_days: int | None = None
+    aggregate: str | None = None
+    unit: str | None = None
+    url: str | None = None
+    classes: tuple[str, ...] = ()
+    reason_codes: tuple[Code, ...] = ()
+    weight_codes: tuple[Code, ...] = ()
+    height_codes: tuple[Code, ...] = ()
+    window_days_after: int | None = None
+
+
+@dataclass(frozen=True)
+class LabelRule:
+    """The label is 1 when any rule of `any_of` matches in its window after the index date.
+
+    `window_days_after` is the label's horizon: the longest window of its rules.
+    """
+
+    any_of: tuple[FeatureRule, ...]
+    window_days_after: int
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """The whole `[mapping]`: index date, one rule per study feature (study order), the label."""
+
+    index_date: datetime.date
+    features: dict[str, FeatureRule]
+    label: LabelRule
+
+
+def load_mapping(study_path: str | Path) -> Mapping:
+    """Read a study file and return its validated `[mapping]` (the study itself is validated too)."""
+    from fedcare.files import read_toml
+
+    path = Path(study_path)
+    raw = read_toml(path, _study.StudyConfigError, "study file not found")
+    parsed = _study.parse_study(raw, source=str(path))
+    if "mapping" not in raw:
+        raise _study.StudyConfigError(f"{path}: [mapping]: missing section")
+    return parse_mapping(raw["mapping"], [f.name for f in parsed.features], str(path))
+
+
+def parse_mapping(raw: dict[str, Any], feature_names: list[str], path: str) -> Mapping:
+    """Validate the `[mapping]` table (a whole study document holding one is accepted too).
+
+    `feature_names` are the study's features, in order: each needs exactly one rule.
+    """
+    if isinstance(raw, dict) and isinstance(raw.get("mapping"), dict) and "index_date" not in raw:
+        raw = raw["mapping"]
+    p = _Parser(path)
+    if not isinstance(raw, dict):
+        raise p.fail("mapping", "expected a [mapping] table")
+    p.no_unknown_keys(raw, "mapping", ("index_date", "features", "label"))
+    index_date = p.iso_date(raw, "mapping.index_date")
+    features_raw = p.table(raw, "mapping.features")
+    for name in features_raw:
+        if name not in feature_names:
+            raise p.fail(f"mapping.features.{name}", f"no study feature is named '{name}'")
+    features = {}
+    for name in feature_names:
+        if name not in features_raw:
+            raise p.fail(f"mapping.features.{name}", f"missing rule for study feature '{name}'")
+        features[name] = _feature_rule(p, features_raw[name], f"mapping.features.{name}")
+    label = _label_rule(p, p.table(raw, "mapping.label"))
+    return Mapping(index_date=index_date, features=features, label=label)
+
+
+def _feature_rule(p: _Parser, raw: Any, at: str) -> FeatureRule:
+    if not isinstance(raw, dict):
+        raise p.fail(at, "expected a table")
+    source = p.choice(raw, f"{at}.source", SOURCES)
+    required, optional = FEATURE_KEYS[source]
+    p.no_unknown_keys(raw, at, ("source", *required, *optional), source)
+    values = _rule_values(p, raw, at, source, required, optional)
+    if source == "patient_age" and values.get("unit", "years") not in AGE_UNITS:
+        raise p.fail(f"{at}.unit", f"expected one of {', '.join(AGE_UNITS)}, got {values['unit']!r}")
+    if source == "bmi" and values.get("unit", "kg/m2") not in BMI_UNITS:
+        raise p.fail(f"{at}.unit", f"expected one of {', '.join(BMI_UNITS)}, got {values['unit']!r}")
+    return FeatureRule(source=source, **values)
+
+
+def _label_rule(p: _Parser, raw: dict[str, Any]) -> LabelRule:
+    at = "mapping.label"
+    p.no_unknown_keys(raw, at, ("any_of", "window_days_after"))
+    default_after = p.positive_int(raw, f"{at}.window_days_after") if "window_days_after" in raw else None
+    entries = raw.get("any_of")
+    if entries is None:
+        raise p.fail(f"{at}.any_of", "missing field")
+    if not isinstance(entries, list) or not entries:
+        raise p.fail(f"{at}.any_of", "expected a non-empty array of tables")
+    rules = []
+    for i, entry in enumerate(entries):
+        where = f"{at}.any_of[{i}]"
+        if not isinstance(entry, dict):
+            raise p.fail(where, "expected a table")
+        if default_after is not None and "window_days_after" not in entry:
+            entry = {**entry, "window_days_after": default_after}
+        source = p.choice(entry, f"{where}.source", tuple(LABEL_KEYS))
+        required, optional = LABEL_KEYS[source]
+        p.no_unknown_keys(entry, where, ("source", *required, *optional), source)
+        values = _rule_values(p, entry, where, source, required, optional)
+        if values.setdefault("aggregate", "any") != "any":
+            raise p.fail(f"{where}.aggregate", f"a label rule's aggregate is 'any', got {values['aggregate']!r}")
+        rules.append(FeatureRule(source=source, **values))
+    horizon = max(rule.window_days_after or 0 for rule in rules)
+    return LabelRule(any_of=tuple(rules), window_days_after=horizon)
+
+
+def _rule_values(
+    p: _Parser, raw: dict[str, Any], at: str, source: str, required: tuple[str, ...], optional: tuple[str, ...]
+) -> dict[str, Any]:
+    """The typed values of one rule's keys, in a fixed order so the first mistake is reported."""
+    values: dict[str, Any] = {}
+    for key in (*required, *optional):
+        if key not in raw:
+            if key in required:
+                raise p.fail(f"{at}.{key}", "missing field")
+            continue
+        field = f"{at}.{key}"
+        if key in ("codes", "reason_codes", "weight_codes", "height_codes"):
+            values[key] = p.codes(raw, field)
+        elif key in ("window_days", "window_days_after"):
+            values[key] = p.positive_int(raw, field)
+        elif key == "aggregate":
+            values[key] = p.choice(raw, field, AGGREGATES)
+            allowed = ALLOWED_AGGREGATES[source]
+            if values[key] not in allowed:
+                raise p.fail(field, f"'{values[key]}' is not allowed for source '{source}' (allowed: {', '.join(allowed)})")
+        elif key == "unit":
+            values[key] = p.string(raw, field)
+            if source == "observation" and values[key] not in CONVERSIONS:
+                raise p.fail(field, f"no known conversion to '{values[key]}' (known units: {', '.join(CONVERSIONS)})")
+        elif key == "classes":
+            values[key] = tuple(p.string_list(raw, field))
+        elif key == "url":
+            values[key] = p.string(raw, field)
+    return values
+
+
+_CODE = re.compile(r"(?P<system>[^|\s*]+)\|(?P<code>[^|\s*]+)(?P<star>\*?)")
+_ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def parse_code(text: str) -> Code | None:
+    """`"<system>|<code>"` or `"<system>|<prefix>*"` as a `Code`, or None when malformed."""
+    match = _CODE.fullmatch(text)
+    if match is None:
+        return None
+    return Code(match["system"], match["code"], bool(match["star"]))
+
+
+def normalize_code(system: str, code: str) -> str:
+    """How codes compare: ICD-10 codes without dots and in upper case (`F32.1` = `F321` = `f32.1`)."""
+    if system in ICD10_SYSTEMS:
+        return code.replace(".", "").upper()
+    return code
+
+
+class _Parser:
+    """Typed access to the mapping's fields; every failure names the file and the field."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def fail(self, field: str, why: str) -> _study.StudyConfigError:
+        return _study.StudyConfigError(f"{self.path}: {field}: {why}")
+
+    def no_unknown_keys(self, raw: dict[str, Any], at: str, known: tuple[str, ...], source: str | None = None) -> None:
+        for key in raw:
+            if key not in known:
+                why = f"unknown key for source '{source}'" if source else "unknown key"
+                raise self.fail(f"{at}.{key}", f"{why} (expected: {', '.join(known)})")
+
+    def table(self, raw: dict[str, Any], field: str) -> dict[str, Any]:
+        value = raw.get(field.rsplit(".", 1)[-1])
+        if value is None:
+            raise self.fail(field, "missing table")
+        if not isinstance(value, dict):
+            raise self.fail(field, "expected a table")
+        return value
+
+    def string(self, raw: dict[str, Any], field: str) -> str:
+        value = raw.get(field.rsplit(".", 1)[-1])
+        if value is None:
+            raise self.fail(field, "missing field")
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(field, f"expected a non-empty string, got {value!r}")
+        return value
+
+    def choice(self, raw: dict[str, Any], field: str, options: tuple[str, ...]) -> str:
+        value = self.string(raw, field)
+        if value not in options:
+            raise self.fail(field, f"expected one of {', '.join(options)}, got {value!r}")
+        return value
+
+    def positive_int(self, raw: dict[str, Any], field: str) -> int:
+        value = raw.get(field.rsplit(".", 1)[-1])
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise self.fail(field, f"expected a whole number of days >= 1, got {value!r}")
+        return value
+
+    def string_list(self, raw: dict[str, Any], field: str) -> list[str]:
+        value = raw.get(field.rsplit(".", 1)[-1])
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.strip() for v in value):
+            raise self.fail(field, f"expected a non-empty list of strings, got {value!r}")
+        return value
+
+    def codes(self, raw: dict[str, Any], field: str) -> tuple[Code, ...]:
+        value = raw.get(field.rsplit(".", 1)[-1])
+        if not isinstance(value, list) or not value:
+            raise self.fail(field, f"expected a non-empty list of \"<system>|<code>\" strings, got {value!r}")
+        codes = []
+        for i, text in enumerate(value):
+            code = parse_code(text) if isinstance(text, str) else None
+            if code is None:
+                raise self.fail(
+                    f"{field}[{i}]", f"expected \"<system>|<code>\" (a trailing * for a prefix), got {text!r}"
+                )
+            codes.append(code)
+        return tuple(codes)
+
+    def iso_date(self, raw: dict[str, Any], field: str) -> datetime.date:
+        value = raw.get(field.rsplit(".", 1)[-1])
+        if value is None:
+            raise self.fail(field, "missing field")
+        if isinstance(value, str) and _ISO_DATE.fullmatch(value):
+            try:
+                return datetime.date.fromisoformat(value)
+            except ValueError:
+                pass
+        raise self.fail(field, f"expected an ISO date string \"YYYY-MM-DD\", got {value!r}")
