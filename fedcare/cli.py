@@ -22,6 +22,7 @@ def _simulate(args: argparse.Namespace) -> int:
             out=args.out,
             size_scale=args.size_scale,
             verbose=args.verbose,
+            data_format=args.format,
         )
     )
     out = Path(args.out).resolve()
@@ -195,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--seed", type=int, default=42, help="seed of the synthetic cohorts (default 42)")
     sim.add_argument("--out", type=Path, default=Path("runs/latest"), help="output directory (must be new)")
     sim.add_argument("--size-scale", type=float, default=1.0, help="multiply every hospital's size (default 1.0)")
+    sim.add_argument("--format", choices=("csv", "parquet", "fhir"), default="csv",
+                     help="how the synthetic hospitals export their data (fhir: R4 bulk NDJSON through the study's [mapping])")
     sim.add_argument("--verbose", action="store_true", help="show Flower's own logs")
     sim.set_defaults(func=_simulate)
 

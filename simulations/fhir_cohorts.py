@@ -119,6 +119,7 @@ DISPLAYS = {
     (ICD10, "Z00.00"): "Encounter for general adult medical examination without abnormal findings",
     (ICD10, "R45.851"): "Suicidal ideations",
 }
+CHAPTER_CHOICES = ("F32.2", "F33.2", "F41.0", "F43.0", "F20.9", "F31.9", "F10.20")
 # Concrete codes offered for a prefix pattern (`F41*`): realistic completions.
 ICD10_CODES = sorted(code for system, code in DISPLAYS if system == ICD10)
 ACT_DISPLAYS = {"IMP": "inpatient encounter", "EMER": "emergency", "AMB": "ambulatory", "VR": "virtual", "HH": "home health"}
@@ -213,6 +214,8 @@ def _concrete_codes(patterns: list[tuple[str, str]]) -> list[tuple[str, str]]:
             out.append((system, code))
             continue
         known = [(s, c) for s, c in DISPLAYS if s == system and c.startswith(code[:-1])]
+        if system == ICD10 and len(code) <= 2:  # a whole chapter ("F*"): the codes a crisis is coded with
+            known = [pair for pair in known if pair[1] in CHAPTER_CHOICES] or known
         if system == ATC:
             known = [(ATC, atc) for _, _, atc, _ in DRUGS if atc.startswith(code[:-1])]
         out.extend(known or [(system, code[:-1].rstrip("."))])
@@ -374,7 +377,7 @@ def _encounter(p: _Patient, cls: str, days_before: int, reason: tuple[str, str] 
     enc: dict[str, Any] = {
         "resourceType": "Encounter",
         "id": p.next_id("enc"),
-        "status": "finished" if days_before > 0 else "finished",
+        "status": "finished",
         "class": _coding(ACT_CODE, cls),
         "subject": p.subject,
         "period": {"start": begin.isoformat() + offset, "end": end.isoformat() + offset},
@@ -436,128 +439,121 @@ def _score_like(rng: np.random.Generator, center: float, low: float, high: float
     return float(round(value)) if integer else round(value, 1)
 
 
-def _render_observation_group(p: _Patient, codes: list[tuple[str, str]], feats: dict[str, _Feature], row: np.ndarray, all_obs_patterns) -> None:
-    """All observation features sharing one code set: latest / count / slope_per_30d / mean / any."""
+def _render_observation_group(p: _Patient, codes: list[tuple[str, str]], feats: dict[str, _Feature], row: np.ndarray) -> None:
+    """All observation features sharing one code set: `mean` alone, `any` alone, or latest / count / slope_per_30d."""
     rng = p.rng
     concrete = _concrete_codes(codes)
     aggs = set(feats)
     unit = next(str(_get(f.rule, "unit") or "") for f in feats.values())
     category = CATEGORIES.get(unit)
-    any_int = all(f.integer for f in feats.values() if _get(f.rule, "aggregate") in ("latest", "mean"))
     windows = {agg: _window(f.rule) for agg, f in feats.items()}
     outer = max(windows.values())
+    clinic = (int(rng.integers(9, 17)), int(rng.choice([0, 15, 30, 45])), str(rng.choice(["Z", "+01:00", "+02:00"])))
 
-    def emit(days_before: int, value: float, time: tuple | None = None, status: str = "final", time_key: str | None = None) -> None:
-        if time_key is None:
-            time_key = "effectiveDateTime"
-            if unit == "h" and rng.random() < 0.5:
-                time_key = "effectivePeriod"
-            elif aggs <= {"latest"} and rng.random() < 0.1:
-                time_key = "issued"
-        if time_key == "effectivePeriod":  # a night's sleep starts the evening before; stay on the local = UTC date
+    def emit(days_before: int, value: float, integer: bool, status: str = "final", time_key: str = "effectiveDateTime", same_clock: bool = False) -> None:
+        if time_key == "effectivePeriod":  # a night's sleep starts the evening before; local date = UTC date
             when = p.when(days_before, hour=int(rng.integers(21, 24)), offset=str(rng.choice(["Z", "+01:00", "+02:00"])))
-        elif time is not None:
-            when = p.when(days_before, *time)
         else:
-            when = p.when(days_before)
-        integer = any_int and float(value) == round(float(value))
-        _observation(p, _pick(rng, concrete), when, _quantity(rng, value, unit, integer), category, status, time_key)
+            when = p.when(days_before, *clinic) if same_clock else p.when(days_before)
+        whole = integer and float(value) == round(float(value))
+        _observation(p, _pick(rng, concrete), when, _quantity(rng, value, unit, whole), category, status, time_key)
 
     if aggs == {"mean"}:
         f = feats["mean"]
         w = windows["mean"]
-        value = row[f.column]
+        value = float(row[f.column])
         if not math.isnan(value):
             k = int(rng.integers(3, min(10, w - 1) + 1)) if w > 4 else 1
-            days = _distinct_days(rng, k, 1, w - 1)
-            for _ in range(20):
-                noise = rng.normal(0, 0.08 * max(abs(value), 1e-9), k)
-                vals = value + noise - noise.mean()
-                if k == 1 or (vals.min() >= max(f.low, 1e-9 if value > 0 else f.low) and vals.max() <= f.high):
+            vals = np.full(k, value)
+            sd = 0.08 * abs(value)
+            for _ in range(30):  # nightly / daily readings scattered around the mean, mean exactly the value
+                noise = rng.normal(0, sd, k) if k > 1 else np.zeros(1)
+                trial = value + (noise - noise.mean())
+                if trial.min() >= f.low and trial.max() <= f.high and (value <= 0 or trial.min() > 0):
+                    vals = trial
                     break
-                noise *= 0.5
-            else:
-                vals = np.full(k, value)
-            if k > 1:
-                vals = value + (vals - value) - (vals - value).mean()
-            for d, v in zip(days, vals):
-                emit(d, float(v))
+                sd /= 2
+            for d, v in zip(_distinct_days(rng, k, 1, w - 1), vals):
+                emit(d, float(v), f.integer, time_key="effectivePeriod" if unit == "h" and rng.random() < 0.5 else "effectiveDateTime")
+            if rng.random() < 0.05:  # a reading entered in error inside the window
+                p.distractors += 1
+                emit(int(rng.integers(1, w)), abs(value) * 2.0 + 1.0, f.integer, status="entered-in-error")
         if rng.random() < 0.3:  # an older reading just outside the window
-            ref = value if not math.isnan(value) else (f.low + f.high) / 4
-            emit(w + int(rng.integers(2, 40)), float(abs(ref) * rng.uniform(0.6, 1.4)) or 1.0)
-        if rng.random() < 0.05 and not math.isnan(value):  # a reading entered in error inside the window
-            emit(int(rng.integers(1, w)), float(abs(value) * rng.uniform(1.5, 2.5)) + 1, status="entered-in-error")
+            p.distractors += 1
+            ref = value if not math.isnan(value) else max(f.high / 8, 1.0)
+            emit(w + int(rng.integers(2, 40)), max(abs(ref) * float(rng.uniform(0.6, 1.4)), 0.5), f.integer)
         return
 
     if aggs == {"any"}:
         f = feats["any"]
-        w = windows["any"]
         if row[f.column] == 1:
-            emit(int(rng.integers(1, w)), float(rng.integers(1, 10)))
+            emit(int(rng.integers(1, windows["any"])), float(rng.integers(1, 10)), True)
         return
 
-    unsupported = aggs - {"latest", "count", "slope_per_30d"}
-    if unsupported:
+    if aggs - {"latest", "count", "slope_per_30d"}:
         raise NotImplementedError(f"observation aggregates {sorted(aggs)} on one code set")
     latest_f, count_f, slope_f = feats.get("latest"), feats.get("count"), feats.get("slope_per_30d")
-    w_latest = windows.get("latest", outer)
-    w_slope = windows.get("slope_per_30d", 0)
-    if count_f is not None and latest_f is not None and windows["count"] != w_latest:
+    if count_f is not None and latest_f is not None and windows["count"] != windows["latest"]:
         raise NotImplementedError("latest and count over different windows on one code set")
-    latest = row[latest_f.column] if latest_f else math.nan
-    slope = row[slope_f.column] if slope_f else math.nan
+    if slope_f is not None and windows["slope_per_30d"] > outer - 3 and len(aggs) > 1:
+        raise NotImplementedError("a slope window must be shorter than the latest / count window")
+    latest = float(row[latest_f.column]) if latest_f else math.nan
+    slope = float(row[slope_f.column]) if slope_f else math.nan
+    w_slope = windows.get("slope_per_30d", 0)
     low, high = (latest_f.low, latest_f.high) if latest_f else (0.0, 10.0)
     integer = latest_f.integer if latest_f else True
+    if latest_f is not None:  # scores are whole numbers unless the study says otherwise
+        integer = latest_f.integer or (math.isnan(latest) or latest == round(latest))
+    has_slope = slope_f is not None and not math.isnan(slope)
     if count_f is not None:
+        if math.isnan(row[count_f.column]):
+            raise NotRepresentable(f"{count_f.name} cannot be missing (a count is 0 without records)")
         n = int(row[count_f.column])
-    elif latest_f is None or math.isnan(latest):
-        n = 0 if latest_f is not None else int(rng.integers(0, 4))
+    elif latest_f is not None and math.isnan(latest):
+        n = 0
     else:
-        n = int(rng.integers(2 if slope_f and not math.isnan(slope) else 1, 5))
+        n = int(rng.integers(2 if has_slope else 1, 5))
     if latest_f is not None and math.isnan(latest) != (n == 0):
         raise NotRepresentable(f"{latest_f.name} is {'missing' if math.isnan(latest) else 'present'} with {n} records")
-    if slope_f is not None and not math.isnan(slope) and n < 2:
+    if has_slope and n < 2:
         raise NotRepresentable(f"{slope_f.name} needs >= 2 records, have {n}")
     if math.isnan(latest) and n > 0:
         latest = _score_like(rng, (low + high) / 3, low, high, integer)
-    clinic = (int(rng.integers(9, 17)), int(rng.choice([0, 15, 30, 45])), str(rng.choice(["Z", "+01:00", "+02:00"])))
     records: list[tuple[int, float]] = []  # (days before index, value), most recent first
-    if n > 0 and slope_f is not None and not math.isnan(slope):
-        m = min(n, 3 if rng.random() < 0.3 else 2)
+    if has_slope:
+        m = min(n, 3 if rng.random() < 0.3 else 2)  # assessments inside the slope window, on a straight line
         room = (latest - low) if slope > 0 else (high - latest)  # going back in time the score moves by -slope
         span_max = w_slope - 2 if slope == 0 else min(w_slope - 2, int(math.floor(30 * room / abs(slope))))
         span_max = max(span_max, m - 1)
         span = int(rng.integers(min(max(7, m - 1), span_max), span_max + 1))
         first = int(rng.integers(1, w_slope - span))
         offsets = [0, span] if m == 2 else [0, int(rng.integers(1, span)), span]
-        for off in offsets:
-            records.append((first + off, latest - slope * off / 30))
-        older = n - m
-        if older:
-            if outer - w_slope < 3:
-                raise NotRepresentable("no room for PHQ-9 records outside the slope window")
-            for d in sorted(int(x) for x in rng.integers(w_slope + 1, outer, size=older)):
-                records.append((d, _score_like(rng, latest, low, high, integer)))
+        records += [(first + off, latest - slope * off / 30) for off in offsets]
+        older = sorted(int(x) for x in rng.integers(w_slope + 1, outer, size=n - m))
     elif n > 0:
         if slope_f is not None and n >= 2 and outer - w_slope >= 3:
-            # no trend: at most one assessment in the slope window
-            in_recent = rng.random() < 0.5
-            first = int(rng.integers(1, w_slope)) if in_recent else int(rng.integers(w_slope + 1, outer - 1))
-            lo_older = max(first, w_slope) + 1
-            days = [first] + sorted(int(x) for x in rng.integers(lo_older, outer, size=n - 1))
+            # no trend: at most one assessment inside the slope window, the rest before it
+            first = int(rng.integers(1, w_slope)) if rng.random() < 0.5 else int(rng.integers(w_slope + 1, outer - 1))
+            older = sorted(int(x) for x in rng.integers(max(first, w_slope) + 1, outer, size=n - 1))
         elif slope_f is not None and n >= 2:
-            days = [int(rng.integers(1, outer))] * n  # all on one day: no slope
+            first = int(rng.integers(1, outer))
+            older = [first] * (n - 1)  # all on one day: no slope
         else:
-            days = sorted(int(x) for x in rng.integers(1, outer, size=n))
-            days = [days[0]] + [max(d, days[0] + 1) for d in days[1:]]
-        records.append((days[0], latest))
-        records += [(d, _score_like(rng, latest, low, high, integer)) for d in days[1:]]
+            first = int(rng.integers(1, outer - 1))
+            older = sorted(int(x) for x in rng.integers(first + 1, outer, size=n - 1))
+        records.append((first, latest))
+    else:
+        older = []
+    records += [(d, _score_like(rng, latest, low, high, integer)) for d in older]
+    latest_only = aggs == {"latest"}
     for d, v in records:
-        emit(d, v, time=clinic, time_key="effectiveDateTime")
+        emit(d, v, integer, same_clock=True, time_key="issued" if latest_only and rng.random() < 0.1 else "effectiveDateTime")
     if rng.random() < 0.25:  # an assessment older than every window
-        emit(outer + int(rng.integers(5, 300)), _score_like(rng, (low + high) / 3, low, high, integer), time=clinic)
-    if rng.random() < 0.05:  # entered in error, more recent than the rest
-        emit(1 if not records else max(1, records[0][0] - 1) if records[0][0] > 1 else 1, high, time=clinic, status="entered-in-error")
+        p.distractors += 1
+        emit(outer + int(rng.integers(5, 300)), _score_like(rng, (low + high) / 3, low, high, integer), integer, same_clock=True)
+    if rng.random() < 0.05:  # entered in error, at least as recent as the real ones
+        p.distractors += 1
+        emit(max(1, records[0][0] - 1) if records else int(rng.integers(1, outer)), high, integer, status="entered-in-error", same_clock=True)
 
 
 def _render_bmi(p: _Patient, f: _Feature, row: np.ndarray, female: float) -> None:
@@ -634,16 +630,14 @@ def _render_patient_resource(p: _Patient, feats: list[_Feature], row: np.ndarray
             elif rng.random() < 0.6:
                 patient["gender"] = "unknown"
         elif source == "patient_age":
+            if math.isnan(value) or value != int(value):
+                raise NotRepresentable(f"{f.name} = {value!r} is not whole years from a birth date")
             patient["birthDate"] = _birth_date(rng, p.index, int(value)).isoformat()
         elif source == "patient_extension" and not math.isnan(value):
-            ext = {"url": _get(f.rule, "url")}
-            if f.integer or (value == int(value) and rng.random() < 0.5):
-                ext["valueInteger"] = int(value) if value == int(value) else value
-                if not isinstance(ext["valueInteger"], int):
-                    ext = {"url": ext["url"], "valueDecimal": float(value)}
+            if value == int(value) and rng.random() < 0.5:
+                extensions.append({"url": _get(f.rule, "url"), "valueInteger": int(value)})
             else:
-                ext["valueDecimal"] = float(value)
-            extensions.append(ext)
+                extensions.append({"url": _get(f.rule, "url"), "valueDecimal": float(value)})
     if extensions:
         patient["extension"] = extensions
     p.resources["Patient"].append(patient)
@@ -684,9 +678,11 @@ def _render_conditions(p: _Patient, f: _Feature, row: np.ndarray, other_patterns
     else:
         dates = _distinct_days(rng, k, 2, reach)
     for d in dates:
-        only_recorded = rng.random() < 0.15
-        recorded = max(1, d - int(rng.integers(0, 4)))
-        _condition(p, _pick(rng, concrete), None if only_recorded else d, recorded if only_recorded or rng.random() < 0.6 else None, clinical=clinical)
+        if rng.random() < 0.15:  # no onset: the recorded date is the date
+            _condition(p, _pick(rng, concrete), None, d, clinical=clinical)
+        else:  # recorded a few days after the onset (never after the index date)
+            recorded = max(1, d - int(rng.integers(0, 4))) if rng.random() < 0.6 else None
+            _condition(p, _pick(rng, concrete), d, recorded, clinical=clinical)
         if aggregate == "count" and rng.random() < 0.15:  # the same episode recorded twice that day
             _condition(p, _pick(rng, concrete), d, None, verification="confirmed", clinical=clinical)
     if rng.random() < 0.08:  # ruled out in the window
@@ -808,17 +804,18 @@ def _render_pdc(p: _Patient, f: _Feature, row: np.ndarray) -> None:
             if i == 0 and gaps[0] == 0 and rng.random() < 0.3:  # started before the window
                 extra = int(rng.integers(1, 40))
                 start, days = cursor + extra, size + extra
-            status = "active" if cursor - size < 0 or i == len(chunks) - 1 else "completed"
-            _medication_request(p, drug, codings(drug, True), start, days, status)
+            _medication_request(p, drug, codings(drug, True), start, days, "active" if i == len(chunks) - 1 else "completed")
             if rng.random() < 0.1:  # an early refill inside a covered stretch: coverage does not change
                 p.distractors += 1
-                _medication_request(p, drug, codings(drug, True), cursor - int(rng.integers(0, size)), 1, "completed")
+                back = int(rng.integers(0, size))
+                _medication_request(p, drug, codings(drug, True), cursor - back, int(rng.integers(1, size - back + 1)), "completed")
             cursor -= size + int(gaps[i + 1])
     if drugs and rng.random() < (0.2 if covered else 0.05):  # a course that ended before the window
         p.distractors += 1
         size = int(rng.choice([30, 90]))
         end_gap = int(rng.integers(3, 200))
-        _medication_request(p, _pick(rng, drugs), codings(_pick(rng, drugs), True) if False else codings(drug or _pick(rng, drugs), True), w + end_gap + size, size, "completed")
+        past = drug or _pick(rng, drugs)
+        _medication_request(p, past, codings(past, True), w + end_gap + size, size, "completed")
     for _ in range(int(rng.poisson(0.6))):  # unrelated prescriptions, some overlapping the window
         other = _pick(rng, others)
         p.distractors += 1
@@ -892,7 +889,7 @@ def _render_patient(p: _Patient, study: Study, feats: list[_Feature], row: np.nd
         groups[key][aggregate] = f
     all_obs = [c for key in groups for c in key]
     for key, members in groups.items():
-        _render_observation_group(p, list(key), members, row, all_obs)
+        _render_observation_group(p, list(key), members, row)
     for f in by_source.get("bmi", []):
         _render_bmi(p, f, row, female)
     obs_patterns = all_obs + [c for f in by_source.get("bmi", []) for c in _codes(_get(f.rule, "weight_codes")) + _codes(_get(f.rule, "height_codes"))]

@@ -45,6 +45,7 @@ class SimulationOptions:
     out: Path = Path("runs/latest")
     size_scale: float = 1.0
     verbose: bool = False
+    data_format: str = "csv"  # how each synthetic site exports its data: csv | parquet | fhir
 
 
 class SimulationError(RuntimeError):
@@ -75,6 +76,7 @@ def simulate(opts: SimulationOptions) -> dict:
 
     print(f"writing {opts.hospitals} synthetic hospitals (seed {opts.seed}) to {out / 'sites'}", flush=True)
     cohorts = write_cohorts(study, out / "sites", opts.hospitals, opts.seed, opts.size_scale)
+    render_sites(study, out / "sites", opts.data_format)
     coordinator = out / "coordinator"
     run_flower_simulation(
         opts.hospitals,
@@ -89,6 +91,40 @@ def simulate(opts: SimulationOptions) -> dict:
     report["wall_seconds"] = round(time.monotonic() - started, 2)
     write_report(out, report)
     return report
+
+
+def render_sites(study: Study, sites_dir: Path, data_format: str) -> None:
+    """Re-export every synthetic site's splits as Parquet or FHIR R4 NDJSON (replacing the CSVs),
+    so the study runs through that reader end to end."""
+    if data_format == "csv":
+        return
+    if data_format not in ("parquet", "fhir"):
+        raise SimulationError(f"--format: expected csv, parquet or fhir, got {data_format!r}")
+    if data_format == "fhir" and study.mapping is None:
+        raise SimulationError("--format fhir: the study has no [mapping] section saying how features come from FHIR")
+    for site in sorted(p for p in sites_dir.iterdir() if p.is_dir()):
+        if data_format == "parquet":
+            write_parquet_splits(study, site)
+        else:
+            from simulations.fhir_cohorts import write_fhir_site
+
+            write_fhir_site(study, study.mapping, site)
+        for split in ("train", "test"):
+            (site / f"{split}.csv").unlink()
+    print(f"synthetic sites exported as {data_format}", flush=True)
+
+
+def write_parquet_splits(study: Study, site: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from client.data import read_site_csv
+
+    for split in ("train", "test"):
+        table = read_site_csv(study, site / f"{split}.csv")
+        columns = {f.name: pa.array(table.features[:, i]) for i, f in enumerate(study.features)}
+        columns[study.label.name] = pa.array(table.labels.astype("int64"))
+        pq.write_table(pa.table(columns), site / f"{split}.parquet")
 
 
 def evaluate_study(study: Study, out: Path, checkpoint: Path, rounds: list[dict], cohorts: dict) -> dict:
