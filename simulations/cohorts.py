@@ -32,8 +32,9 @@ FHIR R4 resources and the study's `[mapping]` (docs/FHIR.md) derives back exactl
   flags, prior episodes, admissions, ED visits, antidepressant_pdc) are never missing: a
   patient without records has 0;
 * the PHQ-9 history is consistent: phq9_latest is present iff phq9_count_12m >= 1, and
-  phq9_slope_90d is present only with >= 2 assessments (the slope needs two recent ones);
-  the true slope is bounded so the earlier score it implies (7 days back) stays in [0, 27].
+  phq9_slope_90d is present only when phq9_latest is and with >= 2 assessments (so the
+  slope is missing about twice as often as the other questionnaire values); the true slope
+  is bounded so the earlier score it implies (7 days back) stays in [0, 27].
 """
 
 from __future__ import annotations

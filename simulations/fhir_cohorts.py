@@ -23,21 +23,30 @@ The records look like a real EHR export rather than the minimum the mapping need
   ambulatory encounters, non-psychiatric admissions, non-antidepressant prescriptions, and
   after the index date events that do not define the label.
 
+Exactness has a price in two places: the earlier PHQ-9 scores that carry a 90-day slope are
+decimals (latest - slope * days / 30; the slope is continuous), and the latest weight is
+bmi * height² at full float precision (the height is a realistic 0.1 cm / 0.1 in / 0.01 m).
+Dates stay away from window edges by at least a day, times keep the local date equal to the
+UTC date, and nothing is dated after the label window closes (index date + the label's
+`window_days_after`, the earliest day such an export can be made), so a reader that refuses
+future dates accepts everything when `today` is at least that day.
+
 Patient ids are `p` + 7 digits (`first_patient + row`), so sorting ids gives row order.
 Lines of the non-Patient files are shuffled (a bulk export is not ordered by patient).
 Everything is a pure function of (rows, labels, seed, first_patient).
 
-`write_fhir_cohorts` does this for every site of an already written synthetic tree
-(`<site>/train.csv`, `<site>/test.csv` from `simulations/cohorts.py`), writing
-`<site>/train/` and `<site>/test/` next to the CSVs from the values the CSVs hold.
+`write_fhir_site` does this for one already written synthetic site (`<site>/train.csv`,
+`<site>/test.csv` from `simulations/cohorts.py`), writing `<site>/train/` and `<site>/test/`
+next to the CSVs from the values the CSVs hold; `write_fhir_cohorts` for every site of a tree.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import zlib
-from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -195,10 +204,19 @@ def _codes(raw: Any) -> list[tuple[str, str]]:
     return out
 
 
+def _norm(system: str, code: str) -> str:
+    """ICD-10 codes compare without dots, in upper case (as `fedcare.mapping.normalize_code`)."""
+    if system in (ICD10, "http://hl7.org/fhir/sid/icd-10"):
+        return code.replace(".", "").upper()
+    return code
+
+
 def _matches(system: str, code: str, patterns: list[tuple[str, str]]) -> bool:
+    code = _norm(system, code)
     for psys, pcode in patterns:
         if psys != system:
             continue
+        pcode = _norm(psys, pcode)
         if pcode.endswith("*") and code.startswith(pcode[:-1]):
             return True
         if code == pcode:
@@ -208,6 +226,11 @@ def _matches(system: str, code: str, patterns: list[tuple[str, str]]) -> bool:
 
 def _concrete_codes(patterns: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """Realistic concrete codes matching the patterns (exact codes as written, prefixes completed)."""
+    return list(_concrete_cached(tuple(patterns)))
+
+
+@functools.lru_cache(maxsize=256)
+def _concrete_cached(patterns: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
     out: list[tuple[str, str]] = []
     for system, code in patterns:
         if not code.endswith("*"):
@@ -224,7 +247,7 @@ def _concrete_codes(patterns: list[tuple[str, str]]) -> list[tuple[str, str]]:
         if pair not in seen and pair[1]:
             seen.add(pair)
             unique.append(pair)
-    return unique
+    return tuple(unique)
 
 
 def _index_date(mapping: Any) -> date:
@@ -268,9 +291,11 @@ class _Patient:
     index: date
     resources: dict[str, list[dict]] = field(default_factory=lambda: {t: [] for t in RESOURCE_TYPES})
     distractors: int = 0
+    serial: int = 0
 
     def next_id(self, prefix: str) -> str:
-        return f"{prefix}-{self.pid}-{sum(len(v) for v in self.resources.values()):03d}"
+        self.serial += 1
+        return f"{prefix}-{self.pid}-{self.serial:03d}"
 
     @property
     def subject(self) -> dict:
@@ -282,7 +307,7 @@ class _Patient:
         day = self.index - timedelta(days=int(days_before))
         hour = int(rng.integers(9, 17)) if hour is None else hour
         minute = int(rng.integers(0, 60)) if minute is None else minute
-        offset = str(rng.choice(["Z", "+01:00", "+02:00", "-05:00"])) if offset is None else offset
+        offset = _pick(rng, ["Z", "+01:00", "+02:00", "-05:00"]) if offset is None else offset
         return f"{day.isoformat()}T{hour:02d}:{minute:02d}:00{offset}"
 
     def day(self, days_before: int) -> str:
@@ -302,8 +327,8 @@ def _quantity(rng: np.random.Generator, value: float, target_unit: str, integer:
     variants = UNIT_VARIANTS.get(target_unit)
     if not variants:
         return {"value": _number(value, integer), "unit": target_unit, "system": UCUM, "code": target_unit}
-    weights = np.array(UNIT_WEIGHTS[: len(variants)])
-    code, display, convert = variants[int(rng.choice(len(variants), p=weights / weights.sum()))]
+    weights = UNIT_WEIGHTS[: len(variants)]
+    code, display, convert = variants[_weighted(rng, weights)]
     reported = convert(value)
     return {"value": _number(reported, integer and convert(1.0) == 1.0), "unit": display, "system": UCUM, "code": code}
 
@@ -323,6 +348,7 @@ def _observation(
     category: str | None,
     status: str = "final",
     time_key: str = "effectiveDateTime",
+    period_hours: float = 0.0,
 ) -> dict:
     obs: dict[str, Any] = {"resourceType": "Observation", "id": p.next_id("obs"), "status": status}
     if category:
@@ -331,6 +357,9 @@ def _observation(
     obs["subject"] = p.subject
     if time_key == "effectivePeriod":
         obs["effectivePeriod"] = {"start": when}
+        if period_hours:  # e.g. a night's sleep: ends the next morning
+            start = datetime.fromisoformat(when.replace("Z", "+00:00"))
+            obs["effectivePeriod"]["end"] = (start + timedelta(hours=period_hours)).isoformat(timespec="seconds")
     elif time_key == "issued":
         obs["issued"] = when
     else:
@@ -354,7 +383,7 @@ def _condition(
         "clinicalStatus": {"coding": [{"system": COND_CLINICAL, "code": clinical}]},
         "verificationStatus": {"coding": [{"system": COND_VERIFICATION, "code": verification}]},
         "category": [
-            {"coding": [{"system": COND_CATEGORY, "code": str(p.rng.choice(["problem-list-item", "encounter-diagnosis"]))}]}
+            {"coding": [{"system": COND_CATEGORY, "code": _pick(p.rng, ["problem-list-item", "encounter-diagnosis"])}]}
         ],
         "code": {"coding": [_coding(*code)], "text": DISPLAYS.get(code, code[1])},
         "subject": p.subject,
@@ -371,7 +400,7 @@ def _encounter(p: _Patient, cls: str, days_before: int, reason: tuple[str, str] 
     start = p.index - timedelta(days=int(days_before))
     hour = int(p.rng.integers(0, 24)) if cls == "EMER" else int(p.rng.integers(8, 17))
     # Emergency visits at night: the offset keeps the UTC date equal to the local date.
-    offset = "Z" if hour < 9 else str(p.rng.choice(["Z", "+01:00", "+02:00"]))
+    offset = "Z" if hour < 9 else _pick(p.rng, ["Z", "+01:00", "+02:00"])
     begin = datetime(start.year, start.month, start.day, hour, int(p.rng.integers(0, 60)))
     end = begin + timedelta(days=stay_days, hours=int(p.rng.integers(1, 8)) if cls != "IMP" else 0)
     enc: dict[str, Any] = {
@@ -397,7 +426,7 @@ def _medication_request(p: _Patient, drug: tuple, codings: list[dict], start_bef
         "intent": "order",
         "medicationCodeableConcept": {"coding": codings, "text": name},
         "subject": p.subject,
-        "authoredOn": p.when(start_before, offset=str(p.rng.choice(["Z", "+01:00", "+02:00"]))),
+        "authoredOn": p.when(start_before, offset=_pick(p.rng, ["Z", "+01:00", "+02:00"])),
         "dosageInstruction": [{"text": sig}],
         "dispenseRequest": {
             "quantity": {"value": days, "unit": "tablet", "system": UCUM, "code": "{tbl}"},
@@ -418,11 +447,22 @@ class _Feature:
     rule: Any
     low: float
     high: float
+    center: float
     integer: bool
 
 
-def _pick(rng: np.random.Generator, items: list) -> Any:
+def _pick(rng: np.random.Generator, items: list | tuple) -> Any:
     return items[int(rng.integers(0, len(items)))]
+
+
+def _weighted(rng: np.random.Generator, weights: tuple[float, ...]) -> int:
+    """Index drawn with probability proportional to `weights`."""
+    x = rng.random() * sum(weights)
+    for i, w in enumerate(weights):
+        x -= w
+        if x < 0:
+            return i
+    return len(weights) - 1
 
 
 def _distinct_days(rng: np.random.Generator, k: int, low: int, high: int) -> list[int]:
@@ -431,7 +471,10 @@ def _distinct_days(rng: np.random.Generator, k: int, low: int, high: int) -> lis
         return []
     if high - low + 1 < k:
         raise NotRepresentable(f"cannot place {k} records on distinct days in [{low}, {high}]")
-    return sorted(int(d) for d in rng.choice(np.arange(low, high + 1), size=k, replace=False))
+    days: set[int] = set()
+    while len(days) < k:
+        days.update(int(d) for d in rng.integers(low, high + 1, size=k - len(days)))
+    return sorted(days)
 
 
 def _score_like(rng: np.random.Generator, center: float, low: float, high: float, integer: bool) -> float:
@@ -448,15 +491,16 @@ def _render_observation_group(p: _Patient, codes: list[tuple[str, str]], feats: 
     category = CATEGORIES.get(unit)
     windows = {agg: _window(f.rule) for agg, f in feats.items()}
     outer = max(windows.values())
-    clinic = (int(rng.integers(9, 17)), int(rng.choice([0, 15, 30, 45])), str(rng.choice(["Z", "+01:00", "+02:00"])))
+    clinic = (int(rng.integers(9, 17)), _pick(rng, [0, 15, 30, 45]), _pick(rng, ["Z", "+01:00", "+02:00"]))
 
     def emit(days_before: int, value: float, integer: bool, status: str = "final", time_key: str = "effectiveDateTime", same_clock: bool = False) -> None:
         if time_key == "effectivePeriod":  # a night's sleep starts the evening before; local date = UTC date
-            when = p.when(days_before, hour=int(rng.integers(21, 24)), offset=str(rng.choice(["Z", "+01:00", "+02:00"])))
+            when = p.when(days_before, hour=int(rng.integers(21, 24)), offset=_pick(rng, ["Z", "+01:00", "+02:00"]))
         else:
             when = p.when(days_before, *clinic) if same_clock else p.when(days_before)
         whole = integer and float(value) == round(float(value))
-        _observation(p, _pick(rng, concrete), when, _quantity(rng, value, unit, whole), category, status, time_key)
+        hours = float(value) if unit == "h" and time_key == "effectivePeriod" else 0.0
+        _observation(p, _pick(rng, concrete), when, _quantity(rng, value, unit, whole), category, status, time_key, hours)
 
     if aggs == {"mean"}:
         f = feats["mean"]
@@ -480,7 +524,7 @@ def _render_observation_group(p: _Patient, codes: list[tuple[str, str]], feats: 
                 emit(int(rng.integers(1, w)), abs(value) * 2.0 + 1.0, f.integer, status="entered-in-error")
         if rng.random() < 0.3:  # an older reading just outside the window
             p.distractors += 1
-            ref = value if not math.isnan(value) else max(f.high / 8, 1.0)
+            ref = value if not math.isnan(value) else f.center
             emit(w + int(rng.integers(2, 40)), max(abs(ref) * float(rng.uniform(0.6, 1.4)), 0.5), f.integer)
         return
 
@@ -566,9 +610,9 @@ def _render_bmi(p: _Patient, f: _Feature, row: np.ndarray, female: float) -> Non
 
     def height_record(days_before: int, h: float) -> float:
         """Write a height observation; returns the height in m exactly as the mapping converts it."""
-        choice = rng.choice(3, p=[0.6, 0.25, 0.15])
+        choice = _weighted(rng, (0.6, 0.25, 0.15))
         if choice == 0:
-            value, code, unit, as_m = round(h * 100, 1), "cm", "cm", None
+            value, code, unit = round(h * 100, 1), "cm", "cm"
             as_m = value / 100
         elif choice == 1:
             value, code, unit = round(h / 0.0254, 1), "[in_i]", "in"
@@ -580,7 +624,7 @@ def _render_bmi(p: _Patient, f: _Feature, row: np.ndarray, female: float) -> Non
         return as_m
 
     def weight_record(days_before: int, kg: float) -> None:
-        choice = rng.choice(3, p=[0.65, 0.3, 0.05])
+        choice = _weighted(rng, (0.65, 0.3, 0.05))
         quantity = (
             {"value": kg, "unit": "kg", "system": UCUM, "code": "kg"}
             if choice == 0
@@ -607,7 +651,8 @@ def _render_bmi(p: _Patient, f: _Feature, row: np.ndarray, female: float) -> Non
     if rng.random() < 0.3:  # measurements from before the window
         d = w + int(rng.integers(5, 400))
         height_record(d, height_m)
-        weight_record(d, round(float(np.clip(rng.normal(80, 15), 40, 180)), 1))
+        usual = bmi * height_m**2 if not math.isnan(bmi) else float(rng.normal(28, 5)) * height_m**2
+        weight_record(d, round(float(np.clip(usual * rng.uniform(0.9, 1.1), 35, 250)), 1))
 
 
 def _render_patient_resource(p: _Patient, feats: list[_Feature], row: np.ndarray, site: str) -> dict:
@@ -660,7 +705,7 @@ def _birth_date(rng: np.random.Generator, index: date, age: int) -> date:
             return born
 
 
-def _render_conditions(p: _Patient, f: _Feature, row: np.ndarray, other_patterns: list) -> None:
+def _render_conditions(p: _Patient, f: _Feature, row: np.ndarray) -> None:
     rng = p.rng
     patterns = _codes(_get(f.rule, "codes"))
     concrete = _concrete_codes(patterns)
@@ -687,7 +732,7 @@ def _render_conditions(p: _Patient, f: _Feature, row: np.ndarray, other_patterns
             _condition(p, _pick(rng, concrete), d, None, verification="confirmed", clinical=clinical)
     if rng.random() < 0.08:  # ruled out in the window
         p.distractors += 1
-        _condition(p, _pick(rng, concrete), int(rng.integers(2, reach)), None, verification=str(rng.choice(["refuted", "entered-in-error"])))
+        _condition(p, _pick(rng, concrete), int(rng.integers(2, reach)), None, verification=_pick(rng, ["refuted", "entered-in-error"]))
     if aggregate == "count" and w < 20 * 365 and rng.random() < 0.1:
         p.distractors += 1
         old = w + int(rng.integers(30, 900))
@@ -756,8 +801,8 @@ def _other_encounters(p: _Patient, all_rules: list[Any], label_rules: list[Any])
     """Visits of classes no feature counts (ambulatory, virtual), before and after the index date."""
     rng = p.rng
     for _ in range(int(rng.poisson(1.5))):
-        cls = str(rng.choice(["AMB", "AMB", "VR", "HH"]))
-        reason = (ICD10, str(rng.choice(["Z00.00", "I10", "F33.1", "F41.1", "M54.50"])))
+        cls = _pick(rng, ["AMB", "AMB", "VR", "HH"])
+        reason = (ICD10, _pick(rng, ["Z00.00", "I10", "F33.1", "F41.1", "M54.50"]))
         if _encounter_hits(cls, reason, all_rules) or _encounter_hits(cls, reason, label_rules):
             continue
         p.distractors += 1
@@ -791,7 +836,7 @@ def _render_pdc(p: _Patient, f: _Feature, row: np.ndarray) -> None:
         chunks = []
         remaining = covered
         while remaining > 0:
-            size = min(remaining, int(rng.choice([30, 30, 30, 28, 90])))
+            size = min(remaining, _pick(rng, [30, 30, 30, 28, 90]))
             chunks.append(size)
             remaining -= size
         gaps = rng.multinomial(w - covered, np.ones(len(chunks) + 1) / (len(chunks) + 1))
@@ -812,17 +857,17 @@ def _render_pdc(p: _Patient, f: _Feature, row: np.ndarray) -> None:
             cursor -= size + int(gaps[i + 1])
     if drugs and rng.random() < (0.2 if covered else 0.05):  # a course that ended before the window
         p.distractors += 1
-        size = int(rng.choice([30, 90]))
+        size = _pick(rng, [30, 90])
         end_gap = int(rng.integers(3, 200))
         past = drug or _pick(rng, drugs)
         _medication_request(p, past, codings(past, True), w + end_gap + size, size, "completed")
     for _ in range(int(rng.poisson(0.6))):  # unrelated prescriptions, some overlapping the window
         other = _pick(rng, others)
         p.distractors += 1
-        _medication_request(p, other, codings(other, False), int(rng.integers(1, 400)), int(rng.choice([30, 90])), "active")
+        _medication_request(p, other, codings(other, False), int(rng.integers(1, 400)), _pick(rng, [30, 90]), "active")
 
 
-def _render_label(p: _Patient, label: int, rules: list[Any], feature_rules: list[Any]) -> None:
+def _render_label(p: _Patient, label: int, rules: list[Any]) -> None:
     rng = p.rng
     if label == 1:
         chosen = [r for r in rules if rng.random() < 0.6] or [_pick(rng, rules)]
@@ -855,9 +900,6 @@ def _render_label(p: _Patient, label: int, rules: list[Any], feature_rules: list
         pool = [(ICD10, c) for c in ("I10", "E11.9", "J45.909", "M54.50") if not _matches(ICD10, c, condition_patterns)]
         p.distractors += 1
         _condition(p, _pick(rng, pool), -int(rng.integers(1, horizon)), None)
-    if condition_patterns and rng.random() < 0.03:  # an episode after the label window closed
-        p.distractors += 1
-        _condition(p, _pick(rng, _concrete_codes(condition_patterns)), -(horizon + int(rng.integers(10, 200))), None)
 
 
 # ---------------------------------------------------------------- public API
@@ -869,11 +911,11 @@ def _features(study: Study, mapping: Any) -> list[_Feature]:
     for j, f in enumerate(study.features):
         if f.name not in rules:
             raise ValueError(f"the mapping has no rule for feature {f.name}")
-        out.append(_Feature(f.name, j, rules[f.name], f.low, f.high, f.type in ("count", "binary")))
+        out.append(_Feature(f.name, j, rules[f.name], f.low, f.high, f.center, f.type in ("count", "binary")))
     return out
 
 
-def _render_patient(p: _Patient, study: Study, feats: list[_Feature], row: np.ndarray, label: int, label_rules: list[Any], site: str) -> None:
+def _render_patient(p: _Patient, feats: list[_Feature], row: np.ndarray, label: int, label_rules: list[Any], site: str) -> None:
     _render_patient_resource(p, feats, row, site)
     by_source: dict[str, list[_Feature]] = {}
     for f in feats:
@@ -904,7 +946,7 @@ def _render_patient(p: _Patient, study: Study, feats: list[_Feature], row: np.nd
     condition_patterns = [c for f in by_source.get("condition", []) for c in _codes(_get(f.rule, "codes"))]
     condition_patterns += [c for r in label_rules if _get(r, "source") == "condition" for c in _codes(_get(r, "codes"))]
     for f in by_source.get("condition", []):
-        _render_conditions(p, f, row, condition_patterns)
+        _render_conditions(p, f, row)
     _unrelated_conditions(p, condition_patterns)
 
     encounter_rules = [f.rule for f in by_source.get("encounter", [])]
@@ -914,7 +956,7 @@ def _render_patient(p: _Patient, study: Study, feats: list[_Feature], row: np.nd
 
     for f in by_source.get("medication", []):
         _render_pdc(p, f, row)
-    _render_label(p, label, label_rules, [f.rule for f in feats])
+    _render_label(p, label, label_rules)
     unknown = set(by_source) - {"patient_age", "patient_female", "patient_extension", "observation", "bmi", "condition", "encounter", "medication"}
     if unknown:
         raise NotImplementedError(f"mapping sources {sorted(unknown)}")
@@ -931,13 +973,14 @@ def write_fhir_split(
     rows: np.ndarray,
     labels: np.ndarray,
     out_dir: Path,
-    seed: int,
+    seed: int | Sequence[int],
     first_patient: int = 0,
 ) -> dict:
     """Write one split as FHIR R4 NDJSON (one file per resource type) in `out_dir`.
 
     `rows`: raw feature values in the study's feature order (NaN = missing), one row per
-    patient; `labels`: 0/1. Patient ids are `patient_id(first_patient + i)`. Raises
+    patient; `labels`: 0/1; `mapping`: the parsed `fedcare.mapping.Mapping`; `seed`: an int
+    or a sequence of ints. Patient ids are `patient_id(first_patient + i)`. Raises
     `NotRepresentable` (naming the row) if a row cannot come out of FHIR under the mapping,
     e.g. a missing count. Returns {"patients", "resources": {type: count}, "distractors", "files"}.
     """
@@ -953,21 +996,22 @@ def write_fhir_split(
     if not label_rules:
         raise ValueError("the mapping has no label rules")
     site = out_dir.parent.name or "site"
+    seeds = [int(seed)] if isinstance(seed, (int, np.integer)) else [int(x) for x in seed]
     lines: dict[str, list[str]] = {t: [] for t in RESOURCE_TYPES}
     distractors = 0
     for i, (row, label) in enumerate(zip(rows, labels)):
         number = first_patient + i
         if number >= 10**ID_DIGITS:
             raise ValueError("too many patients for the id width")
-        p = _Patient(patient_id(number), np.random.default_rng([seed, 17, number]), index)
+        p = _Patient(patient_id(number), np.random.default_rng([*seeds, 17, number]), index)
         try:
-            _render_patient(p, study, feats, row, int(label), label_rules, site)
+            _render_patient(p, feats, row, int(label), label_rules, site)
         except NotRepresentable as err:
             raise NotRepresentable(f"row {i} (patient {p.pid}): {err}") from None
         distractors += p.distractors
         for kind, resources in p.resources.items():
             lines[kind].extend(json.dumps(r, ensure_ascii=False, separators=(",", ":")) for r in resources)
-    shuffle = np.random.default_rng([seed, 18, first_patient])
+    shuffle = np.random.default_rng([*seeds, 18, first_patient])
     files = {}
     for kind in RESOURCE_TYPES:
         body = lines[kind]
@@ -984,34 +1028,47 @@ def write_fhir_split(
     }
 
 
-def write_fhir_cohorts(study: Study, mapping: Any, sites_dir: str | Path, seed: int = 0) -> dict:
-    """For each `<site>/` under `sites_dir` holding train.csv and test.csv, write `<site>/train/` and `<site>/test/`.
+def write_fhir_site(study: Study, mapping: Any, site_dir: str | Path, seed: int = 0) -> dict:
+    """Write `<site_dir>/train/` and `<site_dir>/test/` from `<site_dir>/{train,test}.csv`.
 
     The values are the CSVs' (read with `client.data.read_site_csv`, which must load every
     row), so the FHIR and CSV forms of a site are the same data. Patient ids continue from
-    train into test. Deterministic in (CSV contents, seed, site name). Returns
-    {site: {"train": summary, "test": summary}} with `write_fhir_split`'s summaries.
+    train into test. Deterministic in (CSV contents, seed, site directory name). Returns
+    {"train": summary, "test": summary} with `write_fhir_split`'s summaries.
     """
     from client.data import read_site_csv
 
-    sites_dir = Path(sites_dir)
+    site_dir = Path(site_dir)
+    site_seed = zlib.crc32(site_dir.name.encode())
+    first = 0
     out: dict[str, dict] = {}
-    for site_dir in sorted(d for d in sites_dir.iterdir() if (d / "train.csv").is_file() and (d / "test.csv").is_file()):
-        site_seed = zlib.crc32(site_dir.name.encode())
-        first = 0
-        out[site_dir.name] = {}
-        for k, split in enumerate(("train", "test")):
-            table = read_site_csv(study, site_dir / f"{split}.csv")
-            if table.report.quarantined:
-                raise ValueError(f"{site_dir / split}.csv: rows quarantined, cannot render them:\n{table.report.summary()}")
-            summary = write_fhir_split(
-                study, mapping, table.features, table.labels.astype(np.int64), site_dir / split, seed=int(seed) * 7919 + site_seed + k, first_patient=first
-            )
-            out[site_dir.name][split] = summary
-            first += summary["patients"]
-    if not out:
-        raise ValueError(f"{sites_dir}: no site directories with train.csv and test.csv")
+    for k, split in enumerate(("train", "test")):
+        table = read_site_csv(study, site_dir / f"{split}.csv")
+        if table.report.quarantined:
+            raise ValueError(f"{site_dir / split}.csv: rows quarantined, cannot render them:\n{table.report.summary()}")
+        out[split] = write_fhir_split(
+            study,
+            mapping,
+            table.features,
+            table.labels.astype(np.int64),
+            site_dir / split,
+            seed=[int(seed), site_seed, k],
+            first_patient=first,
+        )
+        first += out[split]["patients"]
     return out
 
 
-__all__ = ["NotRepresentable", "patient_id", "write_fhir_cohorts", "write_fhir_split"]
+def write_fhir_cohorts(study: Study, mapping: Any, sites_dir: str | Path, seed: int = 0) -> dict:
+    """`write_fhir_site` for every `<site>/` under `sites_dir` that holds train.csv and test.csv.
+
+    Returns {site name: {"train": summary, "test": summary}}.
+    """
+    sites_dir = Path(sites_dir)
+    sites = sorted(d for d in sites_dir.iterdir() if (d / "train.csv").is_file() and (d / "test.csv").is_file())
+    if not sites:
+        raise ValueError(f"{sites_dir}: no site directories with train.csv and test.csv")
+    return {site.name: write_fhir_site(study, mapping, site, seed) for site in sites}
+
+
+__all__ = ["NotRepresentable", "patient_id", "write_fhir_cohorts", "write_fhir_site", "write_fhir_split"]
