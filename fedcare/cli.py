@@ -268,6 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--reason", required=True, help="why the administrator accepts the ledger (recorded)")
         sub.set_defaults(func=func)
 
+    from export.commands import register as register_export_commands
+    from inference.commands import register as register_serve_commands
+
+    register_export_commands(commands)  # export, verify, quantize
+    register_serve_commands(commands)  # serve, serve token add/revoke/list
+
     study = commands.add_parser("study", help="study file tools")
     study_cmds = study.add_subparsers(dest="study_command", required=True)
     check = study_cmds.add_parser("check", help="validate a study file and print its hash")
