@@ -28,7 +28,7 @@ def _split_paths(path: Path) -> list[tuple[str, str, Path]]:
             raise SiteDataError(f"{path}: expected a .csv or .parquet file, a FHIR directory or a site directory")
         return [(path.stem, fmt, path)]
     if not path.is_dir():
-        raise SiteDataError(f"{path}: not found")
+        raise SiteDataError(f"{path}: site data directory not found")
     if any(path.glob("*.ndjson")) or any(path.glob("*.json")):
         return [(path.name, "fhir", path)]
     return [(split, *split_source(path, split)) for split in ("train", "test")]

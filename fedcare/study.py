@@ -113,6 +113,7 @@ class Study:
     strategy: Strategy
     standardization: str = "spec"  # "spec": center/scale as written; "federated": from SecAgg+ sums
     mapping_source: dict[str, Any] | None = None  # the [mapping] table as written (FHIR derivation)
+    scaled_from: str = ""  # set by with_scaling: the hash of the study as defined (a run's scaling keeps it)
 
     @functools.cached_property
     def mapping(self) -> Mapping | None:
@@ -125,8 +126,12 @@ class Study:
 
     @property
     def hash(self) -> str:
-        """Stable SHA-256 of the study's values (hex)."""
-        canonical = json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+        """Stable SHA-256 of the study's values (hex). A run's federated scaling does not change it."""
+        if self.scaled_from:
+            return self.scaled_from
+        values = dataclasses.asdict(self)
+        values.pop("scaled_from")
+        canonical = json.dumps(values, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     @property
@@ -149,14 +154,14 @@ class Study:
         return dataclasses.replace(self, training=training, privacy=privacy)
 
     def with_scaling(self, center: list[float], scale: list[float]) -> Study:
-        """This study with each feature's (center, scale) replaced, e.g. by federated standardization.
-        The hash changes: compare hashes before applying a scaling, never after."""
+        """This study with each feature's (center, scale) replaced by a run's federated standardization.
+        The hash stays the study's: the scaling is a result of the run, not a different study."""
         if len(center) != len(self.features) or len(scale) != len(self.features):
             raise StudyConfigError(f"scaling: expected {len(self.features)} centers and scales")
         if not all(math.isfinite(c) for c in center) or not all(math.isfinite(x) and x > 0 for x in scale):
             raise StudyConfigError("scaling: centers must be finite and scales finite and > 0")
         features = tuple(dataclasses.replace(f, center=float(c), scale=float(x)) for f, c, x in zip(self.features, center, scale))
-        return dataclasses.replace(self, features=features)
+        return dataclasses.replace(self, features=features, scaled_from=self.hash)
 
     def to_toml(self) -> str:
         """Render this study as a TOML file that `load_study` reads back to an equal Study."""

@@ -109,7 +109,10 @@ def test_crash_between_ledger_write_and_send_never_undercounts(study, cohorts_di
         paths = SitePaths(study=__import__("pathlib").Path({str(path)!r}), data=__import__("pathlib").Path({str(cohorts_dir / "hospital-02")!r}),
                           state_dir=__import__("pathlib").Path({str(state)!r}), policy=None)
         c = HospitalClient(paths, run_id=5)
-        c.fit(get_weights(build_model(c.study)), {{"study_hash": c.study.hash, "round": 1}})
+        from fedcare.contribution import scaling_bytes
+        from fedcare.features import scaling
+        c.fit(get_weights(build_model(c.study)), {{"study_hash": c.study.hash, "phase": "train", "round": 1,
+                                                 "scaling": scaling_bytes(*scaling(c.study))}})
         os._exit(0)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
@@ -121,7 +124,11 @@ def test_crash_between_ledger_write_and_send_never_undercounts(study, cohorts_di
     from fedcare.model import build_model, get_weights
 
     client = HospitalClient(SitePaths(study=path, data=cohorts_dir / "hospital-02", state_dir=state, policy=None), run_id=5)
-    client.fit(get_weights(build_model(client.study)), {"study_hash": client.study.hash, "round": 2})
+    from fedcare.contribution import scaling_bytes
+    from fedcare.features import scaling
+
+    client.fit(get_weights(build_model(client.study)),
+               {"study_hash": client.study.hash, "phase": "train", "round": 2, "scaling": scaling_bytes(*scaling(client.study))})
     first, second = PrivacyLedger(state).entries()
     assert second.epsilon_study > first.epsilon_study  # the crashed round still counts
     assert second.noise_multiplier == first.noise_multiplier  # the run keeps its σ

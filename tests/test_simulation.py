@@ -43,6 +43,37 @@ def test_study_completes_with_secure_aggregation_and_dp(simulated):
     assert (out / "summary.txt").read_text().startswith("fedcare study depression-risk")
 
 
+def test_federated_scaling_is_used_reported_and_exported(simulated):
+    import onnx
+
+    out, stdout, report = simulated
+    assert "federated standardization: scaling from SecAgg+ sums" in stdout
+    assert report["scaling"]["method"] == "federated"
+    scaling = json.loads((out / "coordinator" / "scaling.json").read_text())
+    age = report["scaling"]["features"]["age"]
+    assert age["center"] == pytest.approx(scaling["center"][0], abs=1e-6) and age["center"] != 47.0  # not the spec's
+    meta = {p.key: p.value for p in onnx.load(report["export"]["onnx"]).metadata_props}
+    exported = json.loads(meta["fedcare.scaling"])["age"]
+    assert exported == pytest.approx([scaling["center"][0], scaling["scale"][0]])
+    # federated AUC (aggregates of the sites' histograms) equals the evaluator's AUC on the pooled test rows
+    assert report["rounds"][-1]["auc"] == pytest.approx(report["final"]["auc"], abs=2e-3)
+
+
+def test_the_whole_study_runs_through_fhir(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fedcare.cli", "simulate", "--hospitals", "3", "--rounds", "1", "--size-scale", "0.3",
+           "--format", "fhir", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    site = out / "sites" / "hospital-01"
+    assert (site / "train" / "Observation.ndjson").exists() and not (site / "train.csv").exists()
+    report = json.loads((out / "report.json").read_text())
+    assert report["final"]["auc"] > 0.55 and all(s["rounds_trained"] == 1 for s in report["sites"])
+    check = subprocess.run([sys.executable, "-m", "fedcare.cli", "data", "check", "--study", str(out / "study.toml"),
+                            "--data", str(site)], capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0 and "[train] fhir" in check.stdout and "unit conversions:" in check.stdout
+
+
 def test_study_file_written_for_every_party_matches_hash(simulated):
     from fedcare.study import load_study
 
