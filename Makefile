@@ -29,6 +29,9 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/dp_training.py
 	$(BIN)/python bench/round_time.py
+	$(BIN)/python bench/noise.py
+	$(BIN)/pip install -q -c requirements.lock -e '.[bench]'  # fhir.resources, the ingest baseline
+	$(BIN)/python bench/fhir_ingest.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

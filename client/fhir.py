@@ -5,7 +5,9 @@ A split is a directory of `*.ndjson` files (bulk-data export, one resource per l
 than 1 MB is quarantined unread); a Bundle is loaded whole but refused above 256 MB. Memory
 grows with the number of patients and the facts kept for them (one small accumulator per
 rule and patient), never with the size of a file: resources are reduced to facts as they
-are read and dropped.
+are read and dropped. Lines are parsed by orjson; one it refuses is read again by the stdlib
+decoder, which accepts what the reader always accepted (NaN, a byte-order mark…) and names the
+reason for the rest (`_Reader._parse`).
 
 Each study feature is derived per patient by its `[mapping]` rule (`fedcare/mapping.py`),
 then checked exactly like a CSV cell (`client.data._parse_value`: range, whole numbers,
@@ -40,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
+import gc
 import json
 import math
 import re
@@ -50,6 +53,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+try:  # a declared dependency; the stdlib decoder stays the reference and the fallback
+    from orjson import loads as _fast_loads
+except ImportError:  # pragma: no cover
+    _fast_loads = None
 
 from client.data import MAX_EXAMPLES_PER_REASON, LoadReport, SiteDataError, SiteTable, _parse_value
 from fedcare.mapping import CONVERSIONS, Code, FeatureRule, Mapping, normalize_code
@@ -79,23 +87,33 @@ UNIT_ALIASES = {
 }
 UCUM_UNITS = frozenset(unit for table in CONVERSIONS.values() for unit in table)
 SUPPLY_DAY_UNITS = {"d": 1, "day": 1, "days": 1, "wk": 7, "week": 7, "weeks": 7}
+_BIG_INT = 1 << 512  # smaller integers convert to float without overflow
 OPEN_END = datetime.date.max.toordinal() + 1  # an ongoing MedicationStatement (no effectivePeriod.end)
 LABEL = "label"  # accumulator key shared by every label rule
 
-_DATE = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})"
-    r"(?:T([01]\d|2[0-3]):[0-5]\d(?::(?:[0-5]\d|60)(?:\.\d+)?)?(?:Z|[+-](?:[01]\d|2[0-3]):[0-5]\d)?)?"
-)
+_DATE_PART = re.compile(r"(\d{4})-(\d{2})-(\d{2})")
+_TIME_PART = re.compile(r"T([01]\d|2[0-3]):[0-5]\d(?::(?:[0-5]\d|60)(?:\.\d+)?)?(?:Z|[+-](?:[01]\d|2[0-3]):[0-5]\d)?")
+_DATE = re.compile(f"{_DATE_PART.pattern}(?:{_TIME_PART.pattern})?")
+_DATE_PARTS: dict[str, int] = {}  # 'YYYY-MM-DD' seen valid -> day ordinal (bounded cache)
+_TIME_PARTS: set[str] = set()  # 'Thh:mm…' suffixes seen valid (bounded cache)
+_BIRTH_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 _decode = json.JSONDecoder().decode
 _SAFE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9]{0,63}")
 _SAFE_UNIT = re.compile(r"[\x21-\x7e]{1,24}")
+# File names printed as they are: a resource type or another single word, optionally numbered
+# (Patient.ndjson, Observation.2.ndjson, 1.Condition.ndjson, export.json). Anything else, e.g.
+# a Synthea Bundle named after its patient (First123_Last456_<uuid>.json), prints as `file #k`.
+_PRINTABLE_FILE = re.compile(r"(?:[0-9]{1,9}[._-])?[A-Za-z]{1,64}(?:[._-][0-9]{1,9})?\.(?:ndjson|json|NDJSON|JSON)")
 
 
 @dataclass
 class FhirLoadReport(LoadReport):
     """`LoadReport` for FHIR: rows are patients; locations are `file:line` or `file:entry[i]`.
 
-    `quarantined` counts bad lines, resources (records) and patients by reason.
+    `quarantined` counts bad lines, resources (records) and patients by reason. Locations name
+    a file only when its name is generic (`_PRINTABLE_FILE`: a resource type, optionally
+    numbered); any other file is `file #k`, its position (from 1) in `files`, because exports
+    of one Bundle per patient name the files after the patient.
     """
 
     examples: dict[str, list[str]] = field(default_factory=dict)
@@ -155,11 +173,20 @@ def read_site_fhir(study: Study, mapping: Mapping, path: str | Path, *, today: d
     report = FhirLoadReport(path=str(path), files=[p.name for p in files])
     report.ignored_files = [p.name for p in entries if p not in files]
     reader = _Reader(_Program(study, mapping), report, (today or datetime.date.today()).toordinal())
-    for number, file in enumerate(files):
-        if file.suffix.lower() == ".ndjson":
-            reader.read_ndjson(file, number)
-        else:
-            reader.read_bundle(file, number)
+    # Reading creates no reference cycles, so the cyclic collector would only re-scan the growing
+    # per-patient state, each time parsing has allocated a few hundred containers (~15% of the
+    # time). It is paused while the files are read, and restored even if reading fails.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        for number, file in enumerate(files):
+            if file.suffix.lower() == ".ndjson":
+                reader.read_ndjson(file, number)
+            else:
+                reader.read_bundle(file, number)
+    finally:
+        if collecting:
+            gc.enable()
     return reader.table(path)
 
 
@@ -311,6 +338,7 @@ class _CodeIndex:
     def __init__(self) -> None:
         self.exact: dict[tuple[str, str], list[Any]] = {}
         self.prefixes: dict[str, dict[int, dict[str, list[Any]]]] = {}
+        self.cache: dict[tuple[str, str], tuple[Any, ...]] = {}  # (system, code as written) -> targets
 
     @classmethod
     def of(cls, codes: Iterable[Code], target: Any = True) -> _CodeIndex:
@@ -326,16 +354,52 @@ class _CodeIndex:
             by_length.setdefault(text, []).append(target)
         else:
             self.exact.setdefault((code.system, text), []).append(target)
+        self.cache.clear()
+
+    def lookup(self, system: str, code: str) -> tuple[Any, ...]:
+        """Targets one coding matches, each once (memoized: exports repeat a few codes)."""
+        key = (system, code)
+        found = self.cache.get(key)
+        if found is None:
+            text = normalize_code(system, code)
+            hits = list(self.exact.get((system, text), ()))
+            for length, table in self.prefixes.get(system, {}).items():
+                hits += table.get(text[:length], ())
+            found = tuple(dict.fromkeys(hits))
+            if len(self.cache) >= 1 << 16:  # bounded: codes come from the data
+                self.cache.clear()
+            self.cache[key] = found
+        return found
 
     def match(self, codings: Iterable[tuple[str, str]]) -> list[Any]:
         """Targets any coding matches, each once, in a stable order."""
         found: list[Any] = []
         for system, code in codings:
-            code = normalize_code(system, code)
-            found += self.exact.get((system, code), ())
-            for length, table in self.prefixes.get(system, {}).items():
-                found += table.get(code[:length], ())
+            found += self.lookup(system, code)
         return list(dict.fromkeys(found)) if len(found) > 1 else found
+
+    def match_concept(self, concept: Any) -> tuple[Any, ...] | list[Any]:
+        """`match(_codings(concept))` without the generator: the hot path of every record."""
+        if not isinstance(concept, dict):
+            return ()
+        codings = concept.get("coding")
+        if not isinstance(codings, list):
+            return ()
+        found: tuple[Any, ...] | list[Any] = ()
+        several = False
+        for coding in codings:
+            if isinstance(coding, dict):
+                system, code = coding.get("system"), coding.get("code")
+                if isinstance(system, str) and isinstance(code, str):
+                    hits = self.cache.get((system, code))
+                    if hits is None:
+                        hits = self.lookup(system, code)
+                    if hits:
+                        if found:
+                            found, several = found + hits, True
+                        else:
+                            found = hits
+        return list(dict.fromkeys(found)) if several else found
 
 
 def _accumulator(rule: FeatureRule, lo: int, hi: int) -> Callable[[], Any]:
@@ -357,6 +421,7 @@ class _Program:
         self.rules: list[FeatureRule] = []
         self.observations, self.conditions, self.medications = _CodeIndex(), _CodeIndex(), _CodeIndex()
         self.encounters: dict[str, list[_Target]] = {}
+        self.encounters_with_reasons: frozenset[str] = frozenset()
         self.patient_rules: list[tuple[int, Feature, FeatureRule]] = []
         index = mapping.index_date.toordinal()
         for i, feature in enumerate(study.features):
@@ -377,6 +442,15 @@ class _Program:
                 self._add(rule, _Target(i, lo, hi, _accumulator(rule, lo, hi), unit=rule.unit))
         for rule in mapping.label.any_of:
             self._add(rule, _Target(LABEL, index, index + (rule.window_days_after or 0), _Any))
+        self.encounters_with_reasons = frozenset(
+            cls for cls, targets in self.encounters.items() if any(t.reasons for t in targets))
+        # How each row cell derives: (index, feature, "acc" | "direct" | "bmi", the checked result
+        # for a missing value, the checked result when no record matched: 0 for count/any/pdc).
+        self.row_plan: list[tuple[int, Feature, str, tuple[float, str | None], tuple[float, str | None]]] = []
+        for i, (feature, rule) in enumerate(zip(self.features, self.rules)):
+            source = "direct" if rule.source.startswith("patient_") else "bmi" if rule.source == "bmi" else "acc"
+            empty = 0.0 if source == "acc" and rule.aggregate in ("count", "any", "pdc") else None
+            self.row_plan.append((i, feature, source, _checked(feature, None), _checked(feature, empty)))
 
     def _add(self, rule: FeatureRule, target: _Target) -> None:
         """Index one observation/condition/encounter/medication rule by its codes (or classes)."""
@@ -412,6 +486,9 @@ class _Invalid:
 
 
 Location = tuple[int, int | None]  # (file number, line or Bundle entry; None = the whole file)
+_UNPARSED = object()  # `_Reader._parse` failed (the line or file is quarantined)
+_NO_ALIASES: dict[str, str] = {}  # NDJSON has no Bundle fullUrls (never written to)
+_NO_VALUES: dict[str, float] = {}  # an Observation that only feeds rules without a unit (never written to)
 
 
 class _Patient:
@@ -434,35 +511,39 @@ class _Reader:
         self.program, self.report, self.today = program, report, today
         self.patients: dict[str, _Patient] = {}
         self.bundles: set[int] = set()
-        self.handlers: dict[str, Callable[[dict, Location, dict[str, str]], bool]] = {
-            "Patient": self._patient,
-            "Observation": self._observation,
-            "Condition": self._condition,
-            "Encounter": self._encounter,
-            "MedicationRequest": self._medication,
-            "MedicationStatement": self._medication,
-        }
+        self.references: dict[str, str] = {}  # NDJSON reference text -> patient id (bounded cache)
 
     # files
 
     def read_ndjson(self, path: Path, number: int) -> None:
         """One resource per line, streamed; blank lines are skipped."""
         content = False
+        ingest, fast = self._ingest, _fast_loads
         with path.open("rb") as handle:
+            readline = handle.readline
             line = 0
-            while raw := handle.readline(MAX_LINE_BYTES + 1):
+            while raw := readline(MAX_LINE_BYTES + 1):
                 line += 1
                 if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
                     _skip_rest_of_line(handle)
                     content = True
                     self._quarantine((number, line), f"line longer than {MAX_LINE_BYTES >> 20} MB (not parsed)")
                     continue
+                if fast is not None:
+                    try:
+                        obj = fast(raw)
+                    except ValueError:
+                        pass  # the stdlib decoder below classifies the line exactly
+                    else:
+                        content = True
+                        ingest(obj, (number, line), _NO_ALIASES)
+                        continue
                 if not raw.strip():
                     continue
                 content = True
                 obj = self._parse((number, line), raw, truncated=not raw.endswith(b"\n"))
-                if obj is not None:
-                    self._ingest(obj, (number, line), {})
+                if obj is not _UNPARSED:
+                    ingest(obj, (number, line), _NO_ALIASES)
         if not content:
             self._quarantine((number, None), "empty file")
 
@@ -477,7 +558,7 @@ class _Reader:
             self._quarantine((number, None), "empty file")
             return
         doc = self._parse((number, None), data, truncated=False)
-        if doc is None:
+        if doc is _UNPARSED:
             return
         entries = doc.get("entry", []) if isinstance(doc, dict) else None
         if not isinstance(doc, dict) or doc.get("resourceType") != "Bundle" or not isinstance(entries, list):
@@ -492,18 +573,30 @@ class _Reader:
                 self._quarantine((number, i), "Bundle entry without a resource")
 
     def _parse(self, where: Location, raw: bytes, truncated: bool) -> Any:
+        """The JSON value, or `_UNPARSED` (quarantined with its reason).
+
+        orjson is tried first; what it refuses goes to the stdlib decoder, which decides: it
+        accepts a byte-order mark (dropped), NaN/Infinity (checked later, like any value),
+        integers beyond 64 bits and lone surrogate escapes, and names the failure. Where both
+        accept a document they give the same value, except that orjson reads an integer
+        beyond 64 bits as a float, and every number is only ever used as a float.
+        """
+        if _fast_loads is not None:
+            try:
+                return _fast_loads(raw)
+            except ValueError:
+                pass
         try:
-            # A byte-order mark is dropped; NaN/Infinity parse to floats and are checked later.
             return _decode(raw[3:].decode() if raw.startswith(b"\xef\xbb\xbf") else raw.decode())
         except RecursionError:
             self._quarantine(where, "malformed JSON (nested too deeply)")
         except ValueError:  # JSONDecodeError, bad UTF-8, an integer with too many digits
             self._quarantine(where, "truncated last line" if truncated else "malformed JSON")
-        return None
+        return _UNPARSED
 
     def _where(self, where: Location) -> str:
         number, n = where
-        name = self.report.files[number]
+        name = _printable_file(self.report.files[number], number)
         if n is None:
             return name
         return f"{name}:entry[{n}]" if number in self.bundles else f"{name}:{n}"
@@ -521,14 +614,14 @@ class _Reader:
         if not isinstance(rtype, str) or not rtype:
             self.report.ignored["missing resourceType"] += 1
             return
-        handler = self.handlers.get(rtype)
+        handler = _HANDLERS.get(rtype)
         if handler is None:
             name = rtype if _SAFE_NAME.fullmatch(rtype) else "(not a resource type name)"
             self.report.ignored[f"ignored resource type {name}"] += 1
             return
         self.report.resources_read[rtype] += 1
         try:
-            used = handler(obj, where, aliases)
+            used = handler(self, obj, where, aliases)
         except _Reject as bad:
             self._quarantine(where, bad.reason if bad.bare else f"{rtype}: {bad.reason}")
             return
@@ -550,30 +643,41 @@ class _Reader:
         return True
 
     def _observation(self, obj: dict, where: Location, aliases: dict[str, str]) -> bool:
-        targets = self.program.observations.match(_codings(obj.get("code")))
+        targets = self.program.observations.match_concept(obj.get("code"))
         if not targets or self._excluded(obj, "Observation"):
             return False
-        pid = _subject(obj, aliases, allow_patient=False)
-        day = self._day(_first_present(obj, "effectiveDateTime", "effectiveInstant", ("effectivePeriod", "start"), "issued"))
-        hits = [t for t in targets if t.lo < day <= t.hi]
-        if not hits:
-            return False
-        units = {t.unit for t in hits if t.unit}  # label rules need no value
-        values = self._values(obj, units) if units else {}
-        state = self._record(pid, where)
+        pid = self._pid(obj, aliases, False)
+        when = obj["effectiveDateTime"] if "effectiveDateTime" in obj else _first_present(
+            obj, "effectiveInstant", ("effectivePeriod", "start"), "issued")
+        day = self._day(when)
+        if len(targets) == 1:  # most codes feed one rule
+            hits = targets
+            if not hits[0].lo < day <= hits[0].hi:
+                return False
+            units: Iterable[str] = (hits[0].unit,) if hits[0].unit else ()
+        else:
+            hits = [t for t in targets if t.lo < day <= t.hi]
+            if not hits:
+                return False
+            units = {t.unit for t in hits if t.unit}  # label rules need no value
+        values = self._values(obj, units) if units else _NO_VALUES
+        facts = self._record(pid, where).facts
         for t in hits:
-            self._fact(state, t, day, values.get(t.unit))
+            acc = facts.get(t.key)
+            if acc is None:
+                acc = facts[t.key] = t.make()
+            acc.add(day, values.get(t.unit))
         return True
 
     def _condition(self, obj: dict, where: Location, aliases: dict[str, str]) -> bool:
-        targets = self.program.conditions.match(_codings(obj.get("code")))
+        targets = self.program.conditions.match_concept(obj.get("code"))
         if not targets:
             return False
         verification = _status_codes(obj.get("verificationStatus")) & EXCLUDED_VERIFICATION
         if verification:
             self.report.excluded[f"Condition: verificationStatus {sorted(verification)[0]}"] += 1
             return False
-        pid = _subject(obj, aliases, allow_patient=False)
+        pid = self._pid(obj, aliases, False)
         onset = obj.get("onsetDateTime")
         day = self._day(onset if onset is not None else obj.get("recordedDate"))
         return self._facts(pid, where, targets, day)
@@ -581,29 +685,32 @@ class _Reader:
     def _encounter(self, obj: dict, where: Location, aliases: dict[str, str]) -> bool:
         cls = obj.get("class")
         code = cls.get("code") if isinstance(cls, dict) else None
-        targets = self.program.encounters.get(code, []) if isinstance(code, str) else []
-        if any(t.reasons for t in targets):
+        targets = self.program.encounters.get(code, ()) if isinstance(code, str) else ()
+        if targets and code in self.program.encounters_with_reasons:
             reasons = list(_concept_list_codings(obj.get("reasonCode")))
             targets = [t for t in targets if t.reasons is None or t.reasons.match(reasons)]
         if not targets or self._excluded(obj, "Encounter"):
             return False
-        pid = _subject(obj, aliases, allow_patient=False)
+        pid = self._pid(obj, aliases, False)
         day = self._day(_first_present(obj, ("period", "start")))
         return self._facts(pid, where, targets, day)
 
     def _medication(self, obj: dict, where: Location, aliases: dict[str, str]) -> bool:
         rtype = obj["resourceType"]
-        targets = self.program.medications.match(_codings(obj.get("medicationCodeableConcept")))
+        targets = self.program.medications.match_concept(obj.get("medicationCodeableConcept"))
         if not targets or self._excluded(obj, rtype):
             return False
-        pid = _subject(obj, aliases, allow_patient=True)
+        pid = self._pid(obj, aliases, True)
         start, end = self._supply(obj) if rtype == "MedicationRequest" else self._period(obj.get("effectivePeriod"), True)
         hits = [t for t in targets if start <= t.hi and end > t.lo + 1]
         if not hits:
             return False
-        state = self._record(pid, where)
+        facts = self._record(pid, where).facts
         for t in hits:
-            self._fact(state, t, start, end)
+            acc = facts.get(t.key)
+            if acc is None:
+                acc = facts[t.key] = t.make()
+            acc.add(start, end)
         return True
 
     # pieces of a resource
@@ -612,9 +719,12 @@ class _Reader:
         hits = [t for t in targets if t.lo < day <= t.hi]
         if not hits:
             return False
-        state = self._record(pid, where)
+        facts = self._record(pid, where).facts
         for t in hits:
-            self._fact(state, t, day, None)
+            acc = facts.get(t.key)
+            if acc is None:
+                acc = facts[t.key] = t.make()
+            acc.add(day, None)
         return True
 
     def _record(self, pid: str, where: Location) -> _Patient:
@@ -626,13 +736,6 @@ class _Reader:
             state.first_record = where
         return state
 
-    @staticmethod
-    def _fact(state: _Patient, target: _Target, day: int, value: Any) -> None:
-        acc = state.facts.get(target.key)
-        if acc is None:
-            acc = state.facts[target.key] = target.make()
-        acc.add(day, value)
-
     def _excluded(self, obj: dict, rtype: str) -> bool:
         status = obj.get("status")
         if isinstance(status, str) and status in EXCLUDED_STATUSES.get(rtype, ()):
@@ -640,8 +743,29 @@ class _Reader:
             return True
         return False
 
+    def _pid(self, obj: dict, aliases: dict[str, str], allow_patient: bool) -> str:
+        """`_subject`, memoized by reference text outside Bundles (where aliases decide)."""
+        ref = obj.get("subject")
+        if ref is None and allow_patient:
+            ref = obj.get("patient")
+        if not aliases and isinstance(ref, dict):
+            text = ref.get("reference")
+            if isinstance(text, str):
+                pid = self.references.get(text)
+                if pid is None:
+                    pid = _reference_pid(text, aliases)  # raises _Reject for a bad one
+                    if len(self.references) >= 1 << 17:
+                        self.references.clear()
+                    self.references[text] = pid
+                return pid
+        return _subject(obj, aliases, allow_patient)
+
     def _day(self, value: Any, future_ok: bool = False) -> int:
         """A FHIR date or dateTime as a day ordinal (the calendar date as written)."""
+        if isinstance(value, str):  # the fast path of `_parse_day`, inlined
+            day = _DATE_PARTS.get(value[:10])
+            if day is not None and (len(value) == 10 or value[10:] in _TIME_PARTS) and (day <= self.today or future_ok):
+                return day
         if value is None:
             raise _Reject("missing date")
         day = _parse_day(value)
@@ -689,20 +813,31 @@ class _Reader:
             self.report.conversions["wk→d"] += 1
         return start, start + math.ceil(min(value * factor, OPEN_END))
 
-    def _values(self, obj: dict, targets: set[str]) -> dict[str, float]:
+    def _values(self, obj: dict, targets: Iterable[str]) -> dict[str, float]:
         """An Observation's value in each target unit; conversions are counted once per record."""
-        value, unit = _quantity(obj)
+        quantity = obj.get("valueQuantity")
+        value = unit = None
+        if quantity.__class__ is dict:  # fast path: a finite number with a UCUM code, as `_quantity` reads it
+            value, unit = quantity.get("value"), quantity.get("code")
+            if value.__class__ is int and -_BIG_INT < value < _BIG_INT:
+                value = float(value)
+            if not (value.__class__ is float and value - value == 0.0 and unit.__class__ is str and (unit := unit.strip())):
+                value = None
+        if value is None:
+            value, unit = _quantity(obj)
         source = unit if unit in UCUM_UNITS else UNIT_ALIASES.get(unit.lower(), unit)
         values = {}
-        for target in sorted(targets):
+        for target in sorted(targets) if len(targets) > 1 else targets:
             convert = CONVERSIONS[target].get(source)
             if convert is None:
                 self.report.unit_mismatches[f"{_safe_unit(unit)}→{target}"] += 1
                 raise _Reject("unit mismatch")
-            values[target] = convert(value)
-            if not math.isfinite(values[target]):
+            converted = values[target] = convert(value)
+            if not math.isfinite(converted):
                 raise _Reject("value not finite (NaN/Inf)")
-        self.report.conversions.update(f"{source}→{target}" for target in targets if target != source)
+        for target in targets:
+            if target != source:
+                self.report.conversions[f"{source}→{target}"] += 1
         return values
 
     # the table
@@ -737,28 +872,42 @@ class _Reader:
 
     def _row(self, state: _Patient) -> tuple[list[float], str | None]:
         values = []
-        for i, (feature, rule) in enumerate(zip(self.program.features, self.program.rules)):
-            value, reason = _checked(feature, self._derive(state, i, feature, rule))
-            if reason:
-                return [], reason
-            values.append(value)
+        facts = state.facts
+        for i, feature, source, missing, empty in self.program.row_plan:
+            if source == "acc":  # an accumulator's result; none -> `empty` (0 for count/any/pdc)
+                acc = facts.get(i)
+                value = None if acc is None else acc.result()
+                result = (empty if acc is None else missing) if value is None else _checked(feature, value)
+            elif source == "direct":
+                value = state.direct.get(i)
+                result = missing if value is None else _checked(feature, value)
+            else:
+                result = _checked(feature, self._bmi(state, i, feature))
+            if result[1]:
+                return [], result[1]
+            values.append(result[0])
         return values, None
 
     @staticmethod
-    def _derive(state: _Patient, i: int, feature: Feature, rule: FeatureRule) -> float | None | _Invalid:
-        if rule.source.startswith("patient_"):
-            return state.direct.get(i)
-        if rule.source == "bmi":
-            weight, height = state.facts.get((i, "weight")), state.facts.get((i, "height"))
-            if weight is None or height is None:
-                return None
-            if height.value <= 0:
-                return _Invalid(f"{feature.name}: height must be positive")
-            return weight.value / (height.value * height.value)  # float products overflow to inf, not raise
-        acc = state.facts.get(i)
-        if acc is None:
-            return 0.0 if rule.aggregate in ("count", "any", "pdc") else None
-        return acc.result()
+    def _bmi(state: _Patient, i: int, feature: Feature) -> float | None | _Invalid:
+        weight, height = state.facts.get((i, "weight")), state.facts.get((i, "height"))
+        if weight is None or height is None:
+            return None
+        if height.value <= 0:
+            return _Invalid(f"{feature.name}: height must be positive")
+        return weight.value / (height.value * height.value)  # float products overflow to inf, not raise
+
+
+# Plain functions, not bound methods kept on the reader: a reader that referred to itself
+# would be freed (with every patient's facts) only by a full garbage collection.
+_HANDLERS: dict[str, Callable[[_Reader, dict, Location, dict[str, str]], bool]] = {
+    "Patient": _Reader._patient,
+    "Observation": _Reader._observation,
+    "Condition": _Reader._condition,
+    "Encounter": _Reader._encounter,
+    "MedicationRequest": _Reader._medication,
+    "MedicationStatement": _Reader._medication,
+}
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -786,7 +935,7 @@ def _patient_value(feature: Feature, rule: FeatureRule, obj: dict, program: _Pro
         birth = obj.get("birthDate")
         if birth is None:
             return None
-        if not isinstance(birth, str) or not re.fullmatch(r"\d{4}-\d{2}-\d{2}", birth):
+        if not isinstance(birth, str) or not _BIRTH_DATE.fullmatch(birth):
             return _Invalid(f"{feature.name}: unparseable birthDate")
         try:
             born = datetime.date.fromisoformat(birth)
@@ -808,13 +957,38 @@ def _patient_value(feature: Feature, rule: FeatureRule, obj: dict, program: _Pro
     return None
 
 
+def _printable_file(name: str, number: int) -> str:
+    """A file's name in the report: as is when generic, else `file #k` (k = `number` + 1)."""
+    return name if _PRINTABLE_FILE.fullmatch(name) else f"file #{number + 1}"
+
+
 def _whole_years(born: datetime.date, on: datetime.date) -> int:
     return on.year - born.year - ((on.month, on.day) < (born.month, born.day))
 
 
 def _parse_day(value: Any) -> int | None:
-    """The day ordinal of a FHIR date/dateTime (YYYY-MM-DD at least), or None."""
-    return _day_ordinal(value) if isinstance(value, str) else None
+    """The day ordinal of a FHIR date/dateTime (YYYY-MM-DD at least), or None.
+
+    Fast path: the date part (first 10 characters) and the time part (the rest) are looked
+    up separately among the ones already seen valid, so a new timestamp on a known day costs
+    two lookups; anything else takes `_day_ordinal`, the reference.
+    """
+    if not isinstance(value, str):
+        return None
+    day = _DATE_PARTS.get(value[:10])
+    if day is not None and (len(value) == 10 or value[10:] in _TIME_PARTS):
+        return day
+    day = _day_ordinal(value)
+    if day is not None and _DATE_PART.fullmatch(value[:10]) and (len(value) == 10 or _TIME_PART.fullmatch(value[10:])):
+        # value is exactly date part + time part, so either part with any valid other one gives this answer
+        if len(_DATE_PARTS) >= 1 << 16:
+            _DATE_PARTS.clear()
+        _DATE_PARTS[value[:10]] = day
+        if len(value) > 10:
+            if len(_TIME_PARTS) >= 1 << 16:
+                _TIME_PARTS.clear()
+            _TIME_PARTS.add(value[10:])
+    return day
 
 
 @functools.lru_cache(maxsize=1 << 16)  # exports repeat the same timestamps many times
@@ -870,11 +1044,14 @@ def _subject(obj: dict, aliases: dict[str, str], allow_patient: bool) -> str:
     ref = obj.get("subject")
     if ref is None and allow_patient:
         ref = obj.get("patient")
-    text = ref.get("reference") if isinstance(ref, dict) else None
-    if not isinstance(text, str) or not text.strip():
+    return _reference_pid(ref.get("reference") if isinstance(ref, dict) else None, aliases)
+
+
+def _reference_pid(text: Any, aliases: dict[str, str]) -> str:
+    """The patient id of a reference's text (Bundle `aliases` first)."""
+    if not isinstance(text, str) or not (text := text.strip()):
         raise _Reject("no subject/patient reference")
-    text = text.strip()
-    if text in aliases:
+    if aliases and text in aliases:
         return aliases[text]
     if text.startswith("urn:"):
         raise _Reject("unresolved urn: patient reference")

@@ -651,6 +651,24 @@ def test_summary_has_counts_and_never_ids_or_values(study, tmp_path):
     assert "resources read: Observation 1, Patient 1" in summary
 
 
+def test_report_names_only_generic_files(study, tmp_path):
+    """A Bundle named after its patient (Synthea) is `file #k` in the report; resource-type names print."""
+    synthea = "Aaron697_Brekke496_2fa15bc7-8866-461a-9000-f739e425860a.json"
+    write_bundle(tmp_path, synthea, [patient("amy"), {**obs("amy", "44261-6", -3, 9, "{score}"), "effectiveDateTime": "2025-02-30"}])
+    write_ndjson(tmp_path, "Patient.1.ndjson", [patient("bob"), "{not json", "null"])
+    write_ndjson(tmp_path, "jane_doe-1961.ndjson", ["{not json"])
+    write_ndjson(tmp_path, "1.Observation.NDJSON", ["{not json"])
+    report = read(study, tmp_path).report
+    assert report.files == ["1.Observation.NDJSON", synthea, "Patient.1.ndjson", "jane_doe-1961.ndjson"]
+    assert report.examples["malformed JSON"] == ["1.Observation.NDJSON:1", "Patient.1.ndjson:2", "file #4:1"]
+    assert report.examples["Observation: unparseable date"] == ["file #2:entry[1]"]
+    assert report.examples["not a JSON object"] == ["Patient.1.ndjson:3"]  # a `null` line
+    summary = report.summary().replace(str(tmp_path), "<split>")
+    for secret in ("Aaron", "Brekke", "2fa15bc7", "jane", "doe", "1961"):
+        assert secret not in summary
+    assert "(1.Observation.NDJSON:1, Patient.1.ndjson:2, file #4:1)" in summary
+
+
 def test_unusable_directories_are_fatal(study, tmp_path):
     with pytest.raises(SiteDataError, match="FHIR split directory not found"):
         read(study, tmp_path / "nope")
