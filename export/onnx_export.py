@@ -7,6 +7,11 @@ embedded as ONNX metadata properties.
 
 `quantize_int8` writes a static-QDQ model: uint8 activations, int8 per-channel weights,
 calibrated on the inputs it is given.
+
+`quantize_a16w8` writes the variant for QNN-class NPUs: the fp32 graph with its batch axis
+fixed to 1 (input [1, n_inputs], output [1]), static QDQ with uint16 activations and int8
+symmetric per-channel weights (opset 21, where QuantizeLinear/DequantizeLinear take 16-bit
+types natively; ONNX Runtime's quantizer raises the opset itself).
 """
 
 from __future__ import annotations
@@ -113,6 +118,64 @@ def quantize_int8(fp32_path: str | Path, calibration_inputs: np.ndarray, path: s
             calibrate_method=CalibrationMethod.MinMax,
         )
     finally:
+        prepared.unlink(missing_ok=True)
+    _attach_metadata(path, study)
+    return path
+
+
+class _Rows(CalibrationDataReader):
+    """One row per calibration batch, for a model whose batch axis is fixed to 1."""
+
+    def __init__(self, x: np.ndarray) -> None:
+        self._rows: Iterator[np.ndarray] = iter(x.astype(np.float32))
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        row = next(self._rows, None)
+        return None if row is None else {INPUT_NAME: row[None, :]}
+
+
+def fixed_batch_one(fp32_path: str | Path, path: str | Path) -> Path:
+    """The fp32 model with its symbolic batch axis fixed to 1 (same graph and weights, so the same logits)."""
+    from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_dim_param_fixed
+
+    model = onnx.load(str(fp32_path))
+    shape = model.graph.input[0].type.tensor_type.shape
+    batch = shape.dim[0].dim_param if shape.dim and shape.dim[0].HasField("dim_param") else None
+    if batch is not None:
+        make_dim_param_fixed(model.graph, batch, 1)
+    fix_output_shapes(model)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return Path(path)
+
+
+def quantize_a16w8(fp32_path: str | Path, calibration_inputs: np.ndarray, path: str | Path, study: Study) -> Path:
+    """Fixed batch 1, static QDQ: uint16 activations, int8 per-channel weights, MinMax calibration
+    (one calibration row per run, as the model takes one row)."""
+    fp32_path, path = Path(fp32_path), Path(path)
+    batch_one = path.with_name(path.stem + ".b1.onnx")
+    prepared = path.with_name(path.stem + ".prep.onnx")
+    try:
+        fixed_batch_one(fp32_path, batch_one)
+        quant_pre_process(str(batch_one), str(prepared), skip_symbolic_shape=True)
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # the quantizer's "updating the model to opset 21" notice is expected
+        try:
+            quantize_static(
+                str(prepared),
+                str(path),
+                _Rows(calibration_inputs),
+                quant_format=QuantFormat.QDQ,
+                activation_type=QuantType.QUInt16,
+                weight_type=QuantType.QInt8,
+                per_channel=True,
+                calibrate_method=CalibrationMethod.MinMax,
+            )
+        finally:
+            root.setLevel(level)
+    finally:
+        batch_one.unlink(missing_ok=True)
         prepared.unlink(missing_ok=True)
     _attach_metadata(path, study)
     return path

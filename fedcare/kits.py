@@ -2,9 +2,11 @@
 
     <out>/ca/                 ca.key (0600), ca.crt — the study CA; keep it offline
     <out>/coordinator/        kit.toml, study.toml, ca.crt, server.crt, server.key (0600),
-                              nodes/<hospital>.pub (node keys the coordinator accepts)
+                              nodes/<hospital>.pub (node keys the coordinator accepts),
+                              signing.key (0600), signing.pub (Ed25519: signs model packages)
     <out>/<hospital>/         kit.toml, study.toml, ca.crt, node.key (0600), node.pub,
-                              site.toml (the hospital's own settings: where its data is)
+                              site.toml (the hospital's own settings: where its data is),
+                              coordinator-signing.pub (verifies the coordinator's model packages)
 
 `provision` creates all of them centrally. In the distributed mode the private key never
 leaves the hospital: `node_keygen` runs there, and `add_node` registers the public key in
@@ -13,10 +15,15 @@ the coordinator's kit.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fedcare.files import read_toml
 from fedcare.pki import (
@@ -32,6 +39,11 @@ from fedcare.study import load_study
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 DEFAULT_PORT = 9092
+SIGNING_KEY = "signing.key"
+SIGNING_PUB = "signing.pub"
+COORDINATOR_SIGNING_PUB = "coordinator-signing.pub"
+PACKAGE_KEY = "package.key"  # optional, hospital: X25519, decrypts packages encrypted for this site
+PACKAGE_PUB = "package.pub"
 
 
 class KitError(ValueError):
@@ -72,6 +84,14 @@ class CoordinatorKit:
     def node_keys(self) -> dict[str, Path]:
         return {p.stem: p for p in sorted(self.nodes_dir.glob("*.pub"))}
 
+    @property
+    def signing_key(self) -> Path:
+        return self.path / SIGNING_KEY
+
+    @property
+    def signing_pub(self) -> Path:
+        return self.path / SIGNING_PUB
+
 
 @dataclass(frozen=True)
 class HospitalKit:
@@ -95,6 +115,10 @@ class HospitalKit:
     @property
     def site_file(self) -> Path:
         return self.path / "site.toml"
+
+    @property
+    def coordinator_signing_pub(self) -> Path:
+        return self.path / COORDINATOR_SIGNING_PUB
 
 
 def _check_name(name: str, what: str) -> str:
@@ -144,6 +168,139 @@ def read_site_settings(kit: HospitalKit) -> dict[str, str]:
         **({"data": str(site["data"])} if "data" in site else {}),
         "state_dir": str(state if state.is_absolute() else kit.path / state),
     }
+
+
+def signing_key_pair() -> tuple[bytes, bytes]:
+    """(Ed25519 private key as PKCS8 PEM, public key as SubjectPublicKeyInfo PEM) for signing model packages."""
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return private, public
+
+
+def signing_fingerprint(public_key: Ed25519PublicKey) -> str:
+    """`SHA256:<base64, unpadded>` of the raw 32-byte Ed25519 public key; safe to print and compare by eye."""
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return "SHA256:" + base64.b64encode(hashlib.sha256(raw).digest()).decode().rstrip("=")
+
+
+def load_signing_public_key(path: str | Path) -> Ed25519PublicKey:
+    """An Ed25519 public key from a PEM file (`signing.pub` or `coordinator-signing.pub`)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise KeyMaterialError(f"{path}: signing public key not found") from None
+    if b"PRIVATE" in data:
+        raise KeyMaterialError(f"{path}: this is a private key; give the public key")
+    try:
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError) as err:
+        raise KeyMaterialError(f"{path}: not a PEM public key ({err})") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise KeyMaterialError(f"{path}: package signing needs an Ed25519 key, got {type(key).__name__}")
+    return key
+
+
+def load_signing_key(kit: CoordinatorKit) -> Ed25519PrivateKey:
+    """The coordinator's package signing key (0600 enforced), checked against its `signing.pub`."""
+    check_private_permissions(kit.signing_key)
+    try:
+        key = serialization.load_pem_private_key(kit.signing_key.read_bytes(), password=None)
+    except (ValueError, TypeError) as err:
+        raise KeyMaterialError(f"{kit.signing_key}: not a PKCS8 PEM private key ({err})") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise KeyMaterialError(f"{kit.signing_key}: package signing needs an Ed25519 key, got {type(key).__name__}")
+    if kit.signing_pub.exists():
+        public = load_signing_public_key(kit.signing_pub)
+        if signing_fingerprint(public) != signing_fingerprint(key.public_key()):
+            raise KeyMaterialError(f"{kit.signing_pub}: does not match {kit.signing_key}")
+    return key
+
+
+def ensure_signing_key(kit: CoordinatorKit) -> bool:
+    """Create the coordinator's `signing.key` (0600) and `signing.pub` if the kit predates them.
+    Returns True when it created them (hospitals then need `signing.pub` as `coordinator-signing.pub`)."""
+    if kit.signing_key.exists():
+        if not kit.signing_pub.exists():  # the public half is derived, never a new identity
+            write_public(kit.signing_pub, load_signing_key(kit).public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+        return False
+    if kit.signing_pub.exists():
+        raise KeyMaterialError(f"{kit.signing_key}: missing, but {kit.signing_pub} exists; restore the private key from "
+                               f"a backup (a new key would not match what the hospitals hold)")
+    private, public = signing_key_pair()
+    write_secret(kit.signing_key, private)
+    write_public(kit.signing_pub, public)
+    return True
+
+
+def package_verification_key(kit_path: str | Path) -> tuple[Ed25519PublicKey, Path]:
+    """The key that verifies model packages, from a hospital kit (`coordinator-signing.pub`) or the
+    coordinator kit (`signing.pub`); with the file it came from."""
+    path = Path(kit_path).resolve()
+    raw = read_toml(path / "kit.toml", KitError, f"not found; is {path} a fedcare kit folder?")
+    role = raw.get("kit", {}).get("role")
+    if role == "hospital":
+        kit = load_hospital_kit(path, need_keys=False)
+        source = kit.coordinator_signing_pub
+        if not source.exists():
+            raise KitError(f"{source}: missing from the hospital kit; ask the coordinator for its signing.pub "
+                           f"and save it there")
+    elif role == "coordinator":
+        source = load_coordinator_kit(path).signing_pub
+        if not source.exists():
+            raise KitError(f"{source}: missing; the coordinator kit has no package signing key yet (`fedcare export` creates it)")
+    else:
+        raise KitError(f"{path / 'kit.toml'}: unknown kit role {role!r}")
+    return load_signing_public_key(source), source
+
+
+def ensure_package_key(kit: HospitalKit) -> bool:
+    """Optional: the hospital's X25519 `package.key` (0600) and `package.pub`, for model packages encrypted
+    at rest for this site (`export.package.encrypt_package`). Created at the hospital; True if created now."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    private_path, public_path = kit.path / PACKAGE_KEY, kit.path / PACKAGE_PUB
+    if private_path.exists():
+        return False
+    key = X25519PrivateKey.generate()
+    write_secret(private_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                 serialization.NoEncryption()))
+    write_public(public_path, key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                            serialization.PublicFormat.SubjectPublicKeyInfo))
+    return True
+
+
+def load_package_key(kit: HospitalKit):
+    """The hospital's X25519 package decryption key (0600 enforced)."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    path = kit.path / PACKAGE_KEY
+    check_private_permissions(path)
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError) as err:
+        raise KeyMaterialError(f"{path}: not a PKCS8 PEM private key ({err})") from None
+    if not isinstance(key, X25519PrivateKey):
+        raise KeyMaterialError(f"{path}: package decryption needs an X25519 key, got {type(key).__name__}")
+    return key
+
+
+def load_package_public_key(path: str | Path):
+    """A site's X25519 `package.pub` (PEM), to encrypt a package for that site."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+
+    path = Path(path)
+    try:
+        key = serialization.load_pem_public_key(path.read_bytes())
+    except FileNotFoundError:
+        raise KeyMaterialError(f"{path}: public key not found") from None
+    except (ValueError, TypeError) as err:
+        raise KeyMaterialError(f"{path}: not a PEM public key ({err})") from None
+    if not isinstance(key, X25519PublicKey):
+        raise KeyMaterialError(f"{path}: package encryption needs an X25519 key, got {type(key).__name__}")
+    return key
 
 
 def _toml_list(values: list[str]) -> str:
@@ -204,6 +361,9 @@ def provision(study_path: Path, hosts: list[str], hospitals: list[str], out: Pat
         encoding="utf-8",
     )
     (coord / "nodes").mkdir()
+    signing_private, signing_public = signing_key_pair()
+    write_secret(coord / SIGNING_KEY, signing_private)
+    write_public(coord / SIGNING_PUB, signing_public)
     kits = {"ca": out / "ca", "coordinator": coord}
     for name in names:
         kit = out / name
@@ -212,6 +372,7 @@ def provision(study_path: Path, hosts: list[str], hospitals: list[str], out: Pat
         write_public(kit / "node.pub", public)
         write_public(coord / "nodes" / f"{name}.pub", public)
         shutil.copyfile(out / "ca" / "ca.crt", kit / "ca.crt")
+        write_public(kit / COORDINATOR_SIGNING_PUB, signing_public)
         (kit / "study.toml").write_text(study_text, encoding="utf-8")
         _write_hospital_kit_toml(kit, name, f"{hosts[0]}:{port}", study.hash)
         (kit / "site.toml").write_text(SITE_TEMPLATE.format(data="/path/to/ehr-export"), encoding="utf-8")
@@ -239,7 +400,9 @@ def add_node(kit_path: Path, name: str, public_key: Path, hospital_kit_out: Path
     """At the coordinator: accept a hospital's node public key.
 
     With `hospital_kit_out`, also write that hospital's kit files (everything but its private
-    key, which stays at the hospital) for the coordinator to send back.
+    key, which stays at the hospital) for the coordinator to send back, including the
+    coordinator's package verification key `coordinator-signing.pub` (a coordinator kit that
+    predates package signing gets its signing key created here).
     """
     kit = load_coordinator_kit(kit_path)
     _check_name(name, "--name")
@@ -250,11 +413,14 @@ def add_node(kit_path: Path, name: str, public_key: Path, hospital_kit_out: Path
     target = kit.nodes_dir / f"{name}.pub"
     if target.exists():
         raise KitError(f"--name: a node named '{name}' is already registered; remove {target} first")
+    if hospital_kit_out is not None:
+        ensure_signing_key(kit)  # before registering: a kit whose signing key cannot be used changes nothing
     write_public(target, line)
     if hospital_kit_out is not None:
         out = Path(hospital_kit_out)
         out.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(kit.ca_cert, out / "ca.crt")
+        write_public(out / COORDINATOR_SIGNING_PUB, kit.signing_pub.read_bytes())
         shutil.copyfile(kit.study_file, out / "study.toml")
         _write_hospital_kit_toml(out, name, f"{kit.hosts[0]}:{kit.port}", kit.study_hash)
         if not (out / "site.toml").exists():
@@ -268,8 +434,14 @@ __all__ = [
     "KeyMaterialError",
     "KitError",
     "add_node",
+    "ensure_signing_key",
     "load_coordinator_kit",
     "load_hospital_kit",
+    "load_signing_key",
+    "load_signing_public_key",
     "node_keygen",
+    "package_verification_key",
     "provision",
+    "signing_fingerprint",
+    "signing_key_pair",
 ]

@@ -26,12 +26,13 @@ def _mode(path):
 def test_private_keys_are_0600_and_only_in_their_own_kit(kits):
     for party in ("a", "b", "c"):
         kit = kits[party]
-        assert sorted(p.name for p in kit.iterdir()) == ["ca.crt", "kit.toml", "node.key", "node.pub", "site.toml", "study.toml"]
+        assert sorted(p.name for p in kit.iterdir()) == [
+            "ca.crt", "coordinator-signing.pub", "kit.toml", "node.key", "node.pub", "site.toml", "study.toml"]
         assert _mode(kit / "node.key") == 0o600
     coordinator = kits["coordinator"]
-    assert _mode(coordinator / "server.key") == 0o600
+    assert _mode(coordinator / "server.key") == 0o600 and _mode(coordinator / "signing.key") == 0o600
     assert _mode(kits["ca"] / "ca.key") == 0o600
-    assert not list(coordinator.rglob("*.key")) == [] and [p.name for p in coordinator.rglob("*.key")] == ["server.key"]
+    assert not list(coordinator.rglob("*.key")) == [] and sorted(p.name for p in coordinator.rglob("*.key")) == ["server.key", "signing.key"]
     assert sorted(p.name for p in (coordinator / "nodes").iterdir()) == ["a.pub", "b.pub", "c.pub"]
 
 
