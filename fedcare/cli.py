@@ -183,7 +183,9 @@ def _privacy_reseal(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from simulations.simulate import DEFAULT_STUDY
+    from fedcare.runtime import APP_DIR
+
+    DEFAULT_STUDY = APP_DIR / "studies" / "depression-risk.toml"  # simulations.simulate's (imported lazily: torch)
 
     parser = argparse.ArgumentParser(prog="fedcare", description="Federated mental-health risk models across hospitals.")
     commands = parser.add_subparsers(dest="command", required=True)

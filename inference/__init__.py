@@ -1,1 +1,26 @@
-"""The on-site prediction service over a verified model package (ONNX Runtime). Never imports Flower."""
+"""The on-site prediction service over a verified model package (ONNX Runtime). Never imports Flower.
+
+`fedcare serve --package PKG --kit DIR` verifies the package against the kit's
+`coordinator-signing.pub` (signature, then every file's size and SHA-256; it refuses to start
+otherwise), opens the models in ONNX Runtime on the best available execution provider, and
+serves `POST /v1/analyze` (see `inference.app`).
+
+What the service keeps, and where (the kit's state directory, `<kit>/state` by default):
+
+- `serve-tokens.json` (0600): SHA-256 hashes of API tokens with their names and scopes; the
+  tokens themselves are printed once by `fedcare serve token add` and never stored.
+- `audit.key` (0600): the per-kit HMAC key that pseudonymizes patient ids in the audit log.
+- `serve-audit.jsonl` (0600): one line per API request: time, token name, endpoint, status,
+  model, latency, client address, refusal reason and the study feature it concerns, and
+  HMAC-SHA256(audit.key, patient_id). Never the raw patient id, never a feature value.
+
+Request bodies are held in memory for the duration of one request and never written to disk
+(no access log with bodies, no request cache; uvicorn's access log is off). Nothing the service
+sees is written anywhere training reads: training reads only the site's data export (`site.toml`
+`data`) and its privacy ledger; the service writes only the three files above, which no training
+code opens. Served predictions therefore never flow back into the federation.
+
+Modules: `model` (input scaling in numpy, exactly `fedcare.features.model_inputs`; ONNX Runtime
+sessions and execution-provider choice), `service` (startup: kit, package verification),
+`app` (FastAPI app), `tokens`, `audit`, `metrics` (Prometheus text), `commands` (CLI).
+"""

@@ -1,9 +1,228 @@
-"""`fedcare serve` and its token management (issue 6; filled in by the serving work)."""
+"""`fedcare serve` and its token management (issue 6).
+
+    fedcare serve --package PKG --kit DIR [--host 127.0.0.1] [--port 8443] [--tls-cert F --tls-key F]
+                  [--provider NAME]
+    fedcare serve token add --kit DIR --name NAME [--scope analyze] [--scope models]
+    fedcare serve token revoke --kit DIR --name NAME
+    fedcare serve token list --kit DIR
+
+Every refusal is one line on stderr (`fedcare: error: ...`) and exit status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import sys
+from pathlib import Path
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8443
+
+
+def _fail(message: str) -> int:
+    print(f"fedcare: error: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _bind(host: str, port: int):
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as err:
+        import os
+
+        reason = os.strerror(err.errno) if err.errno else str(err)
+        raise OSError(f"--host/--port: cannot listen on {host}:{port} ({reason})") from None
+
+
+def _check_tls(cert: Path | None, key: Path | None) -> None:
+    import ssl
+
+    from fedcare.pki import check_private_permissions
+
+    if (cert is None) != (key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if cert is None:
+        return
+    if not cert.is_file():
+        raise ValueError(f"--tls-cert: {cert} not found")
+    check_private_permissions(key)
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(str(cert), str(key))
+    except (ssl.SSLError, OSError) as err:
+        raise ValueError(f"--tls-cert/--tls-key: not a usable certificate and key ({err.__class__.__name__})") from None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    if args.package is None or args.kit is None:
+        return _fail("serve: --package and --kit are required (or use `fedcare serve token ...`)")
+    if not 1 <= args.port <= 65535:
+        return _fail(f"--port: {args.port} is not a TCP port")
+    try:
+        _check_tls(args.tls_cert, args.tls_key)
+    except ValueError as err:
+        return _fail(str(err))
+    if args.tls_cert is None and not _is_loopback(args.host):
+        return _fail(f"--host {args.host}: refusing to serve patient data over plain HTTP on a network interface; "
+                     "give --tls-cert and --tls-key, or bind 127.0.0.1 behind a TLS proxy")
+
+    from export.package import PackageError
+
+    from inference.model import ServeError
+    from inference.service import load_service
+    from inference.tokens import TokenError, read_tokens
+
+    try:
+        sock = _bind(args.host, args.port)
+    except OSError as err:
+        return _fail(str(err))
+    try:
+        service = load_service(args.package, args.kit, provider=args.provider)
+        read_tokens(service.kit.state_dir)  # an unreadable token file is a startup error, not a silent 401
+    except (PackageError, ServeError, TokenError) as err:
+        sock.close()
+        return _fail(str(err))
+    except BaseException:
+        sock.close()
+        raise
+
+    import uvicorn
+
+    from inference.app import create_app
+
+    app = create_app(service)
+    for note in service.models.notes:
+        print(f"fedcare serve: note: {note}", flush=True)
+    print(f"fedcare serve: {service.startup_line()}", flush=True)
+    if service.tokens.count == 0:
+        print("fedcare serve: note: no API tokens yet; add one with `fedcare serve token add --kit ... --name ...`",
+              flush=True)
+    scheme = "https" if args.tls_cert else "http"
+    shown_host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"fedcare serve: listening on {scheme}://{shown_host}:{args.port} "
+          f"(audit log {service.audit.path}); Ctrl-C stops", flush=True)
+    config = uvicorn.Config(
+        app,
+        loop=_best("uvloop", "auto"),
+        http=_best("httptools", "h11"),
+        lifespan="off",
+        access_log=False,  # the audit log records every API request, without patient ids
+        log_level="warning",
+        server_header=False,
+        ssl_certfile=str(args.tls_cert) if args.tls_cert else None,
+        ssl_keyfile=str(args.tls_key) if args.tls_key else None,
+        timeout_keep_alive=30,
+    )
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn shut down gracefully, then re-raised Ctrl-C
+        pass
+    finally:
+        service.audit.close()
+    print("fedcare serve: stopped", flush=True)
+    return 0
+
+
+def _best(module: str, fallback: str) -> str:
+    import importlib.util
+
+    return module if importlib.util.find_spec(module) is not None else fallback
+
+
+def _state_dir(kit: Path) -> Path:
+    from inference.service import load_serve_kit
+
+    return load_serve_kit(kit).state_dir
+
+
+def _token_add(args: argparse.Namespace) -> int:
+    from inference.tokens import TokenError, TOKENS_FILE, add_token
+
+    try:
+        state = _state_dir(args.kit)
+        token, entry = add_token(state, args.name, args.scope)
+    except TokenError as err:
+        return _fail(str(err))
+    print(f"token '{entry.name}' (scopes: {', '.join(sorted(entry.scopes))}) — shown once; "
+          f"{state / TOKENS_FILE} keeps only its SHA-256:", file=sys.stderr, flush=True)
+    print(token, flush=True)
+    return 0
+
+
+def _token_revoke(args: argparse.Namespace) -> int:
+    from inference.tokens import TokenError, revoke_token
+
+    try:
+        revoke_token(_state_dir(args.kit), args.name)
+    except TokenError as err:
+        return _fail(str(err))
+    print(f"token '{args.name}' revoked (a running service refuses it from its next request)")
+    return 0
+
+
+def _token_list(args: argparse.Namespace) -> int:
+    from inference.tokens import TokenError, read_tokens
+
+    try:
+        entries = read_tokens(_state_dir(args.kit))
+    except TokenError as err:
+        return _fail(str(err))
+    if not entries:
+        print("no tokens")
+        return 0
+    width = max(len(e.name) for e in entries)
+    for e in entries:
+        print(f"{e.name:<{width}}  scopes: {','.join(sorted(e.scopes)):<14}  created {e.created}")
+    return 0
 
 
 def register(commands: argparse._SubParsersAction) -> None:
     """Add this package's subcommands to the `fedcare` parser."""
+    from inference.tokens import SCOPES
+
+    serve = commands.add_parser(
+        "serve", help="serve a signed model package over HTTPS (FastAPI + ONNX Runtime); token management",
+        description="Serve a verified model package: POST /v1/analyze, GET /v1/models, /healthz, /metrics, /openapi.json.",
+    )
+    serve.add_argument("--package", type=Path, default=None, help="the model package directory")
+    serve.add_argument("--kit", type=Path, default=None, help="this hospital's kit (coordinator-signing.pub, state/)")
+    serve.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    serve.add_argument("--tls-cert", type=Path, default=None, help="TLS certificate (PEM); required off loopback")
+    serve.add_argument("--tls-key", type=Path, default=None, help="TLS private key (PEM, mode 0600)")
+    serve.add_argument("--provider", default=None,
+                       help="ONNX Runtime execution provider (default: the best available of QNN, OpenVINO, "
+                            "CoreML, DirectML, CPU)")
+    serve.set_defaults(func=_serve)
+
+    serve_cmds = serve.add_subparsers(dest="serve_command", required=False, metavar="{token}")
+    token = serve_cmds.add_parser("token", help="API tokens of the service")
+    token_cmds = token.add_subparsers(dest="token_command", required=True)
+
+    add = token_cmds.add_parser("add", help="create a token and print it once (only its hash is stored)")
+    add.add_argument("--kit", type=Path, required=True, help="the hospital kit folder")
+    add.add_argument("--name", required=True, help="who or what uses the token (shown in the audit log)")
+    add.add_argument("--scope", action="append", choices=SCOPES, default=None,
+                     help="analyze (POST /v1/analyze) and/or models (GET /v1/models); repeatable; default analyze")
+    add.set_defaults(func=_token_add)
+
+    revoke = token_cmds.add_parser("revoke", help="revoke a token by name")
+    revoke.add_argument("--kit", type=Path, required=True, help="the hospital kit folder")
+    revoke.add_argument("--name", required=True, help="the token's name")
+    revoke.set_defaults(func=_token_revoke)
+
+    listing = token_cmds.add_parser("list", help="list token names and scopes (never the tokens)")
+    listing.add_argument("--kit", type=Path, required=True, help="the hospital kit folder")
+    listing.set_defaults(func=_token_list)
