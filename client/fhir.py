@@ -60,6 +60,7 @@ except ImportError:  # pragma: no cover
     _fast_loads = None
 
 from client.data import MAX_EXAMPLES_PER_REASON, LoadReport, SiteDataError, SiteTable, _parse_value
+from client.fhir_aggregates import Exists, Latest, accumulator
 from fedcare.mapping import CONVERSIONS, Code, FeatureRule, Mapping, normalize_code
 from fedcare.study import Feature, Study, StudyConfigError
 
@@ -190,133 +191,6 @@ def read_site_fhir(study: Study, mapping: Mapping, path: str | Path, *, today: d
     return reader.table(path)
 
 
-# --- per-patient accumulators: the only per-patient state kept while reading ----------------
-
-
-class _Latest:
-    """Value of the latest record (ties: the later one in file order)."""
-
-    __slots__ = ("day", "value")
-
-    def __init__(self) -> None:
-        self.day = -1
-        self.value = 0.0
-
-    def add(self, day: int, value: Any) -> None:
-        if day >= self.day:
-            self.day, self.value = day, value
-
-    def result(self) -> float | None:
-        return self.value
-
-
-class _Mean:
-    __slots__ = ("total", "n")
-
-    def __init__(self) -> None:
-        self.total, self.n = 0.0, 0
-
-    def add(self, day: int, value: Any) -> None:
-        self.total += value
-        self.n += 1
-
-    def result(self) -> float | None:
-        return self.total / self.n
-
-
-class _Count:
-    __slots__ = ("n",)
-
-    def __init__(self) -> None:
-        self.n = 0
-
-    def add(self, day: int, value: Any) -> None:
-        self.n += 1
-
-    def result(self) -> float | None:
-        return float(self.n)
-
-
-class _DistinctDays:
-    """Conditions are counted by distinct dates (one episode coded twice on a day is one)."""
-
-    __slots__ = ("days",)
-
-    def __init__(self) -> None:
-        self.days: set[int] = set()
-
-    def add(self, day: int, value: Any) -> None:
-        self.days.add(day)
-
-    def result(self) -> float | None:
-        return float(len(self.days))
-
-
-class _Any:
-    __slots__ = ()
-
-    def add(self, day: int, value: Any) -> None:
-        pass
-
-    def result(self) -> float | None:
-        return 1.0
-
-
-class _Slope:
-    """Least-squares slope of value vs day, × 30; needs >= 2 records on >= 2 distinct days."""
-
-    __slots__ = ("origin", "n", "st", "stt", "sv", "stv", "first_day", "distinct")
-
-    def __init__(self, origin: int) -> None:
-        self.origin = origin  # days are taken relative to the index date, keeping the sums small
-        self.n = self.st = self.stt = 0
-        self.sv = self.stv = 0.0
-        self.first_day: int | None = None
-        self.distinct = False
-
-    def add(self, day: int, value: Any) -> None:
-        t = day - self.origin
-        self.n += 1
-        self.st += t
-        self.stt += t * t
-        self.sv += value
-        self.stv += t * value
-        if self.first_day is None:
-            self.first_day = day
-        elif day != self.first_day:
-            self.distinct = True
-
-    def result(self) -> float | None:
-        if self.n < 2 or not self.distinct:
-            return None
-        denominator = self.n * self.stt - self.st * self.st
-        return 30.0 * (self.n * self.stv - self.st * self.sv) / denominator
-
-
-class _Pdc:
-    """Proportion of the window's days (lo, hi] covered by at least one supply [start, end)."""
-
-    __slots__ = ("lo", "hi", "intervals")
-
-    def __init__(self, lo: int, hi: int) -> None:
-        self.lo, self.hi = lo, hi
-        self.intervals: list[tuple[int, int]] = []
-
-    def add(self, day: int, value: Any) -> None:
-        start, end = max(day, self.lo + 1), min(value, self.hi + 1)
-        if start < end:
-            self.intervals.append((start, end))
-
-    def result(self) -> float | None:
-        covered, reach = 0, self.lo + 1
-        for start, end in sorted(self.intervals):
-            start = max(start, reach)
-            if end > start:
-                covered += end - start
-                reach = end
-        return covered / (self.hi - self.lo)
-
-
 # --- the mapping compiled for fast matching ------------------------------------------------
 
 
@@ -402,16 +276,6 @@ class _CodeIndex:
         return list(dict.fromkeys(found)) if several else found
 
 
-def _accumulator(rule: FeatureRule, lo: int, hi: int) -> Callable[[], Any]:
-    if rule.aggregate == "pdc":
-        return functools.partial(_Pdc, lo, hi)
-    if rule.aggregate == "slope_per_30d":
-        return functools.partial(_Slope, hi)
-    if rule.aggregate == "count" and rule.source == "condition":
-        return _DistinctDays
-    return {"latest": _Latest, "mean": _Mean, "count": _Count, "any": _Any}[rule.aggregate or "any"]
-
-
 class _Program:
     """The study's features and label as targets indexed by resource type and code."""
 
@@ -435,13 +299,13 @@ class _Program:
             lo, hi = index - (rule.window_days or 0), index
             if rule.source == "bmi":
                 for role, codes, unit in (("weight", rule.weight_codes, "kg"), ("height", rule.height_codes, "m")):
-                    target = _Target((i, role), lo, hi, _Latest, unit=unit)
+                    target = _Target((i, role), lo, hi, Latest, unit=unit)
                     for code in codes:
                         self.observations.add(code, target)
             else:
-                self._add(rule, _Target(i, lo, hi, _accumulator(rule, lo, hi), unit=rule.unit))
+                self._add(rule, _Target(i, lo, hi, accumulator(rule, lo, hi), unit=rule.unit))
         for rule in mapping.label.any_of:
-            self._add(rule, _Target(LABEL, index, index + (rule.window_days_after or 0), _Any))
+            self._add(rule, _Target(LABEL, index, index + (rule.window_days_after or 0), Exists))
         self.encounters_with_reasons = frozenset(
             cls for cls, targets in self.encounters.items() if any(t.reasons for t in targets))
         # How each row cell derives: (index, feature, "acc" | "direct" | "bmi", the checked result
