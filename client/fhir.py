@@ -569,12 +569,7 @@ class _Reader:
         hits = [t for t in targets if start <= t.hi and end > t.lo + 1]
         if not hits:
             return False
-        facts = self._record(pid, where).facts
-        for t in hits:
-            acc = facts.get(t.key)
-            if acc is None:
-                acc = facts[t.key] = t.make()
-            acc.add(start, end)
+        self._add_facts(pid, where, hits, start, end)
         return True
 
     # pieces of a resource
@@ -583,13 +578,17 @@ class _Reader:
         hits = [t for t in targets if t.lo < day <= t.hi]
         if not hits:
             return False
+        self._add_facts(pid, where, hits, day, None)
+        return True
+
+    def _add_facts(self, pid: str, where: Location, hits: list[_Target], first: int, second: Any) -> None:
+        """Give (first, second) to each hit target's accumulator for this patient, creating it on first use."""
         facts = self._record(pid, where).facts
         for t in hits:
             acc = facts.get(t.key)
             if acc is None:
                 acc = facts[t.key] = t.make()
-            acc.add(day, None)
-        return True
+            acc.add(first, second)
 
     def _record(self, pid: str, where: Location) -> _Patient:
         state = self.patients.get(pid)

@@ -101,37 +101,31 @@ class _Batches(CalibrationDataReader):
         return None if batch is None else {INPUT_NAME: batch.astype(np.float32)}
 
 
-def quantize_int8(fp32_path: str | Path, calibration_inputs: np.ndarray, path: str | Path, study: Study) -> Path:
-    """Static QDQ: uint8 activations, int8 per-channel weights, MinMax calibration."""
-    fp32_path, path = Path(fp32_path), Path(path)
+def _quantize_qdq(source: Path, path: Path, calibration: CalibrationDataReader, activations: QuantType) -> None:
+    """Pre-process, then static QDQ with int8 per-channel weights and MinMax calibration."""
     prepared = path.with_name(path.stem + ".prep.onnx")
     try:
-        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
         quantize_static(
             str(prepared),
             str(path),
-            _Batches(calibration_inputs),
+            calibration,
             quant_format=QuantFormat.QDQ,
-            activation_type=QuantType.QUInt8,
+            activation_type=activations,
             weight_type=QuantType.QInt8,
             per_channel=True,
             calibrate_method=CalibrationMethod.MinMax,
         )
     finally:
         prepared.unlink(missing_ok=True)
+
+
+def quantize_int8(fp32_path: str | Path, calibration_inputs: np.ndarray, path: str | Path, study: Study) -> Path:
+    """Static QDQ: uint8 activations, int8 per-channel weights, MinMax calibration."""
+    fp32_path, path = Path(fp32_path), Path(path)
+    _quantize_qdq(fp32_path, path, _Batches(calibration_inputs), QuantType.QUInt8)
     _attach_metadata(path, study)
     return path
-
-
-class _Rows(CalibrationDataReader):
-    """One row per calibration batch, for a model whose batch axis is fixed to 1."""
-
-    def __init__(self, x: np.ndarray) -> None:
-        self._rows: Iterator[np.ndarray] = iter(x.astype(np.float32))
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        row = next(self._rows, None)
-        return None if row is None else {INPUT_NAME: row[None, :]}
 
 
 def fixed_batch_one(fp32_path: str | Path, path: str | Path) -> Path:
@@ -154,29 +148,17 @@ def quantize_a16w8(fp32_path: str | Path, calibration_inputs: np.ndarray, path: 
     (one calibration row per run, as the model takes one row)."""
     fp32_path, path = Path(fp32_path), Path(path)
     batch_one = path.with_name(path.stem + ".b1.onnx")
-    prepared = path.with_name(path.stem + ".prep.onnx")
     try:
         fixed_batch_one(fp32_path, batch_one)
-        quant_pre_process(str(batch_one), str(prepared), skip_symbolic_shape=True)
         root = logging.getLogger()
         level = root.level
         root.setLevel(logging.ERROR)  # the quantizer's "updating the model to opset 21" notice is expected
         try:
-            quantize_static(
-                str(prepared),
-                str(path),
-                _Rows(calibration_inputs),
-                quant_format=QuantFormat.QDQ,
-                activation_type=QuantType.QUInt16,
-                weight_type=QuantType.QInt8,
-                per_channel=True,
-                calibrate_method=CalibrationMethod.MinMax,
-            )
+            _quantize_qdq(batch_one, path, _Batches(calibration_inputs, batch_size=1), QuantType.QUInt16)
         finally:
             root.setLevel(level)
     finally:
         batch_one.unlink(missing_ok=True)
-        prepared.unlink(missing_ok=True)
     _attach_metadata(path, study)
     return path
 

@@ -296,11 +296,16 @@ def main(argv: list[str] | None = None) -> int:
     from fedcare.study import StudyConfigError
     from simulations.simulate import SimulationError
 
-    args = build_parser().parse_args(argv)
+    user_errors = (StudyConfigError, SiteDataError, SimulationError, KitError, KeyMaterialError, NodeStartError,
+                   FederationError, PolicyError, LedgerTampered)
+    return run_command(build_parser().parse_args(argv), user_errors)
+
+
+def run_command(args: argparse.Namespace, user_errors: tuple[type[Exception], ...]) -> int:
+    """Run a parsed command: a user error is one line on stderr and exit 2, Ctrl-C exit 130."""
     try:
         return args.func(args)
-    except (StudyConfigError, SiteDataError, SimulationError, KitError, KeyMaterialError, NodeStartError, FederationError, PolicyError,
-            LedgerTampered) as err:
+    except user_errors as err:
         print(f"fedcare: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -14,20 +14,13 @@ def main(argv: list[str] | None = None) -> int:
     from fedcare.kits import KitError
     from fedcare.pki import KeyMaterialError
     from fedcare.study import StudyConfigError
+    from fedcare.cli import run_command
     from inference.commands import register
 
     parser = argparse.ArgumentParser(prog="fedcare", description="The fedcare prediction service.")
     commands = parser.add_subparsers(dest="command", required=True)
     register(commands)
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (KitError, KeyMaterialError, StudyConfigError) as err:
-        print(f"fedcare: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("fedcare: interrupted", file=sys.stderr)
-        return 130
+    return run_command(parser.parse_args(argv), (KitError, KeyMaterialError, StudyConfigError))
 
 
 if __name__ == "__main__":
