@@ -26,10 +26,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fedcare.kits import load_coordinator_kit, provision  # noqa: E402
-from fedcare.runtime import APP_DIR, free_port  # noqa: E402
+from deploy.kits import load_coordinator_kit, provision  # noqa: E402
+from deploy.flower import free_port  # noqa: E402
+from fedcare import APP_DIR  # noqa: E402
 from fedcare.study import load_study  # noqa: E402
-from server.federation import FlowerCLI  # noqa: E402
+from deploy.coordinator import FlowerCLI  # noqa: E402
 from server.progress import read_round_log  # noqa: E402
 from simulations.cohorts import write_cohorts  # noqa: E402
 
@@ -37,7 +38,7 @@ PACKAGES = ("fedcare", "client", "server", "strategies", "privacy", "export", "i
 
 
 def _start(args: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "fedcare.cli", *args], cwd=APP_DIR, stdout=log.open("w"),
+    return subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=APP_DIR, stdout=log.open("w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -89,7 +90,7 @@ def main() -> None:
 
         results: dict[str, float] = {}
         t0 = time.monotonic()
-        subprocess.run([sys.executable, "-m", "fedcare.cli", "run", "--kit", str(kits["coordinator"]), "--rounds", str(args.rounds)],
+        subprocess.run([sys.executable, "-m", "cli", "run", "--kit", str(kits["coordinator"]), "--rounds", str(args.rounds)],
                        cwd=APP_DIR, check=True, stdout=subprocess.DEVNULL)
         run_dir = sorted((kits["coordinator"] / "state" / "runs").iterdir())[-1]
         results["fedcare"] = statistics.median(r["seconds"] for r in read_round_log(run_dir)[1:])

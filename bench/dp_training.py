@@ -29,7 +29,7 @@ from fedcare.model import build_model  # noqa: E402
 from fedcare.study import load_study  # noqa: E402
 from privacy.accounting import plan_schedule  # noqa: E402
 from simulations.cohorts import SMALLEST_SITE, write_cohorts  # noqa: E402
-from simulations.simulate import DEFAULT_STUDY  # noqa: E402
+from fedcare import DEFAULT_STUDY  # noqa: E402
 
 
 def main() -> None:

@@ -9,6 +9,6 @@ from flwr.client import ClientApp
 from flwr.client.mod import secaggplus_mod
 
 import client.training  # noqa: F401  (torch + Opacus at import time)
-from client.hospital import hospital_client
+from client.site_client import site_client
 
-app = ClientApp(client_fn=hospital_client, mods=[secaggplus_mod])
+app = ClientApp(client_fn=site_client, mods=[secaggplus_mod])

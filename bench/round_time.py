@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fedcare.runtime import quiet_flower_environment  # noqa: E402
+from deploy.flower import quiet_flower_environment  # noqa: E402
 
 quiet_flower_environment()
 
@@ -26,7 +26,7 @@ from fedcare.study import load_study  # noqa: E402
 from server.progress import read_round_log  # noqa: E402
 from simulations.cohorts import write_cohorts  # noqa: E402
 from simulations.engine import run_flower_simulation  # noqa: E402
-from simulations.simulate import DEFAULT_STUDY  # noqa: E402
+from fedcare import DEFAULT_STUDY  # noqa: E402
 
 
 def main() -> None:

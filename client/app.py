@@ -4,7 +4,7 @@ In deployment every message to a SuperNode runs in a fresh process that imports 
 module. Three of the four SecAgg+ stages per round (setup, key sharing, unmasking) are
 handled entirely by `secaggplus_mod` and never reach the client, so this module imports
 only Flower; torch, Opacus and the site's data load only when a message needs the client
-(`client.hospital`: training and evaluation). The masked-only guard (`privacy.guard`) runs
+(`client.site_client`: training and evaluation). The masked-only guard (`privacy.guard`) runs
 first: only SecAgg+ training stages that meet the site's policy, and evaluation, get through.
 """
 
@@ -18,9 +18,9 @@ from privacy.guard import masked_only_guard
 
 
 def client_fn(context: Context) -> Client:
-    from client.hospital import hospital_client
+    from client.site_client import site_client
 
-    return hospital_client(context)
+    return site_client(context)
 
 
 app = ClientApp(client_fn=client_fn, mods=[masked_only_guard, secaggplus_mod])

@@ -1,4 +1,6 @@
-"""What one site puts in its SecAgg+ vector, and how the coordinator reads the sum.
+"""The arithmetic of a site's SecAgg+ vector, and how the coordinator reads the sum.
+
+Which part sits where is `fedcare.protocol.VectorLayout`; this module fills and reads the parts.
 
 Nothing about a single site leaves it in plaintext: every number a site sends is inside the
 vector SecAgg+ masks, and the plaintext `num_examples` is the same constant for every site
@@ -30,10 +32,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.common import NDArrays
 
 from fedcare.metrics import AUC_BINS, auc_from_histogram
+from fedcare.protocol import VectorLayout
 from fedcare.study import Study
+
+NDArrays = list[np.ndarray]
 
 LOSS_CAP = 16.2  # the largest per-row log-loss (probabilities are clipped to [1e-7, 1 - 1e-7])
 
@@ -114,6 +118,10 @@ class ContributionFormat:
         bound = self._z_bound
         return np.concatenate([present.sum(axis=0), z.sum(axis=0) / bound, (z**2).sum(axis=0) / bound**2]) / self.eval_scale
 
+    def layout(self, model_arrays: int) -> VectorLayout:
+        """Where each part of a vector is, for a model of `model_arrays` arrays."""
+        return VectorLayout(model_arrays=model_arrays, bins=self.bins, features=len(self.centers))
+
     def empty_statistics(self) -> np.ndarray:
         return np.zeros(3 * len(self.centers))
 
@@ -124,11 +132,13 @@ class ContributionFormat:
         w = n_train / self.max_weight
         block = np.concatenate([histogram.reshape(-1).astype(np.float64), [loss_sum / LOSS_CAP]]) / self.eval_scale
         stats = self.empty_statistics() if statistics is None else statistics
-        return [np.asarray(d, dtype=np.float64) * w for d in delta] + [np.array([w]), block, stats]
+        vector = [np.asarray(d, dtype=np.float64) * w for d in delta] + [np.array([w]), block, stats]
+        self.layout(len(delta)).split(vector)  # the layout is the one contract: check it on the way out too
+        return vector
 
-    def decode(self, mean_vector: NDArrays, sites: int) -> Aggregate:
-        """The coordinator's reading of SecAgg+'s mean over `sites` vectors."""
-        *weighted, w_mean, block, stats = mean_vector
+    def decode(self, mean_vector: NDArrays, sites: int, *, model_arrays: int) -> Aggregate:
+        """The coordinator's reading of SecAgg+'s mean over `sites` vectors (a model of `model_arrays` arrays)."""
+        weighted, w_mean, block, stats = self.layout(model_arrays).split(list(mean_vector))
         total = np.asarray(block, dtype=np.float64) * sites * self.eval_scale
         histogram = np.rint(total[: 2 * self.bins]).clip(min=0).astype(np.int64).reshape(2, self.bins)
         test_rows = int(histogram.sum())

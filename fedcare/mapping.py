@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from fedcare import study as _study  # module import: fedcare.study imports this module lazily too
+from fedcare.errors import StudyConfigError
 
 SOURCES = (
     "patient_age",
@@ -128,18 +128,6 @@ class Mapping:
     index_date: datetime.date
     features: dict[str, FeatureRule]
     label: LabelRule
-
-
-def load_mapping(study_path: str | Path) -> Mapping:
-    """Read a study file and return its validated `[mapping]` (the study itself is validated too)."""
-    from fedcare.files import read_toml
-
-    path = Path(study_path)
-    raw = read_toml(path, _study.StudyConfigError, "study file not found")
-    parsed = _study.parse_study(raw, source=str(path))
-    if "mapping" not in raw:
-        raise _study.StudyConfigError(f"{path}: [mapping]: missing section")
-    return parse_mapping(raw["mapping"], [f.name for f in parsed.features], str(path))
 
 
 def parse_mapping(raw: dict[str, Any], feature_names: list[str], path: str) -> Mapping:
@@ -264,8 +252,8 @@ class _Parser:
     def __init__(self, path: str) -> None:
         self.path = path
 
-    def fail(self, field: str, why: str) -> _study.StudyConfigError:
-        return _study.StudyConfigError(f"{self.path}: {field}: {why}")
+    def fail(self, field: str, why: str) -> StudyConfigError:
+        return StudyConfigError(f"{self.path}: {field}: {why}")
 
     def no_unknown_keys(self, raw: dict[str, Any], at: str, known: tuple[str, ...], source: str | None = None) -> None:
         for key in raw:

@@ -1,19 +1,84 @@
-"""The study report: one schema for `fedcare simulate` and `fedcare run` (README documents it)."""
+"""The study report: one builder and one schema for `fedcare simulate` and `fedcare run` (README documents it).
+
+`build_report` takes what only the caller knows (the evaluator's view in simulation, the
+coordinator's aggregates in deployment) and reads everything else from the run record, so both
+paths write the same keys. `write_report` writes `report.json`, `summary.txt` and the run's
+privacy summary (`privacy.json`).
+"""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from typing import Any
+
+from fedcare.run_record import RunRecord
+from fedcare.study import Study
+
+
+def privacy_targets(study: Study) -> dict[str, Any]:
+    """The study's per-site privacy targets, as every report and package states them."""
+    return {
+        "target_epsilon": study.privacy.epsilon,
+        "delta": study.privacy.delta,
+        "clipping_norm": study.privacy.clipping_norm,
+        "accountant": study.privacy.accountant,
+    }
+
+
+def scaling_report(record: RunRecord) -> dict[str, Any]:
+    """The feature scaling the run used: federated (pooled statistics, recorded by the run) or the spec's."""
+    study = record.study()
+    return {
+        "method": "federated" if record.scaling() is not None else "spec",
+        "features": {f.name: {"center": round(f.center, 6), "scale": round(f.scale, 6)} for f in study.features},
+    }
+
+
+def build_report(
+    record: RunRecord,
+    *,
+    sites: list[dict],
+    final: dict,
+    baseline: dict,
+    export: dict,
+    wall_seconds: float,
+    sites_note: str | None = None,
+    ground_truth_auc: float | None = None,
+) -> dict[str, Any]:
+    """The report of the run in `record` (schema in README). Keyword arguments are the caller's view:
+    per-site rows, the final model's metrics, the centralized baseline and the exported models."""
+    study = record.study()
+    report: dict[str, Any] = {
+        "study": study.name,
+        "study_hash": study.hash,
+        "secure_aggregation": True,  # there is no other path: the strategy refuses anything but a SecAgg+ sum
+        "rounds": record.rounds(),
+        "sites": sites,
+    }
+    if sites_note:
+        report["sites_note"] = sites_note
+    report.update({"final": final, "baseline_centralized": baseline})
+    if ground_truth_auc is not None:
+        report["ground_truth_auc"] = ground_truth_auc
+    report.update({
+        "export": export,
+        "scaling": scaling_report(record),
+        "privacy": privacy_targets(study),
+        "wall_seconds": round(wall_seconds, 2),
+    })
+    return report
+
+
+def write_report(record: RunRecord, report: dict) -> None:
+    """`report.json`, the readable `summary.txt`, and `privacy.json` (targets and per-site spend where known)."""
+    (record.path / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (record.path / "summary.txt").write_text(summary_text(report), encoding="utf-8")
+    spent = [{"name": s["name"], "epsilon": s.get("epsilon"), "delta": s.get("delta")} for s in report["sites"]]
+    record.write_privacy({**report["privacy"], "sites": spent, "note": report.get("sites_note", "")})
 
 
 def _fmt(value: float | int | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
-
-
-def write_report(out: Path, report: dict) -> None:
-    """`<out>/report.json` and the readable `<out>/summary.txt`."""
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    (out / "summary.txt").write_text(summary_text(report), encoding="utf-8")
 
 
 def summary_text(report: dict) -> str:
@@ -23,7 +88,7 @@ def summary_text(report: dict) -> str:
         "",
         "round  test AUC  loss",
     ]
-    lines += [f"{r['round']:>5}  {r['auc']:.4f}    {r['loss']:.4f}" for r in report["rounds"]]
+    lines += [f"{r['round']:>5}  {_fmt(r['auc'], '.4f'):>8}  {_fmt(r['loss'], '.4f')}" for r in report["rounds"]]
     lines += ["", f"{'site':<14} {'rows':>6} {'epsilon':>8} {'delta':>8} {'AUC':>6}"]
     lines += [
         f"{s['name']:<14} {_fmt(s.get('train_rows'), 'd'):>6} {_fmt(s['epsilon'], '.3f'):>8} {s['delta']:>8.0e} {_fmt(s['auc'], '.3f'):>6}"

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedcare.errors import StudyConfigError
 from fedcare.files import read_toml
 
 if TYPE_CHECKING:
@@ -28,10 +29,6 @@ STRATEGIES = ("fedavg",)
 OPTIMIZERS = ("sgd", "adam")
 STANDARDIZATIONS = ("spec", "federated")
 ACCOUNTANTS = ("prv", "rdp")
-
-
-class StudyConfigError(ValueError):
-    """A study file is invalid; the message names the file and the field."""
 
 
 @dataclass(frozen=True)
@@ -140,17 +137,15 @@ class Study:
         indicators = [f"{f.name}_missing" for f in self.features if f.missing == "indicator"]
         return [f.name for f in self.features] + indicators
 
-    def with_overrides(self, *, rounds: int | None = None, epsilon: float | None = None) -> Study:
-        """A copy with the number of rounds and/or the per-site epsilon replaced (validated)."""
+    def with_overrides(self, overrides: Overrides | None = None, *, rounds: int | None = None,
+                       epsilon: float | None = None) -> Study:
+        """A copy with the number of rounds and/or the per-site epsilon replaced (validated by `Overrides`)."""
+        chosen = overrides if overrides is not None else Overrides(rounds=rounds, epsilon=epsilon)
         training, privacy = self.training, self.privacy
-        if rounds is not None:
-            if rounds < 1:
-                raise StudyConfigError(f"--rounds: must be >= 1, got {rounds}")
-            training = dataclasses.replace(training, rounds=rounds)
-        if epsilon is not None:
-            if not (epsilon > 0 and math.isfinite(epsilon)):
-                raise StudyConfigError(f"--epsilon: must be a finite number > 0, got {epsilon}")
-            privacy = dataclasses.replace(privacy, epsilon=epsilon)
+        if chosen.rounds is not None:
+            training = dataclasses.replace(training, rounds=chosen.rounds)
+        if chosen.epsilon is not None:
+            privacy = dataclasses.replace(privacy, epsilon=chosen.epsilon)
         return dataclasses.replace(self, training=training, privacy=privacy)
 
     def with_scaling(self, center: list[float], scale: list[float]) -> Study:
@@ -168,15 +163,46 @@ class Study:
         return _render_toml(self)
 
 
-def study_for_run(path: str | Path, run_config: dict[str, Any]) -> Study:
-    """The study as a run uses it: the file, with the run's `rounds` / `epsilon` overrides (0 = the file's).
+@dataclass(frozen=True)
+class Overrides:
+    """A run's replacements for the study file's values; None keeps the file's.
 
-    Coordinator and sites both compute this; its hash is what they compare, so an override
-    changes nothing silently.
+    They travel in Flower's run config, which has no null: there, and only there, 0 stands for
+    "the file's value" (`run_config` / `from_run_config`). Coordinator and sites both apply them
+    to their own copy of the study file and compare the resulting hash.
     """
-    rounds = int(run_config.get("rounds", 0) or 0)
-    epsilon = float(run_config.get("epsilon", 0.0) or 0.0)
-    return load_study(path).with_overrides(rounds=rounds or None, epsilon=epsilon or None)
+
+    rounds: int | None = None
+    epsilon: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.rounds is not None and (isinstance(self.rounds, bool) or self.rounds < 1):
+            raise StudyConfigError(f"--rounds: must be >= 1, got {self.rounds}")
+        if self.epsilon is not None and not (self.epsilon > 0 and math.isfinite(self.epsilon)):
+            raise StudyConfigError(f"--epsilon: must be a finite number > 0, got {self.epsilon}")
+
+    def run_config(self) -> dict[str, int | float]:
+        """The `rounds` / `epsilon` entries of a run config (0 = the file's value)."""
+        return {"rounds": self.rounds or 0, "epsilon": float(self.epsilon or 0.0)}
+
+    @classmethod
+    def from_run_config(cls, config: dict[str, Any]) -> Overrides:
+        rounds = int(config.get("rounds", 0) or 0)
+        epsilon = float(config.get("epsilon", 0.0) or 0.0)
+        return cls(rounds=rounds or None, epsilon=epsilon or None)
+
+
+def study_for_run(path: str | Path, run_config: dict[str, Any]) -> Study:
+    """The study as a run uses it: the file with the run's overrides (`Overrides.from_run_config`)."""
+    return load_study(path).with_overrides(Overrides.from_run_config(run_config))
+
+
+def load_mapping(study_path: str | Path) -> Mapping:
+    """Read a study file and return its validated `[mapping]` (the study itself is validated too)."""
+    study = load_study(study_path)
+    if study.mapping is None:
+        raise StudyConfigError(f"{study_path}: [mapping]: missing section")
+    return study.mapping
 
 
 def load_study(path: str | Path) -> Study:

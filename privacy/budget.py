@@ -13,6 +13,7 @@ from a stored total.
 
 from __future__ import annotations
 
+from fedcare.protocol import Refusal, RefusalKind
 from fedcare.study import Study
 from privacy.accounting import DPSchedule, epsilon_of
 from privacy.ledger import LedgerEntry, PrivacyLedger, rounds_of, studies_of
@@ -21,8 +22,8 @@ from privacy.policy import SitePolicy
 TOLERANCE = 1e-9
 
 
-class BudgetRefusal(RuntimeError):
-    """The site will not train this round; the message says why."""
+class BudgetRefusal(Refusal):
+    """The site's budget (kind BUDGET) or policy (kind POLICY) will not let it train this round."""
 
 
 def study_epsilon(entries: list[LedgerEntry], study_hash: str, extra: tuple[float, float, int] | None = None) -> float:
@@ -44,9 +45,9 @@ def lifetime_epsilon(entries: list[LedgerEntry], exclude: str | None = None) -> 
 
 def check_study_allowed(policy: SitePolicy, study_hash: str, delta: float) -> None:
     if not policy.accepts_study(study_hash):
-        raise BudgetRefusal(f"study {study_hash[:12]}… is not in this site's policy accepted_studies")
+        raise BudgetRefusal(RefusalKind.POLICY, f"study {study_hash[:12]}… is not in this site's policy accepted_studies")
     if delta > policy.max_delta:
-        raise BudgetRefusal(f"the study's δ = {delta:g} exceeds this site's policy max_delta = {policy.max_delta:g}")
+        raise BudgetRefusal(RefusalKind.POLICY, f"the study's δ = {delta:g} exceeds this site's policy max_delta = {policy.max_delta:g}")
 
 
 def carried_schedule(entries: list[LedgerEntry], study: Study, run_id: int) -> DPSchedule | None:
@@ -79,7 +80,7 @@ def charge_round(
     check_study_allowed(policy, study_hash, schedule.delta)
     done = len(rounds_of(entries, study_hash, run_id))
     if done >= schedule.rounds:
-        raise BudgetRefusal(f"the study's planned {schedule.rounds} rounds are spent; training more would exceed ε")
+        raise BudgetRefusal(RefusalKind.BUDGET, f"the study's planned {schedule.rounds} rounds are spent; training more would exceed ε")
     step = (schedule.noise_multiplier, schedule.sample_rate, schedule.steps_per_round)
     if not rounds_of(entries, study_hash):
         # The first round of a study sets its accountant and δ for every later round.
@@ -89,11 +90,13 @@ def charge_round(
     eps_lifetime = lifetime_epsilon(entries, exclude=study_hash) + eps_study
     if eps_study > policy.max_epsilon_per_study + TOLERANCE:
         raise BudgetRefusal(
+            RefusalKind.BUDGET,
             f"privacy budget: this round would bring the study to ε = {eps_study:.3f} > this site's "
             f"max_epsilon_per_study = {policy.max_epsilon_per_study:g}; the site trains no more rounds of it"
         )
     if eps_lifetime > policy.max_epsilon_lifetime + TOLERANCE:
         raise BudgetRefusal(
+            RefusalKind.BUDGET,
             f"privacy budget: this round would bring the site's lifetime ε to {eps_lifetime:.3f} > its "
             f"max_epsilon_lifetime = {policy.max_epsilon_lifetime:g}; the site trains no more rounds"
         )

@@ -9,23 +9,35 @@ masked vector (`fedcare.contribution`). It refuses any reply that would carry ar
 and a masked-vector reply whose plaintext fields say anything about the site (metrics, or a
 number of examples other than the round's constant). A refusal is an exception, so the
 coordinator receives an error reply whose reason says why, and nothing else.
+
+The guard is also where every refusal of this site becomes its reply: a `fedcare.protocol.Refusal`
+raised here or by the client below becomes an error with `REFUSAL_CODE` and the refusal's kind and
+message as structured fields (logged at the site too); the coordinator never parses text.
 """
 
 from __future__ import annotations
 
-from flwr.app import Context, Message
+import logging
+
+from flwr.app import Context, Error, Message
 from flwr.app.message_type import MessageType
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
 
-from client.site import site_paths
+from fedcare.protocol import REFUSAL_CODE, Refusal, RefusalKind
+from fedcare.site import site_paths
 from privacy.policy import policy_for_site
 
 SECAGG_STAGES = (Stage.SETUP, Stage.SHARE_KEYS, Stage.COLLECT_MASKED_VECTORS, Stage.UNMASK)
+logger = logging.getLogger(__name__)
 
 
-class GuardRefusal(RuntimeError):
-    """This site refuses the request: it would expose its update outside SecAgg+."""
+class GuardRefusal(Refusal):
+    """This site refuses the request: it would expose its update outside SecAgg+ (kind GUARD), or the
+    SecAgg+ round is weaker than its policy allows (kind POLICY)."""
+
+    def __init__(self, message: str, kind: RefusalKind = RefusalKind.GUARD) -> None:
+        super().__init__(kind, message)
 
 
 def _carries_arrays(reply: Message) -> bool:
@@ -33,6 +45,15 @@ def _carries_arrays(reply: Message) -> bool:
 
 
 def masked_only_guard(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    """The guard (see the module docstring); a refusal becomes the structured error reply."""
+    try:
+        return _guarded(msg, ctxt, call_next)
+    except Refusal as refusal:
+        logger.warning("site refused a '%s' message (%s): %s", msg.metadata.message_type, refusal.kind.value, refusal)
+        return Message(Error(code=REFUSAL_CODE, reason=refusal.reason()), reply_to=msg)
+
+
+def _guarded(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
     mtype = msg.metadata.message_type
     if mtype == MessageType.TRAIN:
         configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
@@ -43,10 +64,12 @@ def masked_only_guard(msg: Message, ctxt: Context, call_next: ClientAppCallable)
             policy = policy_for_site(site_paths(dict(ctxt.node_config), dict(ctxt.run_config)).policy)
             cohort, threshold = int(configs[Key.SAMPLE_NUMBER]), int(configs[Key.THRESHOLD])
             if cohort < policy.min_cohort:
-                raise GuardRefusal(f"SecAgg+ cohort of {cohort} sites is below this site's policy min_cohort = {policy.min_cohort}")
+                raise GuardRefusal(f"SecAgg+ cohort of {cohort} sites is below this site's policy min_cohort = {policy.min_cohort}",
+                                   RefusalKind.POLICY)
             if threshold < policy.min_threshold:
                 raise GuardRefusal(
-                    f"SecAgg+ reconstruction threshold {threshold} is below this site's policy min_threshold = {policy.min_threshold}"
+                    f"SecAgg+ reconstruction threshold {threshold} is below this site's policy min_threshold = {policy.min_threshold}",
+                    RefusalKind.POLICY,
                 )
     else:
         raise GuardRefusal(f"'{mtype}' request refused: this site answers only SecAgg+ training rounds")

@@ -29,14 +29,16 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from fedcare.files import atomic_write_bytes
-from fedcare.pki import write_secret
+from fedcare.errors import FedcareError
+from fedcare.files import atomic_write_bytes, write_secret
 
 GENESIS = "0" * 64
 
 
-class LedgerTampered(RuntimeError):
+class LedgerTampered(FedcareError, RuntimeError):
     """The ledger failed verification; the message says where."""
+
+    exit_code = 3  # training is blocked until an administrator acts
 
 
 @dataclass(frozen=True)

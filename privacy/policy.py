@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedcare.errors import FedcareError
 from fedcare.files import read_toml
 
 
-class PolicyError(ValueError):
+class PolicyError(FedcareError, ValueError):
     """The site policy is invalid; the message names the file and field."""
 
 

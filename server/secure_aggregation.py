@@ -5,7 +5,9 @@ reconstruction threshold, halts the round with one INFO line. The coordinator of
 must see why: `ReportingSecAggPlusWorkflow` prints each site's refusal (e.g. a delta that
 would exceed `clipping_range`) and every halted round.
 
-A site that refuses because its privacy budget is spent will refuse every later round too.
+A site's refusal arrives as a structured error reply (`fedcare.protocol.Refusal`: kind and
+message). A site that refuses because its privacy budget is spent (`RefusalKind.BUDGET`) will
+refuse every later round too.
 When such refusals leave too few sites for a round to be unmasked, the study's remaining
 training rounds are skipped (said so once); the evaluation-only round still reports the model.
 
@@ -19,25 +21,27 @@ drop out later are still reconstructed exactly as Flower does.
 
 from __future__ import annotations
 
-import re
-
 from flwr.common import Context
 from flwr.server import Grid
 from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
 
+from fedcare.protocol import Refusal, RefusalKind
 from fedcare.study import Study
 
-STAGES = ("setup", "share_keys", "collect_masked_vectors", "unmask")
-BUDGET_REFUSAL = "privacy budget:"
 
-
-def _reason(failure: BaseException) -> str:
-    """The site's own message out of Flower's error wrapper, trimmed to one line."""
-    text = str(getattr(failure.args[0], "reason", failure) if failure.args else failure)
-    found = re.findall(r"(?:SiteRefusal|GuardRefusal): ([^\n]+)", text) or re.findall(r":<'(.+?)'>", text, re.S)
-    return " ".join((found[-1] if found else text).split()).rstrip("'\">")[:400]
+def _failure(failure: BaseException) -> tuple[RefusalKind | None, str]:
+    """(refusal kind or None, one line) of a failed site reply: a site's refusal is read from its
+    structured fields; any other error (a crash, a timeout) is shown as Flower reports it."""
+    error = failure.args[0] if failure.args else None
+    code, reason = getattr(error, "code", None), getattr(error, "reason", None)
+    if isinstance(code, int) and isinstance(reason, str):
+        refusal = Refusal.from_reply(code, reason)
+        if refusal is not None:
+            return refusal.kind, f"refused ({refusal.kind.value}): {refusal.line}"[:400]
+        return None, " ".join(reason.split())[:400]
+    return None, " ".join(str(failure).split())[:400]
 
 
 class ReportingSecAggPlusWorkflow(SecAggPlusWorkflow):
@@ -66,8 +70,8 @@ class ReportingSecAggPlusWorkflow(SecAggPlusWorkflow):
             key = id(failure.args[0]) if failure.args else id(failure)
             if key not in seen:
                 seen.add(key)
-                reason = _reason(failure)
-                self._budget_refusals += BUDGET_REFUSAL in reason
+                kind, reason = _failure(failure)
+                self._budget_refusals += kind is RefusalKind.BUDGET
                 print(f"  secure aggregation ({name}): a site failed: {reason}", flush=True)
         if not ok:
             print(f"  secure aggregation halted at stage '{name}': this round has no aggregate", flush=True)

@@ -14,7 +14,8 @@ import tomllib
 from dataclasses import replace
 from pathlib import Path
 
-from fedcare.runtime import APP_DIR, quiet_flower_environment
+from deploy.flower import quiet_flower_environment
+from fedcare import APP_DIR
 
 
 def run_flower_simulation(

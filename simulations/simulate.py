@@ -1,11 +1,13 @@
 """`fedcare simulate`: one whole study on one machine, from synthetic hospitals to quantized ONNX.
 
-1. Write the effective study file (overrides applied) and N synthetic hospitals' files.
-2. Run the fedcare ServerApp/ClientApp in Flower's simulation engine (SecAgg+ + DP-SGD).
+1. Write N synthetic hospitals' files under `<out>/sites/`.
+2. Run the fedcare ServerApp/ClientApp in Flower's simulation engine (SecAgg+ + DP-SGD), with the
+   study file and the overrides exactly as `fedcare run` passes them: the ServerApp writes the run
+   folder (`fedcare.run_record`) into `<out>/` itself, the same folder a deployed run writes.
 3. As the evaluator (who, in simulation only, may read every site's files): score the final
    global model on the union of the sites' test splits, read each site's privacy spend,
    train the non-private centralized baseline, export and quantize the model.
-4. Write `report.json` and `summary.txt`.
+4. Write `report.json` and `summary.txt` (`fedcare.report`).
 """
 
 from __future__ import annotations
@@ -19,19 +21,18 @@ import numpy as np
 from client.data import load_site
 from client.training import train_plain
 from export.onnx_export import export_fp32, quantize_int8, run_onnx
+from fedcare.errors import FedcareError
 from fedcare.features import model_inputs
 from fedcare.metrics import accuracy, log_loss, roc_auc
 from fedcare.model import build_model, predict_proba, set_weights
-from fedcare.report import write_report
-from fedcare.runtime import APP_DIR
-from fedcare.study import Study, StudyConfigError, load_study
+from fedcare import DEFAULT_STUDY
+from fedcare.report import build_report, write_report
+from fedcare.run_record import RunRecord
+from fedcare.study import Overrides, Study, StudyConfigError, load_study
 from privacy.ledger import PrivacyLedger, rounds_of
-from server.progress import latest_checkpoint, load_checkpoint, read_round_log, scaled_study
-from server.report import scaling_report
 from simulations.cohorts import write_cohorts
 from simulations.engine import run_flower_simulation
 
-DEFAULT_STUDY = APP_DIR / "studies" / "depression-risk.toml"
 CALIBRATION_ROWS = 2048
 
 
@@ -48,12 +49,12 @@ class SimulationOptions:
     data_format: str = "csv"  # how each synthetic site exports its data: csv | parquet | fhir
 
 
-class SimulationError(RuntimeError):
+class SimulationError(FedcareError, RuntimeError):
     """The simulated study could not complete; the message says why."""
 
 
 def prepare_study(opts: SimulationOptions) -> Study:
-    study = load_study(opts.study).with_overrides(rounds=opts.rounds, epsilon=opts.epsilon)
+    study = load_study(opts.study).with_overrides(Overrides(rounds=opts.rounds, epsilon=opts.epsilon))
     if opts.hospitals < study.strategy.min_sites:
         raise StudyConfigError(
             f"--hospitals: {opts.hospitals} is fewer than the study's strategy.min_sites ({study.strategy.min_sites})"
@@ -64,32 +65,27 @@ def prepare_study(opts: SimulationOptions) -> Study:
 def simulate(opts: SimulationOptions) -> dict:
     """Run the study and return the report (also written to `<out>/report.json`)."""
     started = time.monotonic()
+    overrides = Overrides(rounds=opts.rounds, epsilon=opts.epsilon)
     study = prepare_study(opts)
     out = Path(opts.out).resolve()
-    if (out / "coordinator").exists() or (out / "sites").exists():
+    if (out / "study.toml").exists() or (out / "sites").exists():
         raise SimulationError(f"--out: {out} already holds a study run; choose an empty directory")
     out.mkdir(parents=True, exist_ok=True)
-    study_file = out / "study.toml"
-    study_file.write_text(study.to_toml(), encoding="utf-8")
-    if load_study(study_file).hash != study.hash:
-        raise SimulationError("internal error: the written study file does not reproduce the study hash")
 
     print(f"writing {opts.hospitals} synthetic hospitals (seed {opts.seed}) to {out / 'sites'}", flush=True)
     cohorts = write_cohorts(study, out / "sites", opts.hospitals, opts.seed, opts.size_scale)
     render_sites(study, out / "sites", opts.data_format)
-    coordinator = out / "coordinator"
     run_flower_simulation(
         opts.hospitals,
-        {"study": str(study_file), "out-dir": str(coordinator), "sim-sites-dir": str(out / "sites")},
+        {"study": str(Path(opts.study).resolve()), "out-dir": str(out), "sim-sites-dir": str(out / "sites"),
+         **overrides.run_config()},
         verbose=opts.verbose,
     )
-    checkpoint = latest_checkpoint(coordinator)
-    rounds = read_round_log(coordinator)
-    if checkpoint is None:
+    record = RunRecord(out)
+    if record.latest_checkpoint() is None:
         raise SimulationError("no round was securely aggregated; see the log above for the SecAgg+ failure")
-    report = evaluate_study(study, out, checkpoint, rounds, cohorts)
-    report["wall_seconds"] = round(time.monotonic() - started, 2)
-    write_report(out, report)
+    report = evaluate_study(record, cohorts, wall_started=started)
+    write_report(record, report)
     return report
 
 
@@ -127,11 +123,13 @@ def write_parquet_splits(study: Study, site: Path) -> None:
         pq.write_table(pa.table(columns), site / f"{split}.parquet")
 
 
-def evaluate_study(study: Study, out: Path, checkpoint: Path, rounds: list[dict], cohorts: dict) -> dict:
+def evaluate_study(record: RunRecord, cohorts: dict, *, wall_started: float) -> dict:
     """The evaluator's view: final metrics, per-site ε and AUC, baseline, export."""
+    scaled = record.study()  # the study as run, with the scaling the sites trained with
+    study = load_study(record.study_file)  # as agreed (the spec's scaling: the sites' files are raw)
     model = build_model(study)
-    set_weights(model, load_checkpoint(checkpoint, study.hash))
-    scaled = scaled_study(study, out / "coordinator")  # the scaling the sites trained with
+    set_weights(model, record.final_weights(study.hash)[0])
+    out = record.path
     site_dirs = [out / "sites" / s["name"] for s in cohorts["sites"]]
     sites, test_x, test_y, train_x, train_y = [], [], [], [], []
     for site_dir in site_dirs:
@@ -169,26 +167,23 @@ def evaluate_study(study: Study, out: Path, checkpoint: Path, rounds: list[dict]
     int8 = quantize_int8(fp32, calibration, export_dir / "model.int8.onnx", scaled)
     auc_fp32 = roc_auc(y_all, run_onnx(fp32, x_all))
     auc_int8 = roc_auc(y_all, run_onnx(int8, x_all))
-    return {
-        "study": study.name,
-        "study_hash": study.hash,
-        "secure_aggregation": True,
-        "rounds": rounds,
-        "sites": sites,
-        "final": {
+    return build_report(
+        record,
+        sites=sites,
+        final={
             "auc": round(roc_auc(y_all, probs), 4),
             "accuracy": round(accuracy(y_all, probs), 4),
             "loss": round(log_loss(y_all, probs), 4),
             "test_rows": int(len(y_all)),
             "prevalence": round(float(y_all.mean()), 4),
         },
-        "baseline_centralized": {
+        baseline={
             "auc": round(roc_auc(y_all, predict_proba(baseline, x_all)), 4),
             "epochs": baseline_epochs,
             "private": False,
         },
-        "ground_truth_auc": cohorts["ground_truth_auc"],
-        "export": {
+        ground_truth_auc=cohorts["ground_truth_auc"],
+        export={
             "onnx": str(fp32),
             "onnx_int8": str(int8),
             "auc_fp32": round(auc_fp32, 5),
@@ -197,14 +192,8 @@ def evaluate_study(study: Study, out: Path, checkpoint: Path, rounds: list[dict]
             "bytes_int8": int8.stat().st_size,
             "calibration": f"{len(calibration)} rows sampled from the sites' training splits (simulation only)",
         },
-        "scaling": scaling_report(study, out / "coordinator"),
-        "privacy": {
-            "target_epsilon": study.privacy.epsilon,
-            "delta": study.privacy.delta,
-            "clipping_norm": study.privacy.clipping_norm,
-            "accountant": study.privacy.accountant,
-        },
-    }
+        wall_seconds=time.monotonic() - wall_started,
+    )
 
 
 def _calibration_sample(x: np.ndarray, seed: int) -> np.ndarray:

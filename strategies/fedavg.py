@@ -10,7 +10,7 @@ every result. `DeltaFedAvg` reads it and applies
 It refuses results that are not the SecAgg+ aggregate (distinct per-site parameter
 objects), so no code path can average plaintext updates.
 
-A study's SecAgg+ rounds, in order (every phase is a SecAgg+ round; nothing else exists):
+A study's SecAgg+ rounds, in order (`fedcare.protocol.Phase`; every phase is a SecAgg+ round):
   statistics  only with `standardization = "federated"`: sites send per-feature count, Σz, Σz²;
               the pooled mean and std become every site's scaling (no training, no ε)
   train 1..R  DP-SGD rounds; each also carries the evaluation of the model it started from
@@ -37,13 +37,14 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
 from fedcare.contribution import ContributionFormat, Evaluation, Standardization, scaling_bytes
+from fedcare.protocol import Phase, RoundConfig
 
 
 class PlaintextUpdateError(RuntimeError):
     """The strategy was handed individual site updates instead of the SecAgg+ aggregate."""
 
 
-RoundCallback = Callable[[int, NDArrays], None]
+RoundCallback = Callable[[int, NDArrays, int], None]  # (training round, new global weights, sites aggregated)
 EvaluationCallback = Callable[[int, Evaluation], None]
 StandardizationCallback = Callable[[Standardization], None]
 
@@ -65,11 +66,11 @@ class DeltaFedAvg(FedAvg):
         Open with a statistics round whose pooled mean and std scale every site's features.
     contribution : ContributionFormat
         How the sites' masked vectors are laid out (from the study's SecAgg+ parameters).
-    fit_config : dict
-        Sent to every site with each round (the study hash); `phase`, `round` (training
-        round) and, once known, `scaling` are added.
-    on_aggregated : callable(round, weights), optional
-        Called with each new global model (checkpointing).
+    study_hash : str
+        The study as run; every round's `RoundConfig` carries it (with the phase, the training
+        round and, once known, the federated scaling).
+    on_aggregated : callable(round, weights, sites), optional
+        Called with each new global model (checkpointing) and how many sites' vectors made it.
     on_evaluated : callable(model_round, evaluation), optional
         Called with the federated evaluation of the model after `model_round` (0 = initial).
     on_standardized : callable(standardization), optional
@@ -84,7 +85,7 @@ class DeltaFedAvg(FedAvg):
         min_sites: int,
         training_rounds: int,
         contribution: ContributionFormat,
-        fit_config: dict[str, Scalar],
+        study_hash: str,
         federated_standardization: bool = False,
         on_aggregated: RoundCallback | None = None,
         on_evaluated: EvaluationCallback | None = None,
@@ -99,7 +100,7 @@ class DeltaFedAvg(FedAvg):
             on_fit_config_fn=self.round_config,
             accept_failures=True,
         )
-        self.fit_config = fit_config
+        self.study_hash = study_hash
         self.offset = 1 if federated_standardization else 0
         self.scaling: bytes | None = None
         self.global_weights: NDArrays = [np.asarray(w, dtype=np.float32) for w in initial_weights]
@@ -114,20 +115,19 @@ class DeltaFedAvg(FedAvg):
     def total_rounds(self) -> int:
         return self.offset + self.training_rounds + 1
 
-    def phase(self, server_round: int) -> tuple[str, int]:
+    def phase(self, server_round: int) -> tuple[Phase, int]:
         """(phase, training round) of a server round."""
         if server_round <= self.offset:
-            return "statistics", 0
+            return Phase.STATISTICS, 0
         if server_round <= self.offset + self.training_rounds:
-            return "train", server_round - self.offset
-        return "evaluate", self.training_rounds
+            return Phase.TRAIN, server_round - self.offset
+        return Phase.EVALUATE, self.training_rounds
 
     def round_config(self, server_round: int) -> dict[str, Scalar]:
         phase, training_round = self.phase(server_round)
-        if phase != "statistics" and self.offset and self.scaling is None:
+        if phase is not Phase.STATISTICS and self.offset and self.scaling is None:
             raise RuntimeError("federated standardization has no result (its SecAgg+ round failed): the study stops")
-        extra: dict[str, Scalar] = {"scaling": self.scaling} if self.scaling is not None else {}
-        return {**self.fit_config, "phase": phase, "round": training_round, **extra}
+        return RoundConfig(study_hash=self.study_hash, phase=phase, round=training_round, scaling=self.scaling).to_config()
 
     def __repr__(self) -> str:
         return f"DeltaFedAvg(server_learning_rate={self.server_learning_rate})"
@@ -158,11 +158,9 @@ class DeltaFedAvg(FedAvg):
                 "DeltaFedAvg received individual site updates; fedcare aggregates only SecAgg+ sums"
             )
         vector = parameters_to_ndarrays(aggregate)
-        if len(vector) != len(self.global_weights) + 3:
-            raise ValueError(f"aggregate has {len(vector)} arrays; the study expects {len(self.global_weights) + 3}")
-        read = self.contribution.decode(vector, sites=len(results))
+        read = self.contribution.decode(vector, sites=len(results), model_arrays=len(self.global_weights))
         phase, training_round = self.phase(server_round)
-        if phase == "statistics":
+        if phase is Phase.STATISTICS:
             if read.standardization is None:
                 return None, {}
             self.scaling = scaling_bytes(read.standardization.center, read.standardization.scale)
@@ -170,13 +168,13 @@ class DeltaFedAvg(FedAvg):
                 self.on_standardized(read.standardization)
             return None, {}
         if self.on_evaluated:
-            self.on_evaluated(training_round - 1 if phase == "train" else training_round, read.evaluation)
-        if phase != "train" or read.mean_delta is None:
+            self.on_evaluated(training_round - 1 if phase is Phase.TRAIN else training_round, read.evaluation)
+        if phase is not Phase.TRAIN or read.mean_delta is None:
             return None, {}
         self.global_weights = [
             (w + self.server_learning_rate * d.astype(np.float64)).astype(np.float32)
             for w, d in zip(self.global_weights, read.mean_delta)
         ]
         if self.on_aggregated:
-            self.on_aggregated(training_round, self.global_weights)
+            self.on_aggregated(training_round, self.global_weights, len(results))
         return ndarrays_to_parameters(self.global_weights), {}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fedcare.runtime import quiet_flower_environment
+from deploy.flower import quiet_flower_environment
 
 quiet_flower_environment()
 os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -55,7 +55,7 @@ class Processes:
         log = self.workdir / f"{name}.log"
         handle = log.open("w")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "fedcare.cli", *args],
+            [sys.executable, "-m", "cli", *args],
             cwd=ROOT,
             stdout=handle,
             stderr=subprocess.STDOUT,
@@ -71,4 +71,4 @@ class Processes:
 
 
 def fedcare(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedcare.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)

@@ -5,7 +5,7 @@ from .conftest import DEFAULT_STUDY, ROOT
 
 
 def _fedcare(*args):
-    return subprocess.run([sys.executable, "-m", "fedcare.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
 def test_study_check_prints_hash():

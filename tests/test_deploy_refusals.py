@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from fedcare.kits import provision
-from fedcare.runtime import free_port
+from deploy.kits import provision
+from deploy.flower import free_port
 from simulations.cohorts import write_cohorts
 
 from .conftest import DEFAULT_STUDY

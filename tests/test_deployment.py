@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from fedcare.kits import node_keygen
-from fedcare.runtime import free_port
+from deploy.kits import node_keygen
+from deploy.flower import free_port
 from fedcare.study import load_study
 from privacy.ledger import PrivacyLedger
 from simulations.cohorts import write_cohorts

@@ -14,7 +14,8 @@ import pytest
 
 from client.data import SiteDataError
 from client.fhir import MAX_LINE_BYTES, read_site_fhir
-from fedcare.mapping import Code, load_mapping, parse_mapping
+from fedcare.mapping import Code, parse_mapping
+from fedcare.study import load_mapping
 from fedcare.study import Feature, StudyConfigError
 
 from .conftest import DEFAULT_STUDY

@@ -19,7 +19,7 @@ import pytest
 
 from client.data import read_site_csv
 from client.fhir import read_site_fhir
-from fedcare.mapping import load_mapping
+from fedcare.study import load_mapping
 from simulations.cohorts import ALWAYS_RECORDED, PDC_DAYS, write_cohorts
 from simulations.fhir_cohorts import NotRepresentable, patient_id, write_fhir_cohorts, write_fhir_split
 

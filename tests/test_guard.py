@@ -11,6 +11,7 @@ from flwr.common import EvaluateIns, FitIns, GetParametersIns
 
 from client.app import app
 from fedcare.model import build_model, get_weights
+from fedcare.protocol import REFUSAL_CODE, Refusal, RefusalKind
 
 
 def _context(tmp_path, study_path, site_dir, policy=None) -> Context:
@@ -20,14 +21,20 @@ def _context(tmp_path, study_path, site_dir, policy=None) -> Context:
     return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
 
 
-def _call(message: Message, context: Context) -> str:
-    """Run the ClientApp; return the refusal text (an exception) or '' if it answered."""
-    try:
-        reply = app(message, context)
-    except Exception as err:  # noqa: BLE001 - the ClientApp wraps the guard's exception
-        return f"{err} {err.__cause__ or ''}"
+def _refusal(message: Message, context: Context) -> Refusal | None:
+    """Run the ClientApp; the refusal its reply carries (structured: kind and message), or None if it answered."""
+    reply = app(message, context)
+    if reply.has_error():
+        assert reply.error.code == REFUSAL_CODE, reply.error.reason
+        return Refusal.from_reply(reply.error.code, reply.error.reason)
     assert not any(len(r) for r in reply.content.array_records.values()), "no arrays may come back"
-    return ""
+    return None
+
+
+def _call(message: Message, context: Context) -> str:
+    """The refusal's message, or '' if the ClientApp answered."""
+    refusal = _refusal(message, context)
+    return "" if refusal is None else str(refusal)
 
 
 def _setup(sample: int, threshold: int) -> Message:
@@ -71,6 +78,7 @@ def test_plain_fit_outside_secagg_is_refused_before_training(site, study, tmp_pa
     content = compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters(weights), {"study_hash": study.hash}), True)
     reason = _call(Message(content, dst_node_id=7, message_type="train"), _context(tmp_path, *site))
     assert "training request outside SecAgg+ refused" in reason
+    assert _refusal(Message(content, dst_node_id=7, message_type="train"), _context(tmp_path, *site)).kind is RefusalKind.GUARD
     assert not (tmp_path / "state").exists()  # nothing trained, nothing spent
 
 
@@ -79,6 +87,7 @@ def test_secagg_setup_below_site_policy_is_refused(site, tmp_path):
     policy.write_text("[policy]\nmin_cohort = 5\nmin_threshold = 3\n")
     context = _context(tmp_path, *site, policy=policy)
     assert "cohort of 4 sites is below this site's policy min_cohort = 5" in _call(_setup(4, 3), context)
+    assert _refusal(_setup(4, 3), context).kind is RefusalKind.POLICY
     assert "reconstruction threshold 2 is below this site's policy min_threshold = 3" in _call(_setup(6, 2), context)
     assert _call(_setup(6, 4), context) == ""  # meets the policy: the SecAgg+ setup answers (public keys only)
 

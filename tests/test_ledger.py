@@ -101,14 +101,15 @@ def test_crash_between_ledger_write_and_send_never_undercounts(study, cohorts_di
     state = tmp_path / "state"
     script = textwrap.dedent(f"""
         import os, client.training
-        from client.hospital import HospitalClient, SitePaths
+        from client.site_client import SiteClient
+        from fedcare.site import SitePaths
         from fedcare.model import build_model, get_weights
         def crash(*args, **kwargs):
             os._exit(137)  # the process dies: nothing is returned, nothing is sent
         client.training.train_round = crash
         paths = SitePaths(study=__import__("pathlib").Path({str(path)!r}), data=__import__("pathlib").Path({str(cohorts_dir / "hospital-02")!r}),
                           state_dir=__import__("pathlib").Path({str(state)!r}), policy=None)
-        c = HospitalClient(paths, run_id=5)
+        c = SiteClient(paths, run_id=5)
         from fedcare.contribution import scaling_bytes
         from fedcare.features import scaling
         c.fit(get_weights(build_model(c.study)), {{"study_hash": c.study.hash, "phase": "train", "round": 1,
@@ -120,10 +121,10 @@ def test_crash_between_ledger_write_and_send_never_undercounts(study, cohorts_di
     [crashed] = PrivacyLedger(state).entries()
     assert crashed.round == 1 and crashed.epsilon_study > 0
 
-    from client.hospital import HospitalClient, SitePaths
+    from client.site_client import SiteClient, SitePaths
     from fedcare.model import build_model, get_weights
 
-    client = HospitalClient(SitePaths(study=path, data=cohorts_dir / "hospital-02", state_dir=state, policy=None), run_id=5)
+    client = SiteClient(SitePaths(study=path, data=cohorts_dir / "hospital-02", state_dir=state, policy=None), run_id=5)
     from fedcare.contribution import scaling_bytes
     from fedcare.features import scaling
 
@@ -154,7 +155,7 @@ def test_crash_while_writing_leaves_the_previous_ledger(tmp_path):
 
 def test_privacy_report_cli_verifies_then_flags_tampering(tmp_path):
     ledger = _ledger(tmp_path, rounds=2)
-    cli = [sys.executable, "-m", "fedcare.cli", "privacy", "report", "--state-dir", str(ledger.dir)]
+    cli = [sys.executable, "-m", "cli", "privacy", "report", "--state-dir", str(ledger.dir)]
     ok = subprocess.run(cli, capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert "chain verified: 2 entries" in ok.stdout and "abababababab" in ok.stdout

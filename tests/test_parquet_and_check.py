@@ -70,7 +70,7 @@ def test_a_site_may_mix_formats_per_split(study, cohorts_dir, tmp_path):
 
 
 def _check(*args):
-    return subprocess.run([sys.executable, "-m", "fedcare.cli", "data", "check", "--study", str(DEFAULT_STUDY), *args],
+    return subprocess.run([sys.executable, "-m", "cli", "data", "check", "--study", str(DEFAULT_STUDY), *args],
                           capture_output=True, text=True, timeout=120)
 
 

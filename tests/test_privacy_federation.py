@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from client.data import load_site
-from fedcare.runtime import APP_DIR
+from fedcare import APP_DIR
 from privacy.accounting import epsilon_of, plan_schedule
 from privacy.ledger import PrivacyLedger, rounds_of
 from simulations.cohorts import write_cohorts

@@ -15,7 +15,7 @@ REPORT_KEYS = {"study_hash", "secure_aggregation", "rounds", "sites", "final", "
 @pytest.fixture(scope="module")
 def simulated(tmp_path_factory):
     out = tmp_path_factory.mktemp("sim") / "run"
-    cmd = [sys.executable, "-m", "fedcare.cli", "simulate", "--hospitals", "3", "--rounds", "2", "--epsilon", "4",
+    cmd = [sys.executable, "-m", "cli", "simulate", "--hospitals", "3", "--rounds", "2", "--epsilon", "4",
            "--size-scale", "0.5", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -28,7 +28,7 @@ def test_study_completes_with_secure_aggregation_and_dp(simulated):
     assert report["secure_aggregation"] is True
     assert [r["round"] for r in report["rounds"]] == [1, 2]
     assert all(r["aggregated"] for r in report["rounds"])
-    assert (out / "coordinator" / "checkpoints" / "round-002.npz").exists()
+    assert (out / "checkpoints" / "round-002.npz").exists()
     assert len(report["sites"]) == 3
     for site in report["sites"]:
         assert 0 < site["epsilon"] <= 4.0 * 1.001
@@ -49,7 +49,7 @@ def test_federated_scaling_is_used_reported_and_exported(simulated):
     out, stdout, report = simulated
     assert "federated standardization: scaling from SecAgg+ sums" in stdout
     assert report["scaling"]["method"] == "federated"
-    scaling = json.loads((out / "coordinator" / "scaling.json").read_text())
+    scaling = json.loads((out / "scaling.json").read_text())
     age = report["scaling"]["features"]["age"]
     assert age["center"] == pytest.approx(scaling["center"][0], abs=1e-6) and age["center"] != 47.0  # not the spec's
     meta = {p.key: p.value for p in onnx.load(report["export"]["onnx"]).metadata_props}
@@ -61,7 +61,7 @@ def test_federated_scaling_is_used_reported_and_exported(simulated):
 
 def test_the_whole_study_runs_through_fhir(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "fedcare.cli", "simulate", "--hospitals", "3", "--rounds", "1", "--size-scale", "0.3",
+    cmd = [sys.executable, "-m", "cli", "simulate", "--hospitals", "3", "--rounds", "1", "--size-scale", "0.3",
            "--format", "fhir", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -69,7 +69,7 @@ def test_the_whole_study_runs_through_fhir(tmp_path):
     assert (site / "train" / "Observation.ndjson").exists() and not (site / "train.csv").exists()
     report = json.loads((out / "report.json").read_text())
     assert report["final"]["auc"] > 0.55 and all(s["rounds_trained"] == 1 for s in report["sites"])
-    check = subprocess.run([sys.executable, "-m", "fedcare.cli", "data", "check", "--study", str(out / "study.toml"),
+    check = subprocess.run([sys.executable, "-m", "cli", "data", "check", "--study", str(out / "study.toml"),
                             "--data", str(site)], capture_output=True, text=True, timeout=120)
     assert check.returncode == 0 and "[train] fhir" in check.stdout and "unit conversions:" in check.stdout
 
@@ -83,9 +83,9 @@ def test_study_file_written_for_every_party_matches_hash(simulated):
 
 def test_coordinator_log_holds_only_aggregates(simulated):
     out, _, report = simulated
-    for line in (out / "coordinator" / "rounds.jsonl").read_text().splitlines():
+    for line in (out / "rounds.jsonl").read_text().splitlines():
         entry = json.loads(line)
-        assert set(entry) == {"round", "aggregated", "auc", "loss", "sites_evaluated", "seconds"}
+        assert set(entry) == {"round", "aggregated", "sites_aggregated", "auc", "loss", "sites_evaluated", "seconds", "time"}
 
 
 def test_a_delta_secaggplus_would_clip_is_refused_loudly(tmp_path):
@@ -100,11 +100,11 @@ def test_a_delta_secaggplus_would_clip_is_refused_loudly(tmp_path):
     )
     assert "clipping_range = 1e-09" in text
     (tmp_path / "tight.toml").write_text(text)
-    cmd = [sys.executable, "-m", "fedcare.cli", "simulate", "--study", str(tmp_path / "tight.toml"), "--hospitals", "3",
+    cmd = [sys.executable, "-m", "cli", "simulate", "--study", str(tmp_path / "tight.toml"), "--hospitals", "3",
            "--rounds", "1", "--size-scale", "0.3", "--out", str(tmp_path / "run")]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert proc.stdout.count("exceeds secure_aggregation.clipping_range (1e-09); SecAgg+ would clip it silently") == 3
     assert "secure aggregation halted at stage 'collect_masked_vectors'" in proc.stdout
     assert "no round was securely aggregated" in proc.stderr
-    assert not (tmp_path / "run" / "coordinator" / "checkpoints").exists()
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -16,6 +16,7 @@ from flwr.common.secure_aggregation.quantization import dequantize, quantize
 from fedcare.contribution import ContributionFormat, scaling_from_bytes
 from fedcare.study import load_study
 from fedcare.metrics import auc_from_histogram, score_histogram
+from fedcare.protocol import Phase
 from strategies.fedavg import DeltaFedAvg, PlaintextUpdateError
 
 from .conftest import DEFAULT_STUDY
@@ -38,8 +39,8 @@ def _strategy(lr=1.0, seen=None, evaluated=None, weights=None, federated=False, 
         min_sites=3,
         training_rounds=2,
         contribution=FORMAT,
-        fit_config={"study_hash": "h"},
-        on_aggregated=(lambda r, w: seen.append((r, w))) if seen is not None else None,
+        study_hash="h",
+        on_aggregated=(lambda r, w, sites: seen.append((r, w))) if seen is not None else None,
         on_evaluated=(lambda r, e: evaluated.append((r, e))) if evaluated is not None else None,
     )
 
@@ -119,7 +120,7 @@ def test_federated_standardization_from_secure_sums_equals_pooled_statistics(stu
     vectors = [FORMAT.encode(zeros, 0, np.zeros((2, FORMAT.bins)), 0.0, FORMAT.statistics(t)) for t in tables]
     standardized = []
     strategy = _strategy(federated=True, standardized=standardized)
-    assert strategy.phase(1) == ("statistics", 0) and strategy.phase(2) == ("train", 1) and strategy.phase(4) == ("evaluate", 2)
+    assert strategy.phase(1) == (Phase.STATISTICS, 0) and strategy.phase(2) == (Phase.TRAIN, 1) and strategy.phase(4) == (Phase.EVALUATE, 2)
     aggregate = ndarrays_to_parameters(_secaggplus_mean(vectors, FORMAT.plaintext_weight))
     params, _ = strategy.aggregate_fit(1, [(None, _res(aggregate))] * 3, [])
     assert params is None

@@ -1,13 +1,11 @@
-"""Process environment for anything that starts Flower: no telemetry, no update checks,
-no runtime dependency installation, no Ray usage reporting. Call before importing flwr."""
+"""Starting Flower's processes: their environment (no telemetry, no update checks, no runtime
+dependency installation, no Ray usage reporting), their commands, free ports, the insecure-mode
+warning. Call `quiet_flower_environment` before importing flwr in this process."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-
-# The Flower App: the folder with pyproject.toml ([tool.flwr.app]) and the app's packages.
-APP_DIR = Path(__file__).resolve().parent.parent
 
 FLOWER_QUIET_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",

@@ -16,10 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
-class SiteRefusal(RuntimeError):
-    """The site declines a request; the message says why (it reaches the coordinator as an error)."""
-
+from fedcare.protocol import Refusal, RefusalKind
 
 @dataclass(frozen=True)
 class SitePaths:
@@ -37,7 +34,7 @@ def site_paths(node: Mapping[str, Any], run: Mapping[str, Any]) -> SitePaths:
         sites = sorted(p for p in Path(str(run["sim-sites-dir"])).iterdir() if p.is_dir())
         data = sites[int(node["partition-id"])]
     else:
-        raise SiteRefusal("node config has no 'data' directory for this site")
+        raise Refusal(RefusalKind.DATA, "node config has no 'data' directory for this site")
     state_dir = Path(str(node.get("state-dir", data / ".fedcare")))
     if "policy" in node:
         policy: Path | None = Path(str(node["policy"]))

@@ -1,4 +1,4 @@
-"""The coordinator's running federation: the Flower SuperLink process and Flower's own CLI.
+"""The coordinator's running federation: the Flower SuperLink process, its supervision, and Flower's own CLI.
 
 `start_superlink` launches `flower-superlink` for a coordinator kit — TLS with the kit's
 certificate, SuperNode authentication, a SQLite database in the kit, runtime dependency
@@ -10,20 +10,23 @@ run, log, ls, supernode ls), always with `--format json` where Flower offers it.
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedcare.kits import CoordinatorKit
-from fedcare.runtime import flower_command, flower_env, warn_insecure
+from deploy.flower import flower_command, flower_env, warn_insecure
+from deploy.kits import CoordinatorKit
+from fedcare.errors import FedcareError
 
 CONNECTION = "fedcare"
 READY_TIMEOUT = 60.0
 
 
-class FederationError(RuntimeError):
+class FederationError(FedcareError, RuntimeError):
     """The SuperLink or a Flower command failed; the message says what the user can do."""
 
 
@@ -179,3 +182,31 @@ def node_names(kit: CoordinatorKit) -> dict[str, str]:
     known_path = kit.state_dir / "nodes.json"
     known: dict[str, str] = json.loads(known_path.read_text()) if known_path.exists() else {}
     return {node_id: name for name, node_id in known.items()}
+
+
+def supervise(kit: CoordinatorKit, *, bind: str, port: int | None, insecure_dev: bool) -> int:
+    """`fedcare coordinator start`: run the SuperLink in the foreground until it stops or is signalled,
+    registering node keys added with `coordinator add-node` while it runs. Returns the exit code."""
+    port = port or kit.port
+    proc = start_superlink(kit, bind=bind, port=port, insecure_dev=insecure_dev)
+    names = [] if insecure_dev else sorted(kit.node_keys())
+    print(f"coordinator listening on {bind}:{port} (TLS {'OFF' if insecure_dev else 'on'}, "
+          f"node authentication {'OFF' if insecure_dev else 'on'}); pid {proc.pid}", flush=True)
+    print(f"registered hospitals: {', '.join(names) or 'none'}; log: {kit.state_dir / 'superlink.log'}", flush=True)
+
+    def stop(_signum: int, _frame: object) -> None:
+        proc.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    while proc.poll() is None:
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # still running: pick up keys added with `coordinator add-node`
+            if not insecure_dev:
+                try:
+                    register_nodes(kit)
+                except FedcareError as err:
+                    print(f"fedcare: warning: could not register a new node key: {err.line}", file=sys.stderr, flush=True)
+    print(f"coordinator stopped (exit status {proc.returncode})", flush=True)
+    return 0 if proc.returncode in (0, -15) else 1

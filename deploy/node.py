@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from client.check import check_site_export
-from fedcare.kits import HospitalKit, read_site_settings
-from fedcare.runtime import flower_command, flower_env, free_port, warn_insecure
+from deploy.flower import flower_command, flower_env, free_port, warn_insecure
+from deploy.kits import HospitalKit, read_site_settings
+from fedcare.errors import FedcareError
 from fedcare.study import load_study
 from privacy.ledger import LedgerTampered, PrivacyLedger
 from privacy.policy import load_site_policy
@@ -31,7 +32,7 @@ MAX_RETRIES = 5
 MAX_WAIT_SECONDS = 30
 
 
-class NodeStartError(RuntimeError):
+class NodeStartError(FedcareError, RuntimeError):
     """The node cannot join; the message says why and what to do."""
 
 

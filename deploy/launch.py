@@ -11,19 +11,19 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fedcare.kits import CoordinatorKit
+from deploy.coordinator import FederationError, FlowerCLI, node_names
+from deploy.kits import CoordinatorKit
+from deploy.report import coordinator_report
+from fedcare import APP_DIR
 from fedcare.report import write_report
-from fedcare.runtime import APP_DIR
-from fedcare.study import study_for_run
-from server.federation import FederationError, FlowerCLI, node_names
-from server.report import coordinator_report
+from fedcare.run_record import RunRecord
+from fedcare.study import Overrides, load_study
 
 
-def run_study(kit: CoordinatorKit, rounds: int | None, epsilon: float | None) -> tuple[Path, dict]:
-    """Launch the study on the online nodes, follow it, write `<run dir>/report.json`."""
+def run_study(kit: CoordinatorKit, overrides: Overrides) -> tuple[Path, dict]:
+    """Launch the study on the online nodes, follow it, write the run folder's report."""
     started = time.monotonic()
-    overrides = {"rounds": rounds or 0, "epsilon": float(epsilon or 0.0)}
-    study = study_for_run(kit.study_file, overrides)
+    study = load_study(kit.study_file).with_overrides(overrides)
     cli = FlowerCLI(kit)
     online = [n for n in cli.nodes() if n.get("status") == "online"]
     if len(online) < study.strategy.min_sites:
@@ -33,7 +33,7 @@ def run_study(kit: CoordinatorKit, rounds: int | None, epsilon: float | None) ->
         )
     run_dir = kit.state_dir / "runs" / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     run_dir.mkdir(parents=True)
-    run_id = cli.start_run(APP_DIR, {"study": str(kit.study_file), "out-dir": str(run_dir), **overrides})
+    run_id = cli.start_run(APP_DIR, {"study": str(kit.study_file), "out-dir": str(run_dir), **overrides.run_config()})
     print(f"run {run_id}: study {study.name} ({study.hash[:12]}), {study.training.rounds} rounds, "
           f"{len(online)} nodes online; output in {run_dir}", flush=True)
     cli.stream_log(run_id, lambda line: print(line, flush=True) if line.strip() else None)
@@ -42,9 +42,10 @@ def run_study(kit: CoordinatorKit, rounds: int | None, epsilon: float | None) ->
         raise FederationError(f"run {run_id} ended as {outcome.get('status')}: {outcome.get('status-details', '')}")
     names = node_names(kit)
     sites = sorted(names.get(str(n.get("node-id")), f"node {n.get('node-id')}") for n in online)
-    report = coordinator_report(study, run_dir, sites, time.monotonic() - started)
+    record = RunRecord(run_dir)
+    report = coordinator_report(record, sites, time.monotonic() - started)
     report["run_id"] = run_id
-    write_report(run_dir, report)
+    write_report(record, report)
     return run_dir, report
 
 

@@ -1,6 +1,6 @@
-"""The hospital's Flower client (the NumPyClient behind `client.app:app`).
+"""The site's Flower client (the NumPyClient behind `client.app:app`).
 
-Training messages arrive only through `secaggplus_mod`, in phases (`strategies/fedavg.py`):
+Training messages arrive only through `secaggplus_mod`, in phases (`fedcare.protocol.Phase`):
   statistics  (federated standardization) per-feature count, Σz, Σz² of the training rows;
   train       1. evaluates the global model it received on its test split (histogram, loss),
               2. asks its ledger and policy whether it may train (`privacy.budget.charge_round`,
@@ -8,7 +8,8 @@ Training messages arrive only through `secaggplus_mod`, in phases (`strategies/f
                  DP-SGD and computes its model delta;
   evaluate    step 1 only.
 Every phase returns one vector for SecAgg+ to mask (`fedcare.contribution`), with a constant in
-every plaintext field. Features are scaled with the coordinator's federated scaling when the
+every plaintext field. A round it will not take part in raises `fedcare.protocol.Refusal` with its
+kind; `client.app` turns it into the structured error reply the coordinator reads. Features are scaled with the coordinator's federated scaling when the
 study asks for it (sent with each round), otherwise with the spec's.
 Where the site's files are: `client/site.py`.
 """
@@ -23,17 +24,17 @@ from flwr.client import Client, NumPyClient
 from flwr.common import Context, NDArrays, Scalar
 
 from client.data import SiteData, load_site
-from client.site import SitePaths, SiteRefusal, site_paths
+from fedcare.site import SitePaths, site_paths
 from fedcare.contribution import LOSS_CAP, ContributionFormat, scaling_from_bytes
+from fedcare.errors import StudyConfigError
 from fedcare.features import model_inputs
 from fedcare.metrics import score_histogram
 from fedcare.model import build_model, get_weights, predict_proba, set_weights
-from fedcare.study import Study, StudyConfigError, load_study, study_for_run
-from privacy.budget import BudgetRefusal, carried_schedule, charge_round
+from fedcare.protocol import Phase, Refusal, RefusalKind, RoundConfig
+from fedcare.study import Study, load_study, study_for_run
+from privacy.budget import carried_schedule, charge_round
 from privacy.ledger import LedgerTampered, PrivacyLedger
 from privacy.policy import PolicyError, policy_for_site
-
-__all__ = ["HospitalClient", "SitePaths", "SiteRefusal", "hospital_client"]
 
 
 @functools.lru_cache(maxsize=4)
@@ -41,8 +42,8 @@ def _load_data(study_path: Path, data_dir: Path) -> SiteData:
     return load_site(load_study(study_path), data_dir)
 
 
-class HospitalClient(NumPyClient):
-    """One hospital in one study run."""
+class SiteClient(NumPyClient):
+    """One site in one study run."""
 
     def __init__(self, paths: SitePaths, run_id: int, run_config: dict[str, Scalar] | None = None) -> None:
         self.paths = paths
@@ -52,55 +53,51 @@ class HospitalClient(NumPyClient):
         self.ledger = PrivacyLedger(paths.state_dir)
         self.format = ContributionFormat.for_study(self.study)
 
-    def _check_study(self, config: dict[str, Scalar]) -> None:
-        if config.get("study_hash") != self.study.hash:
-            raise SiteRefusal(
-                f"study hash mismatch: coordinator {str(config.get('study_hash'))[:12]}…, "
-                f"this site {self.study.hash[:12]}… — the site will not train on a different study"
-            )
-
     def get_parameters(self, config: dict[str, Scalar]) -> NDArrays:
-        raise SiteRefusal("this site never returns model parameters outside secure aggregation")
+        raise Refusal(RefusalKind.GUARD, "this site never returns model parameters outside secure aggregation")
 
     def evaluate(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
-        raise SiteRefusal("this site reports evaluation only inside secure aggregation")
+        raise Refusal(RefusalKind.GUARD, "this site reports evaluation only inside secure aggregation")
 
     def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
-        self._check_study(config)
+        if config.get("study_hash") != self.study.hash:
+            raise Refusal(
+                RefusalKind.STUDY,
+                f"study hash mismatch: coordinator {str(config.get('study_hash'))[:12]}…, "
+                f"this site {self.study.hash[:12]}… — the site will not train on a different study",
+            )
+        instructions = RoundConfig.from_config(config)
         for split, rows in (("training", len(self.data.train.labels)), ("test", len(self.data.test.labels))):
             if rows > self.format.max_weight:
-                raise SiteRefusal(
-                    f"site has {rows} {split} rows, more than secure_aggregation.max_weight ({self.format.max_weight:g})"
+                raise Refusal(
+                    RefusalKind.DATA,
+                    f"site has {rows} {split} rows, more than secure_aggregation.max_weight ({self.format.max_weight:g})",
                 )
-        phase = str(config.get("phase", "train"))
         zeros = [np.zeros_like(p) for p in parameters]
-        if phase == "statistics":
+        if instructions.phase is Phase.STATISTICS:
             statistics = self.format.statistics(self.data.train.features)
             vector = self.format.encode(zeros, 0, np.zeros((2, self.format.bins)), 0.0, statistics)
         else:
-            scaled = self._scaled_study(config)
+            scaled = self._scaled_study(instructions)
             histogram, loss_sum = self._evaluate(scaled, parameters)
-            if phase == "evaluate":
+            if instructions.phase is Phase.EVALUATE:
                 delta, n = zeros, 0
-            elif phase == "train":
-                delta, n = self._train(scaled, parameters, int(config.get("round", 0))), len(self.data.train.labels)
             else:
-                raise SiteRefusal(f"unknown round phase '{phase}'")
+                delta, n = self._train(scaled, parameters, instructions.round), len(self.data.train.labels)
             vector = self.format.encode(delta, n, histogram, loss_sum)
         check_within_clipping_range(self.format.largest_value(vector), self.format.clipping_range)
         return vector, self.format.plaintext_weight, {}
 
-    def _scaled_study(self, config: dict[str, Scalar]) -> Study:
+    def _scaled_study(self, instructions: RoundConfig) -> Study:
         """The study with the round's federated scaling, when the study asks for one."""
         if self.study.standardization != "federated":
             return self.study
-        blob = config.get("scaling")
-        if not isinstance(blob, bytes):
-            raise SiteRefusal("the study uses federated standardization but the round carries no scaling")
+        if instructions.scaling is None:
+            raise Refusal(RefusalKind.PROTOCOL, "the study uses federated standardization but the round carries no scaling")
         try:
-            return self.study.with_scaling(*scaling_from_bytes(blob, len(self.study.features)))
+            return self.study.with_scaling(*scaling_from_bytes(instructions.scaling, len(self.study.features)))
         except (ValueError, StudyConfigError) as err:
-            raise SiteRefusal(f"the round's scaling is unusable: {err}") from None
+            raise Refusal(RefusalKind.PROTOCOL, f"the round's scaling is unusable: {err}") from None
 
     def _evaluate(self, study: Study, parameters: NDArrays) -> tuple[np.ndarray, float]:
         model = build_model(study)
@@ -120,11 +117,13 @@ class HospitalClient(NumPyClient):
         try:
             schedule = carried_schedule(self.ledger.entries(), self.study, self.run_id) or plan_schedule(self.study, len(y))
             if abs(schedule.sample_rate * batches_per_epoch(len(y), self.study.training.batch_size) - 1) > 1e-9:
-                raise SiteRefusal("the site's training data changed size since this run's DP schedule was planned")
+                raise Refusal(RefusalKind.DATA, "the site's training data changed size since this run's DP schedule was planned")
             # The round's ε is recorded here, before training: a crash from now on never under-counts.
             charge_round(self.ledger, policy_for_site(self.paths.policy), self.study.hash, schedule, self.run_id, server_round)
-        except (BudgetRefusal, LedgerTampered, PolicyError) as err:
-            raise SiteRefusal(str(err)) from None
+        except LedgerTampered as err:
+            raise Refusal(RefusalKind.LEDGER, str(err)) from None
+        except PolicyError as err:
+            raise Refusal(RefusalKind.POLICY, str(err)) from None
         model = build_model(study)
         set_weights(model, parameters)
         train_round(study, model, x, y, schedule)
@@ -134,12 +133,13 @@ class HospitalClient(NumPyClient):
 def check_within_clipping_range(peak: float, clipping_range: float) -> None:
     """SecAgg+ clips values beyond ±clipping_range silently; refuse instead."""
     if not np.isfinite(peak) or peak > clipping_range:
-        raise SiteRefusal(
+        raise Refusal(
+            RefusalKind.CLIPPING,
             f"model delta (largest weighted value {peak:.3g}) exceeds secure_aggregation.clipping_range "
             f"({clipping_range:g}); SecAgg+ would clip it silently. Raise clipping_range or lower the learning rate."
         )
 
 
-def hospital_client(context: Context) -> Client:
+def site_client(context: Context) -> Client:
     paths = site_paths(dict(context.node_config), dict(context.run_config))
-    return HospitalClient(paths, context.run_id, dict(context.run_config)).to_client()
+    return SiteClient(paths, context.run_id, dict(context.run_config)).to_client()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,40 +22,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedcare.errors import KeyMaterialError
+from fedcare.files import write_public, write_secret
+
 CURVE = ec.SECP384R1()
 CA_DAYS = 3650
 SERVER_DAYS = 825
-
-
-class KeyMaterialError(ValueError):
-    """A key or certificate file is missing, malformed, or has unsafe permissions."""
-
-
-def write_secret(path: Path, data: bytes) -> None:
-    """Create `path` with mode 0600 and write `data`; refuse to replace an existing file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise KeyMaterialError(f"{path}: already exists; refusing to overwrite a private key") from None
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-    os.chmod(path, 0o600)
-
-
-def write_public(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    os.chmod(path, 0o644)
-
-
-def check_private_permissions(path: Path) -> None:
-    """A private key readable by group or others is refused."""
-    if not path.is_file():
-        raise KeyMaterialError(f"{path}: private key not found")
-    mode = path.stat().st_mode & 0o777
-    if mode & 0o077:
-        raise KeyMaterialError(f"{path}: private key permissions are {mode:o}; run `chmod 600 {path}`")
 
 
 def _pem_private(key: ec.EllipticCurvePrivateKey) -> bytes:

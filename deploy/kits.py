@@ -15,26 +15,17 @@ the coordinator's kit.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from fedcare.files import read_toml
-from fedcare.pki import (
-    CertificateAuthority,
-    KeyMaterialError,
-    check_private_permissions,
-    load_node_public_key,
-    node_key_pair,
-    write_public,
-    write_secret,
-)
+from deploy.pki import CertificateAuthority, load_node_public_key, node_key_pair
+from export.signing import ensure_signing_key, load_signing_key, load_signing_public_key, signing_key_pair
+from fedcare.errors import FedcareError
+from fedcare.files import check_private_permissions, read_toml, write_public, write_secret
 from fedcare.study import load_study
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -42,11 +33,9 @@ DEFAULT_PORT = 9092
 SIGNING_KEY = "signing.key"
 SIGNING_PUB = "signing.pub"
 COORDINATOR_SIGNING_PUB = "coordinator-signing.pub"
-PACKAGE_KEY = "package.key"  # optional, hospital: X25519, decrypts packages encrypted for this site
-PACKAGE_PUB = "package.pub"
 
 
-class KitError(ValueError):
+class KitError(FedcareError, ValueError):
     """A kit is missing, incomplete, or does not belong to this role; the message says which file."""
 
 
@@ -170,69 +159,9 @@ def read_site_settings(kit: HospitalKit) -> dict[str, str]:
     }
 
 
-def signing_key_pair() -> tuple[bytes, bytes]:
-    """(Ed25519 private key as PKCS8 PEM, public key as SubjectPublicKeyInfo PEM) for signing model packages."""
-    key = Ed25519PrivateKey.generate()
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return private, public
-
-
-def signing_fingerprint(public_key: Ed25519PublicKey) -> str:
-    """`SHA256:<base64, unpadded>` of the raw 32-byte Ed25519 public key; safe to print and compare by eye."""
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return "SHA256:" + base64.b64encode(hashlib.sha256(raw).digest()).decode().rstrip("=")
-
-
-def load_signing_public_key(path: str | Path) -> Ed25519PublicKey:
-    """An Ed25519 public key from a PEM file (`signing.pub` or `coordinator-signing.pub`)."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise KeyMaterialError(f"{path}: signing public key not found") from None
-    if b"PRIVATE" in data:
-        raise KeyMaterialError(f"{path}: this is a private key; give the public key")
-    try:
-        key = serialization.load_pem_public_key(data)
-    except (ValueError, TypeError) as err:
-        raise KeyMaterialError(f"{path}: not a PEM public key ({err})") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise KeyMaterialError(f"{path}: package signing needs an Ed25519 key, got {type(key).__name__}")
-    return key
-
-
-def load_signing_key(kit: CoordinatorKit) -> Ed25519PrivateKey:
-    """The coordinator's package signing key (0600 enforced), checked against its `signing.pub`."""
-    check_private_permissions(kit.signing_key)
-    try:
-        key = serialization.load_pem_private_key(kit.signing_key.read_bytes(), password=None)
-    except (ValueError, TypeError) as err:
-        raise KeyMaterialError(f"{kit.signing_key}: not a PKCS8 PEM private key ({err})") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise KeyMaterialError(f"{kit.signing_key}: package signing needs an Ed25519 key, got {type(key).__name__}")
-    if kit.signing_pub.exists():
-        public = load_signing_public_key(kit.signing_pub)
-        if signing_fingerprint(public) != signing_fingerprint(key.public_key()):
-            raise KeyMaterialError(f"{kit.signing_pub}: does not match {kit.signing_key}")
-    return key
-
-
-def ensure_signing_key(kit: CoordinatorKit) -> bool:
-    """Create the coordinator's `signing.key` (0600) and `signing.pub` if the kit predates them.
-    Returns True when it created them (hospitals then need `signing.pub` as `coordinator-signing.pub`)."""
-    if kit.signing_key.exists():
-        if not kit.signing_pub.exists():  # the public half is derived, never a new identity
-            write_public(kit.signing_pub, load_signing_key(kit).public_key().public_bytes(
-                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-        return False
-    if kit.signing_pub.exists():
-        raise KeyMaterialError(f"{kit.signing_key}: missing, but {kit.signing_pub} exists; restore the private key from "
-                               f"a backup (a new key would not match what the hospitals hold)")
-    private, public = signing_key_pair()
-    write_secret(kit.signing_key, private)
-    write_public(kit.signing_pub, public)
-    return True
+def coordinator_signing_key(kit: CoordinatorKit) -> Ed25519PrivateKey:
+    """The coordinator kit's package signing key (0600 enforced, checked against `signing.pub`)."""
+    return load_signing_key(kit.signing_key, kit.signing_pub)
 
 
 def package_verification_key(kit_path: str | Path) -> tuple[Ed25519PublicKey, Path]:
@@ -254,53 +183,6 @@ def package_verification_key(kit_path: str | Path) -> tuple[Ed25519PublicKey, Pa
     else:
         raise KitError(f"{path / 'kit.toml'}: unknown kit role {role!r}")
     return load_signing_public_key(source), source
-
-
-def ensure_package_key(kit: HospitalKit) -> bool:
-    """Optional: the hospital's X25519 `package.key` (0600) and `package.pub`, for model packages encrypted
-    at rest for this site (`export.package.encrypt_package`). Created at the hospital; True if created now."""
-    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-
-    private_path, public_path = kit.path / PACKAGE_KEY, kit.path / PACKAGE_PUB
-    if private_path.exists():
-        return False
-    key = X25519PrivateKey.generate()
-    write_secret(private_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                 serialization.NoEncryption()))
-    write_public(public_path, key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                            serialization.PublicFormat.SubjectPublicKeyInfo))
-    return True
-
-
-def load_package_key(kit: HospitalKit):
-    """The hospital's X25519 package decryption key (0600 enforced)."""
-    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-
-    path = kit.path / PACKAGE_KEY
-    check_private_permissions(path)
-    try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except (ValueError, TypeError) as err:
-        raise KeyMaterialError(f"{path}: not a PKCS8 PEM private key ({err})") from None
-    if not isinstance(key, X25519PrivateKey):
-        raise KeyMaterialError(f"{path}: package decryption needs an X25519 key, got {type(key).__name__}")
-    return key
-
-
-def load_package_public_key(path: str | Path):
-    """A site's X25519 `package.pub` (PEM), to encrypt a package for that site."""
-    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
-
-    path = Path(path)
-    try:
-        key = serialization.load_pem_public_key(path.read_bytes())
-    except FileNotFoundError:
-        raise KeyMaterialError(f"{path}: public key not found") from None
-    except (ValueError, TypeError) as err:
-        raise KeyMaterialError(f"{path}: not a PEM public key ({err})") from None
-    if not isinstance(key, X25519PublicKey):
-        raise KeyMaterialError(f"{path}: package encryption needs an X25519 key, got {type(key).__name__}")
-    return key
 
 
 def _toml_list(values: list[str]) -> str:
@@ -414,7 +296,7 @@ def add_node(kit_path: Path, name: str, public_key: Path, hospital_kit_out: Path
     if target.exists():
         raise KitError(f"--name: a node named '{name}' is already registered; remove {target} first")
     if hospital_kit_out is not None:
-        ensure_signing_key(kit)  # before registering: a kit whose signing key cannot be used changes nothing
+        ensure_signing_key(kit.signing_key, kit.signing_pub)  # before registering: a kit whose signing key cannot be used changes nothing
     write_public(target, line)
     if hospital_kit_out is not None:
         out = Path(hospital_kit_out)
@@ -426,22 +308,3 @@ def add_node(kit_path: Path, name: str, public_key: Path, hospital_kit_out: Path
         if not (out / "site.toml").exists():
             (out / "site.toml").write_text(SITE_TEMPLATE.format(data="/path/to/ehr-export"), encoding="utf-8")
     return target
-
-
-__all__ = [
-    "CoordinatorKit",
-    "HospitalKit",
-    "KeyMaterialError",
-    "KitError",
-    "add_node",
-    "ensure_signing_key",
-    "load_coordinator_kit",
-    "load_hospital_kit",
-    "load_signing_key",
-    "load_signing_public_key",
-    "node_keygen",
-    "package_verification_key",
-    "provision",
-    "signing_fingerprint",
-    "signing_key_pair",
-]

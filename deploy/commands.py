@@ -1,0 +1,123 @@
+"""Deployment commands: `provision`, `node keygen|start`, `coordinator add-node|start`, `run`, `status`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from cli import add_command
+
+
+def _provision(args: argparse.Namespace) -> int:
+    from deploy.kits import provision
+
+    hosts = [h.strip() for h in args.coordinator_host.split(",")]
+    hospitals = [h.strip() for h in args.hospitals.split(",") if h.strip()]
+    kits = provision(args.study, hosts, hospitals, args.out, port=args.port)
+    print(f"study CA: {kits.pop('ca')}  (keep ca.key offline; it is not part of any kit)")
+    for party, path in kits.items():
+        print(f"kit for {party}: {path}")
+    print("send each hospital its own folder; private keys are mode 0600")
+    return 0
+
+
+def _node_keygen(args: argparse.Namespace) -> int:
+    from deploy.kits import node_keygen
+    from deploy.pki import fingerprint
+
+    private, public = node_keygen(args.out)
+    print(f"private key: {private} (0600, stays at this hospital)")
+    print(f"public key:  {public} (send to the coordinator; fingerprint {fingerprint(public.read_bytes())})")
+    return 0
+
+
+def _coordinator_add_node(args: argparse.Namespace) -> int:
+    from deploy.kits import add_node
+    from deploy.pki import fingerprint
+
+    target = add_node(args.kit, args.name, args.public_key, args.hospital_kit_out)
+    print(f"registered node '{args.name}' ({fingerprint(target.read_bytes())}) in {target}")
+    if args.hospital_kit_out:
+        print(f"hospital kit files (no private key) for '{args.name}': {args.hospital_kit_out}")
+    return 0
+
+
+def _coordinator_start(args: argparse.Namespace) -> int:
+    from deploy.coordinator import supervise
+    from deploy.kits import load_coordinator_kit
+
+    return supervise(load_coordinator_kit(args.kit), bind=args.bind, port=args.port, insecure_dev=args.insecure_dev)
+
+
+def _node_start(args: argparse.Namespace) -> int:
+    from deploy.kits import load_hospital_kit
+    from deploy.node import resolve_settings, start_node
+
+    kit = load_hospital_kit(args.kit, need_keys=not args.insecure_dev)
+    return start_node(resolve_settings(kit, args.data, args.insecure_dev))
+
+
+def _run(args: argparse.Namespace) -> int:
+    from deploy.kits import load_coordinator_kit
+    from deploy.launch import run_study
+    from fedcare.study import Overrides
+
+    run_dir, _ = run_study(load_coordinator_kit(args.kit), Overrides(rounds=args.rounds, epsilon=args.epsilon))
+    print()
+    print((run_dir / "summary.txt").read_text(encoding="utf-8"), end="")
+    print(f"\nreport: {run_dir / 'report.json'}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from deploy.kits import load_coordinator_kit
+    from deploy.launch import status_lines
+
+    print("\n".join(status_lines(load_coordinator_kit(args.kit))))
+    return 0
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    prov = add_command(commands, "provision")
+    prov.add_argument("--study", type=Path, required=True, help="study TOML file")
+    prov.add_argument("--coordinator-host", required=True, help="host names / IPs of the coordinator, comma-separated")
+    prov.add_argument("--hospitals", required=True, help="hospital names, comma-separated (e.g. a,b,c)")
+    prov.add_argument("--out", type=Path, required=True, help="new folder for the kits")
+    prov.add_argument("--port", type=int, default=9092, help="coordinator port (default 9092)")
+    prov.set_defaults(func=_provision)
+
+    node = add_command(commands, "node")
+    node_cmds = node.add_subparsers(dest="node_command", required=True)
+    keygen = node_cmds.add_parser("keygen", help="create this hospital's node key pair (private key stays here)")
+    keygen.add_argument("--out", type=Path, required=True, help="folder for node.key and node.pub")
+    keygen.set_defaults(func=_node_keygen)
+    nstart = node_cmds.add_parser("start", help="validate the site's data and join the federation")
+    nstart.add_argument("--kit", type=Path, required=True, help="this hospital's kit folder")
+    nstart.add_argument("--data", type=Path, default=None, help="the site's export directory (default: site.toml)")
+    nstart.add_argument("--insecure-dev", action="store_true", help="no TLS, no node authentication (local trials only)")
+    nstart.set_defaults(func=_node_start)
+
+    coord = add_command(commands, "coordinator")
+    coord_cmds = coord.add_subparsers(dest="coordinator_command", required=True)
+    add = coord_cmds.add_parser("add-node", help="accept a hospital's node public key")
+    add.add_argument("--kit", type=Path, required=True, help="the coordinator kit folder")
+    add.add_argument("--name", required=True, help="the hospital's name")
+    add.add_argument("--public-key", type=Path, required=True, help="the hospital's node.pub")
+    add.add_argument("--hospital-kit-out", type=Path, default=None, help="also write that hospital's kit files here")
+    add.set_defaults(func=_coordinator_add_node)
+    cstart = coord_cmds.add_parser("start", help="start the SuperLink (TLS + node authentication) and register the kit's nodes")
+    cstart.add_argument("--kit", type=Path, required=True, help="the coordinator kit folder")
+    cstart.add_argument("--port", type=int, default=None, help="port (default: the kit's)")
+    cstart.add_argument("--bind", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    cstart.add_argument("--insecure-dev", action="store_true", help="no TLS, no node authentication (local trials only)")
+    cstart.set_defaults(func=_coordinator_start)
+
+    run = add_command(commands, "run")
+    run.add_argument("--kit", type=Path, required=True, help="the coordinator kit folder")
+    run.add_argument("--rounds", type=int, default=None, help="override the study's rounds (sites check the hash)")
+    run.add_argument("--epsilon", type=float, default=None, help="override each site's ε target")
+    run.set_defaults(func=_run)
+
+    status = add_command(commands, "status")
+    status.add_argument("--kit", type=Path, required=True, help="the coordinator kit folder")
+    status.set_defaults(func=_status)

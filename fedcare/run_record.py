@@ -1,0 +1,195 @@
+"""The run record: the one folder a study run writes, and what export, the report and serving read.
+
+`fedcare simulate` and `fedcare run` write the same folder (the ServerApp writes it in both):
+
+    study.toml                 the study exactly as agreed for this run (the run's overrides applied);
+                               its hash is the one every site checked before training
+    run.json                   the run's overrides of the study file (rounds, epsilon) and its start time
+    scaling.json               the federated standardization (pooled per-feature counts, center, scale),
+                               when the study asks for one: `RunRecord.study()` applies it
+    checkpoints/round-NNN.npz  the global weights after each aggregated training round (with the study hash)
+    rounds.jsonl               one line per training round: UTC time, aggregated or not (by how many sites),
+                               the federated evaluation of the model after it, seconds
+    privacy.json               the study's privacy targets (and, in simulation only, each site's spent ε)
+    report.json, summary.txt   the study report (`fedcare.report`)
+    export/                    the final model as fp32 and int8 ONNX
+
+Nothing reconstructs a run afterwards: what the run used is what this folder says.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedcare.errors import FedcareError
+from fedcare.files import atomic_write_bytes
+from fedcare.study import Overrides, Study, load_study
+
+STUDY_FILE = "study.toml"
+RUN_FILE = "run.json"
+SCALING_FILE = "scaling.json"
+ROUNDS_FILE = "rounds.jsonl"
+PRIVACY_FILE = "privacy.json"
+REPORT_FILE = "report.json"
+CHECKPOINTS = "checkpoints"
+
+
+class RunRecordError(FedcareError, ValueError):
+    """A run folder is missing a part, or a part belongs to another study; the message names the file."""
+
+
+@dataclass(frozen=True)
+class RoundEntry:
+    """One training round as the coordinator saw it (aggregates only)."""
+
+    round: int
+    aggregated: bool  # a secure aggregate was applied to the global model
+    sites_aggregated: int  # how many sites' masked vectors made up the aggregate (0 if none)
+    auc: float | None  # federated evaluation of the model after this round
+    loss: float | None
+    sites_evaluated: int
+    seconds: float | None  # training round time, None if not aggregated
+    time: str = ""  # UTC, ISO 8601, when the round's evaluation arrived
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _json_bytes(value: Any) -> bytes:
+    return (json.dumps(value, indent=1) + "\n").encode()
+
+
+class RunRecord:
+    """The folder of one study run (see the module docstring)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    # -- the study as run ----------------------------------------------------------------
+
+    @property
+    def study_file(self) -> Path:
+        return self.path / STUDY_FILE
+
+    def start(self, study: Study, overrides: Overrides) -> None:
+        """Record the study as agreed for this run (the file's study with `overrides`).
+        A folder that already holds another study is refused."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        if self.study_file.exists():
+            recorded = load_study(self.study_file)
+            if recorded.hash != study.hash:
+                raise RunRecordError(f"{self.study_file}: holds study {recorded.hash[:12]}…, not this run's {study.hash[:12]}…")
+        else:
+            atomic_write_bytes(self.study_file, study.to_toml().encode("utf-8"))
+            if load_study(self.study_file).hash != study.hash:
+                raise RunRecordError(f"{self.study_file}: internal error: the written study does not reproduce its hash")
+        run = {"study_hash": study.hash, "overrides": {"rounds": overrides.rounds, "epsilon": overrides.epsilon},
+               "started": utc_now()}
+        atomic_write_bytes(self.path / RUN_FILE, _json_bytes(run))
+
+    def overrides(self) -> Overrides:
+        """The run's overrides of the study file (what a site applies to its own copy to get the run's hash)."""
+        path = self.path / RUN_FILE
+        try:
+            recorded = json.loads(path.read_text(encoding="utf-8"))["overrides"]
+            return Overrides(rounds=recorded.get("rounds"), epsilon=recorded.get("epsilon"))
+        except FileNotFoundError:
+            raise RunRecordError(f"{path}: not found; is {self.path} a fedcare run folder?") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise RunRecordError(f"{path}: unreadable ({err})") from None
+
+    def study(self) -> Study:
+        """The study exactly as the run used it: the recorded file, with the run's federated scaling if any."""
+        if not self.study_file.is_file():
+            raise RunRecordError(f"{self.study_file}: not found; is {self.path} a fedcare run folder?")
+        study = load_study(self.study_file)
+        scaling = self.scaling()
+        if scaling is None:
+            return study
+        return study.with_scaling(scaling["center"], scaling["scale"])
+
+    def scaling(self) -> dict | None:
+        path = self.path / SCALING_FILE
+        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+    def save_scaling(self, study: Study, *, center: np.ndarray, scale: np.ndarray, counts: np.ndarray) -> None:
+        """The federated standardization of this run (it goes into the report and the exported model)."""
+        payload = {
+            "method": "federated",
+            "features": [f.name for f in study.features],
+            "center": [float(c) for c in center],
+            "scale": [float(s) for s in scale],
+            "rows_with_value": [int(n) for n in counts],
+        }
+        atomic_write_bytes(self.path / SCALING_FILE, _json_bytes(payload))
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def checkpoint_path(self, training_round: int) -> Path:
+        return self.path / CHECKPOINTS / f"round-{training_round:03d}.npz"
+
+    def save_checkpoint(self, training_round: int, weights: list[np.ndarray], study_hash: str) -> Path:
+        path = self.checkpoint_path(training_round)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        arrays = {f"w{i:03d}": np.asarray(w) for i, w in enumerate(weights)}
+        np.savez(buffer, study_hash=np.array(study_hash), **arrays)
+        atomic_write_bytes(path, buffer.getvalue())
+        return path
+
+    def latest_checkpoint(self) -> Path | None:
+        found = sorted((self.path / CHECKPOINTS).glob("round-*.npz"))
+        return found[-1] if found else None
+
+    def final_weights(self, study_hash: str) -> tuple[list[np.ndarray], Path]:
+        """(weights, file) of the latest checkpoint, which must belong to `study_hash`."""
+        checkpoint = self.latest_checkpoint()
+        if checkpoint is None:
+            raise RunRecordError(f"{self.path}: no checkpoint; no round was securely aggregated")
+        return load_checkpoint(checkpoint, study_hash), checkpoint
+
+    # -- the round log and the privacy summary -------------------------------------------
+
+    def append_round(self, entry: RoundEntry) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        with (self.path / ROUNDS_FILE).open("a", encoding="utf-8") as out:
+            out.write(json.dumps(asdict(entry)) + "\n")
+
+    def rounds(self) -> list[dict]:
+        path = self.path / ROUNDS_FILE
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    def write_privacy(self, summary: dict) -> None:
+        atomic_write_bytes(self.path / PRIVACY_FILE, _json_bytes(summary))
+
+    def report(self) -> dict:
+        """The run's report.json (written when the run finished)."""
+        path = self.path / REPORT_FILE
+        try:
+            report = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise RunRecordError(f"{self.path}: no {REPORT_FILE}; the run has not finished, or this is not a run folder") from None
+        except (ValueError, UnicodeDecodeError) as err:
+            raise RunRecordError(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(report, dict) or not isinstance(report.get("study_hash"), str):
+            raise RunRecordError(f"{path}: has no study_hash; is this a fedcare run report?")
+        return report
+
+
+def load_checkpoint(path: str | Path, expected_study_hash: str | None = None) -> list[np.ndarray]:
+    """The weights in one checkpoint file; refused if it belongs to another study."""
+    with np.load(path, allow_pickle=False) as data:
+        if expected_study_hash is not None and str(data["study_hash"]) != expected_study_hash:
+            raise RunRecordError(f"{path}: checkpoint belongs to another study (hash {str(data['study_hash'])[:12]}…)")
+        keys = sorted(k for k in data.files if k.startswith("w"))
+        return [data[k] for k in keys]
