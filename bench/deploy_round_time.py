@@ -31,7 +31,7 @@ from deploy.flower import free_port  # noqa: E402
 from fedcare import APP_DIR  # noqa: E402
 from fedcare.study import load_study  # noqa: E402
 from deploy.coordinator import FlowerCLI  # noqa: E402
-from server.progress import read_round_log  # noqa: E402
+from fedcare.run_record import RunRecord  # noqa: E402
 from simulations.cohorts import write_cohorts  # noqa: E402
 
 PACKAGES = ("fedcare", "client", "server", "strategies", "privacy", "export", "inference", "bench", "studies")
@@ -93,7 +93,7 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "cli", "run", "--kit", str(kits["coordinator"]), "--rounds", str(args.rounds)],
                        cwd=APP_DIR, check=True, stdout=subprocess.DEVNULL)
         run_dir = sorted((kits["coordinator"] / "state" / "runs").iterdir())[-1]
-        results["fedcare"] = statistics.median(r["seconds"] for r in read_round_log(run_dir)[1:])
+        results["fedcare"] = statistics.median(r["seconds"] for r in RunRecord(run_dir).rounds()[1:])
         print(f"fedcare        : {results['fedcare']:6.1f} s/round  (whole run {time.monotonic() - t0:.0f} s)", flush=True)
 
         kit = load_coordinator_kit(kits["coordinator"])
@@ -102,7 +102,7 @@ def main() -> None:
         eager = _variant_app(root, "server.app:app", "bench.eager_client:app")
         t0 = time.monotonic()
         _flower_run(cli, eager, config, root / "eager")
-        results["eager-import"] = statistics.median(r["seconds"] for r in read_round_log(root / "eager")[1:])
+        results["eager-import"] = statistics.median(r["seconds"] for r in RunRecord(root / "eager").rounds()[1:])
         print(f"eager-import   : {results['eager-import']:6.1f} s/round  (whole run {time.monotonic() - t0:.0f} s)", flush=True)
 
         stock = _variant_app(root, "bench.stock_app:server_app", "bench.stock_app:client_app")

@@ -23,7 +23,7 @@ from deploy.flower import quiet_flower_environment  # noqa: E402
 quiet_flower_environment()
 
 from fedcare.study import load_study  # noqa: E402
-from server.progress import read_round_log  # noqa: E402
+from fedcare.run_record import RunRecord  # noqa: E402
 from simulations.cohorts import write_cohorts  # noqa: E402
 from simulations.engine import run_flower_simulation  # noqa: E402
 from fedcare import DEFAULT_STUDY  # noqa: E402
@@ -54,7 +54,7 @@ def main() -> None:
         t0 = time.monotonic()
         run_flower_simulation(args.hospitals, {**config, "out-dir": str(root / "fedcare")})
         fedcare_wall = time.monotonic() - t0
-        fedcare = statistics.median(r["seconds"] for r in read_round_log(root / "fedcare")[1:])
+        fedcare = statistics.median(r["seconds"] for r in RunRecord(root / "fedcare").rounds()[1:])
 
     print(f"\nhospitals={args.hospitals} rounds={args.rounds} model={study.model.hidden} local_epochs={study.training.local_epochs}")
     print(f"stock Flower FedAvg, no privacy : {stock:6.2f} s/round (median rounds 2..{args.rounds}), whole run {stock_wall:5.1f} s")
