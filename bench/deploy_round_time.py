@@ -26,7 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from deploy.kits import load_coordinator_kit, provision  # noqa: E402
+from deploy.kits import load_coordinator_kit  # noqa: E402
+from deploy.provision import provision  # noqa: E402
 from deploy.flower import free_port  # noqa: E402
 from fedcare import APP_DIR  # noqa: E402
 from fedcare.study import load_study  # noqa: E402

@@ -9,7 +9,7 @@ from cli import add_command
 
 
 def _provision(args: argparse.Namespace) -> int:
-    from deploy.kits import provision
+    from deploy.provision import provision
 
     hosts = [h.strip() for h in args.coordinator_host.split(",")]
     hospitals = [h.strip() for h in args.hospitals.split(",") if h.strip()]
@@ -22,7 +22,7 @@ def _provision(args: argparse.Namespace) -> int:
 
 
 def _node_keygen(args: argparse.Namespace) -> int:
-    from deploy.kits import node_keygen
+    from deploy.provision import node_keygen
     from deploy.pki import fingerprint
 
     private, public = node_keygen(args.out)
@@ -32,7 +32,7 @@ def _node_keygen(args: argparse.Namespace) -> int:
 
 
 def _coordinator_add_node(args: argparse.Namespace) -> int:
-    from deploy.kits import add_node
+    from deploy.provision import add_node
     from deploy.pki import fingerprint
 
     target = add_node(args.kit, args.name, args.public_key, args.hospital_kit_out)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from fedcare.errors import StudyConfigError
+from fedcare.fields import Fields
 
 SOURCES = (
     "patient_age",
@@ -137,7 +137,7 @@ def parse_mapping(raw: dict[str, Any], feature_names: list[str], path: str) -> M
     """
     if isinstance(raw, dict) and isinstance(raw.get("mapping"), dict) and "index_date" not in raw:
         raw = raw["mapping"]
-    p = _Parser(path)
+    p = Fields(path)
     if not isinstance(raw, dict):
         raise p.fail("mapping", "expected a [mapping] table")
     p.no_unknown_keys(raw, "mapping", ("index_date", "features", "label"))
@@ -155,24 +155,24 @@ def parse_mapping(raw: dict[str, Any], feature_names: list[str], path: str) -> M
     return Mapping(index_date=index_date, features=features, label=label)
 
 
-def _feature_rule(p: _Parser, raw: Any, at: str) -> FeatureRule:
+def _feature_rule(p: Fields, raw: Any, at: str) -> FeatureRule:
     if not isinstance(raw, dict):
         raise p.fail(at, "expected a table")
     source = p.choice(raw, f"{at}.source", SOURCES)
     required, optional = FEATURE_KEYS[source]
-    p.no_unknown_keys(raw, at, ("source", *required, *optional), source)
+    p.no_unknown_keys(raw, at, ("source", *required, *optional), context=f"for source '{source}'")
     values = _rule_values(p, raw, at, source, required, optional)
     if source == "patient_age" and values.get("unit", "years") not in AGE_UNITS:
-        raise p.fail(f"{at}.unit", f"expected one of {', '.join(AGE_UNITS)}, got {values['unit']!r}")
+        raise p.fail(f"{at}.unit", f"unknown value '{values['unit']}' (expected one of: {', '.join(AGE_UNITS)})")
     if source == "bmi" and values.get("unit", "kg/m2") not in BMI_UNITS:
-        raise p.fail(f"{at}.unit", f"expected one of {', '.join(BMI_UNITS)}, got {values['unit']!r}")
+        raise p.fail(f"{at}.unit", f"unknown value '{values['unit']}' (expected one of: {', '.join(BMI_UNITS)})")
     return FeatureRule(source=source, **values)
 
 
-def _label_rule(p: _Parser, raw: dict[str, Any]) -> LabelRule:
+def _label_rule(p: Fields, raw: dict[str, Any]) -> LabelRule:
     at = "mapping.label"
     p.no_unknown_keys(raw, at, ("any_of", "window_days_after"))
-    default_after = p.positive_int(raw, f"{at}.window_days_after") if "window_days_after" in raw else None
+    default_after = p.integer(raw, f"{at}.window_days_after", minimum=1) if "window_days_after" in raw else None
     entries = raw.get("any_of")
     if entries is None:
         raise p.fail(f"{at}.any_of", "missing field")
@@ -187,7 +187,7 @@ def _label_rule(p: _Parser, raw: dict[str, Any]) -> LabelRule:
             entry = {**entry, "window_days_after": default_after}
         source = p.choice(entry, f"{where}.source", tuple(LABEL_KEYS))
         required, optional = LABEL_KEYS[source]
-        p.no_unknown_keys(entry, where, ("source", *required, *optional), source)
+        p.no_unknown_keys(entry, where, ("source", *required, *optional), context=f"for source '{source}'")
         values = _rule_values(p, entry, where, source, required, optional)
         if values.setdefault("aggregate", "any") != "any":
             raise p.fail(f"{where}.aggregate", f"a label rule's aggregate is 'any', got {values['aggregate']!r}")
@@ -197,7 +197,7 @@ def _label_rule(p: _Parser, raw: dict[str, Any]) -> LabelRule:
 
 
 def _rule_values(
-    p: _Parser, raw: dict[str, Any], at: str, source: str, required: tuple[str, ...], optional: tuple[str, ...]
+    p: Fields, raw: dict[str, Any], at: str, source: str, required: tuple[str, ...], optional: tuple[str, ...]
 ) -> dict[str, Any]:
     """The typed values of one rule's keys, in a fixed order so the first mistake is reported."""
     values: dict[str, Any] = {}
@@ -208,27 +208,26 @@ def _rule_values(
             continue
         field = f"{at}.{key}"
         if key in ("codes", "reason_codes", "weight_codes", "height_codes"):
-            values[key] = p.codes(raw, field)
+            values[key] = _codes(p, raw, field)
         elif key in ("window_days", "window_days_after"):
-            values[key] = p.positive_int(raw, field)
+            values[key] = p.integer(raw, field, minimum=1)
         elif key == "aggregate":
             values[key] = p.choice(raw, field, AGGREGATES)
             allowed = ALLOWED_AGGREGATES[source]
             if values[key] not in allowed:
                 raise p.fail(field, f"'{values[key]}' is not allowed for source '{source}' (allowed: {', '.join(allowed)})")
         elif key == "unit":
-            values[key] = p.string(raw, field)
+            values[key] = p.string(raw, field, non_empty=True)
             if source == "observation" and values[key] not in CONVERSIONS:
                 raise p.fail(field, f"no known conversion to '{values[key]}' (known units: {', '.join(CONVERSIONS)})")
         elif key == "classes":
             values[key] = tuple(p.string_list(raw, field))
         elif key == "url":
-            values[key] = p.string(raw, field)
+            values[key] = p.string(raw, field, non_empty=True)
     return values
 
 
 _CODE = re.compile(r"(?P<system>[^|\s*]+)\|(?P<code>[^|\s*]+)(?P<star>\*?)")
-_ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
 def parse_code(text: str) -> Code | None:
@@ -246,76 +245,14 @@ def normalize_code(system: str, code: str) -> str:
     return code
 
 
-class _Parser:
-    """Typed access to the mapping's fields; every failure names the file and the field."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def fail(self, field: str, why: str) -> StudyConfigError:
-        return StudyConfigError(f"{self.path}: {field}: {why}")
-
-    def no_unknown_keys(self, raw: dict[str, Any], at: str, known: tuple[str, ...], source: str | None = None) -> None:
-        for key in raw:
-            if key not in known:
-                why = f"unknown key for source '{source}'" if source else "unknown key"
-                raise self.fail(f"{at}.{key}", f"{why} (expected: {', '.join(known)})")
-
-    def table(self, raw: dict[str, Any], field: str) -> dict[str, Any]:
-        value = raw.get(field.rsplit(".", 1)[-1])
-        if value is None:
-            raise self.fail(field, "missing table")
-        if not isinstance(value, dict):
-            raise self.fail(field, "expected a table")
-        return value
-
-    def string(self, raw: dict[str, Any], field: str) -> str:
-        value = raw.get(field.rsplit(".", 1)[-1])
-        if value is None:
-            raise self.fail(field, "missing field")
-        if not isinstance(value, str) or not value.strip():
-            raise self.fail(field, f"expected a non-empty string, got {value!r}")
-        return value
-
-    def choice(self, raw: dict[str, Any], field: str, options: tuple[str, ...]) -> str:
-        value = self.string(raw, field)
-        if value not in options:
-            raise self.fail(field, f"expected one of {', '.join(options)}, got {value!r}")
-        return value
-
-    def positive_int(self, raw: dict[str, Any], field: str) -> int:
-        value = raw.get(field.rsplit(".", 1)[-1])
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise self.fail(field, f"expected a whole number of days >= 1, got {value!r}")
-        return value
-
-    def string_list(self, raw: dict[str, Any], field: str) -> list[str]:
-        value = raw.get(field.rsplit(".", 1)[-1])
-        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.strip() for v in value):
-            raise self.fail(field, f"expected a non-empty list of strings, got {value!r}")
-        return value
-
-    def codes(self, raw: dict[str, Any], field: str) -> tuple[Code, ...]:
-        value = raw.get(field.rsplit(".", 1)[-1])
-        if not isinstance(value, list) or not value:
-            raise self.fail(field, f"expected a non-empty list of \"<system>|<code>\" strings, got {value!r}")
-        codes = []
-        for i, text in enumerate(value):
-            code = parse_code(text) if isinstance(text, str) else None
-            if code is None:
-                raise self.fail(
-                    f"{field}[{i}]", f"expected \"<system>|<code>\" (a trailing * for a prefix), got {text!r}"
-                )
-            codes.append(code)
-        return tuple(codes)
-
-    def iso_date(self, raw: dict[str, Any], field: str) -> datetime.date:
-        value = raw.get(field.rsplit(".", 1)[-1])
-        if value is None:
-            raise self.fail(field, "missing field")
-        if isinstance(value, str) and _ISO_DATE.fullmatch(value):
-            try:
-                return datetime.date.fromisoformat(value)
-            except ValueError:
-                pass
-        raise self.fail(field, f"expected an ISO date string \"YYYY-MM-DD\", got {value!r}")
+def _codes(p: Fields, raw: dict[str, Any], field: str) -> tuple[Code, ...]:
+    value = raw.get(field.rsplit(".", 1)[-1])
+    if not isinstance(value, list) or not value:
+        raise p.fail(field, f"expected a non-empty list of \"<system>|<code>\" strings, got {value!r}")
+    codes = []
+    for i, text in enumerate(value):
+        code = parse_code(text) if isinstance(text, str) else None
+        if code is None:
+            raise p.fail(f"{field}[{i}]", f"expected \"<system>|<code>\" (a trailing * for a prefix), got {text!r}")
+        codes.append(code)
+    return tuple(codes)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedcare.errors import StudyConfigError
+from fedcare.fields import Fields
 from fedcare.files import read_toml
 
 if TYPE_CHECKING:
@@ -214,16 +215,16 @@ def load_study(path: str | Path) -> Study:
 
 def parse_study(raw: dict[str, Any], source: str = "<study>") -> Study:
     """Validate an already-parsed TOML document."""
-    r = _Reader(raw, source)
-    study = r.table("study")
-    label = r.table("label")
-    model = r.table("model")
-    training = r.table("training")
-    privacy = r.table("privacy")
-    secagg = r.table("secure_aggregation")
-    strategy = r.table("strategy")
+    r = Fields(source)
+    study = r.table(raw, "[study]")
+    label = r.table(raw, "[label]")
+    model = r.table(raw, "[model]")
+    training = r.table(raw, "[training]")
+    privacy = r.table(raw, "[privacy]")
+    secagg = r.table(raw, "[secure_aggregation]")
+    strategy = r.table(raw, "[strategy]")
 
-    features = tuple(_feature(r, i, f) for i, f in enumerate(r.array_of_tables("features")))
+    features = tuple(_feature(r, i, f) for i, f in enumerate(r.array_of_tables(raw, "[[features]]")))
     names = [f.name for f in features]
     for i, name in enumerate(names):
         if name in names[:i]:
@@ -277,7 +278,7 @@ def parse_study(raw: dict[str, Any], source: str = "<study>") -> Study:
     if parsed.label.name in names:
         raise StudyConfigError(f"{source}: label.name: '{parsed.label.name}' is also a feature name")
     if "standardization" in raw:
-        method = r.choice(r.table("standardization"), "standardization.method", STANDARDIZATIONS)
+        method = r.choice(r.table(raw, "[standardization]"), "standardization.method", STANDARDIZATIONS)
         parsed = dataclasses.replace(parsed, standardization=method)
     if "mapping" in raw:
         from fedcare.mapping import parse_mapping
@@ -289,24 +290,24 @@ def parse_study(raw: dict[str, Any], source: str = "<study>") -> Study:
     return parsed
 
 
-def _feature(r: _Reader, i: int, raw: dict[str, Any]) -> Feature:
+def _feature(r: Fields, i: int, raw: dict[str, Any]) -> Feature:
     at = f"features[{i}]"
     name = r.string(raw, f"{at}.name")
     if not name.isidentifier():
-        raise StudyConfigError(f"{r.source}: {at}.name: '{name}' must be letters, digits and _")
+        raise r.fail(f"{at}.name", f"'{name}' must be letters, digits and _")
     at = f"features[{i}] ({name})"
     ftype = r.choice(raw, f"{at}.type", FEATURE_TYPES)
     bounds = r.number_list(raw, f"{at}.range")
     if len(bounds) != 2 or not bounds[0] < bounds[1]:
-        raise StudyConfigError(f"{r.source}: {at}.range: expected [low, high] with low < high")
+        raise r.fail(f"{at}.range", f"expected [low, high] with low < high")
     low, high = bounds
     if ftype == "binary" and (low, high) != (0, 1):
-        raise StudyConfigError(f"{r.source}: {at}.range: a binary feature has range [0, 1]")
+        raise r.fail(f"{at}.range", f"a binary feature has range [0, 1]")
     if ftype == "count" and low < 0:
-        raise StudyConfigError(f"{r.source}: {at}.range: a count cannot be negative")
+        raise r.fail(f"{at}.range", f"a count cannot be negative")
     center = r.number(raw, f"{at}.center", default=(low + high) / 2)
     if not low <= center <= high:
-        raise StudyConfigError(f"{r.source}: {at}.center: {center} is outside range [{low}, {high}]")
+        raise r.fail(f"{at}.center", f"{center} is outside range [{low}, {high}]")
     return Feature(
         name=name,
         type=ftype,
@@ -338,100 +339,6 @@ def _check_shares(source: str, shares: float | int, threshold: float | int) -> N
         raise StudyConfigError(
             f"{at}.reconstruction_threshold: a fraction must be in (0, 1), got {threshold}"
         )
-
-
-class _Reader:
-    """Typed field access that reports the exact field on error."""
-
-    def __init__(self, raw: dict[str, Any], source: str) -> None:
-        self.raw = raw
-        self.source = source
-
-    def fail(self, field: str, why: str) -> StudyConfigError:
-        return StudyConfigError(f"{self.source}: {field}: {why}")
-
-    def table(self, key: str) -> dict[str, Any]:
-        if key not in self.raw:
-            raise self.fail(f"[{key}]", "missing section")
-        value = self.raw[key]
-        if not isinstance(value, dict):
-            raise self.fail(f"[{key}]", "must be a table")
-        return value
-
-    def array_of_tables(self, key: str) -> list[dict[str, Any]]:
-        value = self.raw.get(key)
-        if value is None:
-            raise self.fail(f"[[{key}]]", "missing section")
-        if not isinstance(value, list) or not value or not all(isinstance(v, dict) for v in value):
-            raise self.fail(f"[[{key}]]", "must be a non-empty array of tables")
-        return value
-
-    def _get(self, table: dict[str, Any], field: str, default: Any) -> Any:
-        key = field.rsplit(".", 1)[-1]
-        if key in table:
-            return table[key]
-        if default is not None:
-            return default
-        raise self.fail(field, "missing field")
-
-    def string(self, table: dict[str, Any], field: str, default: str | None = None) -> str:
-        value = self._get(table, field, default)
-        if not isinstance(value, str):
-            raise self.fail(field, f"expected a string, got {value!r}")
-        return value
-
-    def choice(self, table: dict[str, Any], field: str, options: tuple[str, ...]) -> str:
-        value = self.string(table, field)
-        if value not in options:
-            raise self.fail(field, f"unknown value '{value}' (expected one of: {', '.join(options)})")
-        return value
-
-    def number(
-        self,
-        table: dict[str, Any],
-        field: str,
-        *,
-        positive: bool = False,
-        minimum: float | None = None,
-        below: float | None = None,
-        default: float | None = None,
-    ) -> float | int:
-        value = self._get(table, field, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.fail(field, f"expected a number, got {value!r}")
-        if not math.isfinite(value):
-            raise self.fail(field, f"must be finite, got {value}")
-        if positive and value <= 0:
-            raise self.fail(field, f"must be > 0, got {value}")
-        if minimum is not None and value < minimum:
-            raise self.fail(field, f"must be >= {minimum}, got {value}")
-        if below is not None and value >= below:
-            raise self.fail(field, f"must be < {below}, got {value}")
-        return value
-
-    def integer(self, table: dict[str, Any], field: str, *, minimum: int) -> int:
-        value = self._get(table, field, None)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(field, f"expected an integer, got {value!r}")
-        if value < minimum:
-            raise self.fail(field, f"must be >= {minimum}, got {value}")
-        return value
-
-    def number_list(self, table: dict[str, Any], field: str) -> list[float]:
-        value = self._get(table, field, None)
-        if not isinstance(value, list) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value
-        ):
-            raise self.fail(field, f"expected a list of numbers, got {value!r}")
-        return [float(v) for v in value]
-
-    def int_list(self, table: dict[str, Any], field: str, *, minimum: int) -> list[int]:
-        value = self._get(table, field, None)
-        if not isinstance(value, list) or not value or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in value
-        ):
-            raise self.fail(field, f"expected a non-empty list of integers >= {minimum}, got {value!r}")
-        return value
 
 
 def _render_toml(study: Study) -> str:

@@ -15,12 +15,12 @@ site's privacy ledger (`privacy/ledger.py`).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedcare.errors import FedcareError
+from fedcare.fields import Fields
 from fedcare.files import read_toml
 
 
@@ -53,64 +53,43 @@ KNOWN_FIELDS = {
 }
 
 
-def _positive_number(path: Path, field: str, value: Any, upper: float = math.inf) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not (0 < value < upper) or math.isnan(value):
-        limit = f" and < {upper:g}" if upper != math.inf else " (finite)"
-        raise PolicyError(f"{path}: policy.{field}: expected a number > 0{limit}, got {value!r}")
-    return float(value)
-
-
-def _integer_at_least(path: Path, field: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise PolicyError(f"{path}: policy.{field}: expected an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _study_hashes(path: Path, value: Any) -> tuple[str, ...]:
+def _study_hashes(fields: Fields, section: dict[str, Any]) -> tuple[str, ...]:
+    value = section["accepted_studies"]
     if not isinstance(value, list):
-        raise PolicyError(f"{path}: policy.accepted_studies: expected a list of study hashes, got {value!r}")
-    hashes = []
+        raise fields.fail("policy.accepted_studies", f"expected a list of study hashes, got {value!r}")
     for i, item in enumerate(value):
         if not isinstance(item, str) or len(item) < 12 or any(c not in "0123456789abcdef" for c in item):
-            raise PolicyError(
-                f"{path}: policy.accepted_studies[{i}]: expected a study hash (>= 12 lowercase hex digits; "
-                f"`fedcare study check` prints it), got {item!r}"
-            )
-        hashes.append(item)
-    return tuple(hashes)
+            raise fields.fail(f"policy.accepted_studies[{i}]", "expected a study hash (>= 12 lowercase hex digits; "
+                                                               f"`fedcare study check` prints it), got {item!r}")
+    return tuple(value)
 
 
 def parse_site_policy(section: dict[str, Any], path: Path) -> SitePolicy:
-    unknown = sorted(set(section) - KNOWN_FIELDS)
-    if unknown:
-        raise PolicyError(f"{path}: policy.{unknown[0]}: unknown field (known: {', '.join(sorted(KNOWN_FIELDS))})")
-    values: dict[str, Any] = {}
-    for field in ("max_epsilon_per_study", "max_epsilon_lifetime"):
-        if field in section:
-            values[field] = _positive_number(path, field, section[field])
-    if "max_delta" in section:
-        values["max_delta"] = _positive_number(path, "max_delta", section["max_delta"], upper=1.0)
-    for field, minimum in (("min_cohort", 3), ("min_threshold", 2)):
-        if field in section:
-            values[field] = _integer_at_least(path, field, section[field], minimum)
+    fields = Fields(str(path), PolicyError)
+    fields.no_unknown_keys(section, "policy", tuple(sorted(KNOWN_FIELDS)))
+    defaults = SitePolicy()
+    values: dict[str, Any] = {
+        "max_epsilon_per_study": float(fields.number(section, "policy.max_epsilon_per_study", positive=True,
+                                                     default=defaults.max_epsilon_per_study)),
+        "max_epsilon_lifetime": float(fields.number(section, "policy.max_epsilon_lifetime", positive=True,
+                                                    default=defaults.max_epsilon_lifetime)),
+        "max_delta": float(fields.number(section, "policy.max_delta", positive=True, below=1.0, default=defaults.max_delta)),
+        "min_cohort": fields.integer(section, "policy.min_cohort", minimum=3, default=defaults.min_cohort),
+        "min_threshold": fields.integer(section, "policy.min_threshold", minimum=2, default=defaults.min_threshold),
+    }
     if "accepted_studies" in section:
-        values["accepted_studies"] = _study_hashes(path, section["accepted_studies"])
+        values["accepted_studies"] = _study_hashes(fields, section)
     policy = SitePolicy(**values)
     if policy.max_epsilon_per_study > policy.max_epsilon_lifetime:
-        raise PolicyError(
-            f"{path}: policy.max_epsilon_per_study: {policy.max_epsilon_per_study:g} exceeds "
-            f"max_epsilon_lifetime ({policy.max_epsilon_lifetime:g})"
-        )
+        raise fields.fail("policy.max_epsilon_per_study", f"{policy.max_epsilon_per_study:g} exceeds "
+                                                          f"max_epsilon_lifetime ({policy.max_epsilon_lifetime:g})")
     return policy
 
 
 def load_site_policy(path: str | Path) -> SitePolicy:
     path = Path(path)
     raw = read_toml(path, PolicyError, "site policy file not found")
-    section = raw.get("policy", {})
-    if not isinstance(section, dict):
-        raise PolicyError(f"{path}: policy: expected a [policy] table")
-    return parse_site_policy(section, path)
+    return parse_site_policy(Fields(str(path), PolicyError).table(raw, "policy", optional=True), path)
 
 
 def policy_for_site(policy_file: Path | None) -> SitePolicy:

@@ -76,14 +76,14 @@ def test_study_not_accepted_or_delta_too_large_is_refused(study, tmp_path):
 @pytest.mark.parametrize(
     "body, message",
     [
-        ("max_epsilon_per_study = 0", "policy.max_epsilon_per_study: expected a number > 0 finite, got 0"),
-        ("max_epsilon_lifetime = inf", "policy.max_epsilon_lifetime: expected a number > 0 finite, got inf"),
-        ("max_delta = 1.5", "policy.max_delta: expected a number > 0 and < 1, got 1.5"),
+        ("max_epsilon_per_study = 0", "policy.max_epsilon_per_study: must be > 0, got 0"),
+        ("max_epsilon_lifetime = inf", "policy.max_epsilon_lifetime: must be finite, got inf"),
+        ("max_delta = 1.5", "policy.max_delta: must be < 1.0, got 1.5"),
         ("max_epsilon_per_study = 5\nmax_epsilon_lifetime = 4", "policy.max_epsilon_per_study: 5 exceeds max_epsilon_lifetime 4"),
-        ("min_threshold = 1", "policy.min_threshold: expected an integer >= 2, got 1"),
+        ("min_threshold = 1", "policy.min_threshold: must be >= 2, got 1"),
         ('accepted_studies = "abc"', "policy.accepted_studies: expected a list of study hashes"),
         ('accepted_studies = ["XYZ"]', r"policy.accepted_studies\[0\]: expected a study hash"),
-        ("max_epsilon = 3", "policy.max_epsilon: unknown field"),
+        ("max_epsilon = 3", "policy.max_epsilon: unknown key"),
     ],
 )
 def test_invalid_policy_names_the_field(tmp_path, body, message):

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from deploy.kits import provision
+from deploy.provision import provision
 from deploy.flower import free_port
 from simulations.cohorts import write_cohorts
 

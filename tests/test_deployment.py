@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from deploy.kits import node_keygen
+from deploy.provision import node_keygen
 from deploy.flower import free_port
 from fedcare.study import load_study
 from privacy.ledger import PrivacyLedger

@@ -177,8 +177,8 @@ def _mapping_error(raw: dict, names: list[str]) -> str:
     [
         (
             lambda m: m["features"]["phq9_latest"].update(aggregate="median"),
-            "s.toml: mapping.features.phq9_latest.aggregate: expected one of latest, mean, count, any, "
-            "slope_per_30d, pdc, got 'median'",
+            "s.toml: mapping.features.phq9_latest.aggregate: unknown value 'median' (expected one of: latest, mean, "
+            "count, any, slope_per_30d, pdc)",
         ),
         (
             lambda m: m["features"]["phq9_latest"].update(aggregate="pdc"),
@@ -187,8 +187,8 @@ def _mapping_error(raw: dict, names: list[str]) -> str:
         ),
         (
             lambda m: m["features"]["age"].update(source="patient_birthday"),
-            "s.toml: mapping.features.age.source: expected one of patient_age, patient_female, patient_extension, "
-            "observation, bmi, condition, encounter, medication, got 'patient_birthday'",
+            "s.toml: mapping.features.age.source: unknown value 'patient_birthday' (expected one of: patient_age, "
+            "patient_female, patient_extension, observation, bmi, condition, encounter, medication)",
         ),
         (
             lambda m: m["features"]["sleep_hours"].pop("window_days"),
@@ -206,7 +206,7 @@ def _mapping_error(raw: dict, names: list[str]) -> str:
         ),
         (
             lambda m: m["features"]["bmi"].update(unit="furlong/fortnight"),
-            "s.toml: mapping.features.bmi.unit: expected one of kg/m2, got 'furlong/fortnight'",
+            "s.toml: mapping.features.bmi.unit: unknown value 'furlong/fortnight' (expected one of: kg/m2)",
         ),
         (
             lambda m: m["features"]["sleep_hours"].update(unit="fortnight"),
@@ -236,7 +236,7 @@ def _mapping_error(raw: dict, names: list[str]) -> str:
         ),
         (
             lambda m: m["features"]["ed_visits_12m"].update(window_days=0),
-            "s.toml: mapping.features.ed_visits_12m.window_days: expected a whole number of days >= 1, got 0",
+            "s.toml: mapping.features.ed_visits_12m.window_days: must be >= 1, got 0",
         ),
         (
             lambda m: m["label"]["any_of"][1].update(aggregate="count"),

@@ -8,7 +8,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
-from deploy.kits import KitError, add_node, load_coordinator_kit, load_hospital_kit, node_keygen, provision
+from deploy.kits import KitError, load_coordinator_kit, load_hospital_kit
+from deploy.provision import add_node, node_keygen, provision
 from fedcare.errors import KeyMaterialError
 
 from .conftest import DEFAULT_STUDY

@@ -72,7 +72,7 @@ def test_missing_field_and_section():
     assert _error(raw) == "s.toml: training.rounds: missing field"
     raw = _raw()
     del raw["privacy"]
-    assert _error(raw) == "s.toml: [privacy]: missing section"
+    assert _error(raw) == "s.toml: [privacy]: missing table"
 
 
 def test_bad_ranges_and_duplicates():
