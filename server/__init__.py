@@ -1,1 +1,1 @@
-"""The coordinator: the Flower ServerApp, its SecAgg+ workflow, checkpoints and round progress."""
+"""The coordinator's Flower ServerApp: the SecAgg+ workflow, round progress written to the run record."""
