@@ -3,9 +3,9 @@ API serving the study model in torch (fp32), measured in the same run.
 
     .venv/bin/python bench/serve_latency.py [--seconds 5] [--repeats 3] [--rate 1000] [--no-pin]
 
-Builds a signed package (`export.package.build_package`) from a fake finished run (study model
-with perturbed weights, federated scaling), then starts two servers on loopback, each its own
-process: `python -m inference serve` (the real service; requests ask for model "int8"), and this
+Builds a signed package (`export.build.build_package`) from a fake finished run record (study model
+with perturbed weights, federated scaling; `tests.test_serve.build_world`), then starts two servers on loopback, each its own
+process: `python -m cli serve` (the real service; requests ask for model "int8"), and this
 script's `--serve-torch` mode: the very same app (`inference.app.create_app`) whose "fp32"
 model is `fedcare.model` run by torch (1 thread, `inference_mode`). The load generator is this
 process: raw asyncio sockets with HTTP/1.1 keep-alive (lighter than an HTTP client library, so
@@ -42,27 +42,12 @@ STUDY = ROOT / "studies" / "depression-risk.toml"
 
 
 def build_fixture(root: Path) -> tuple[Path, Path, Path]:
-    """(package dir, hospital kit, run dir) from a fake finished run."""
-    import numpy as np
+    """(package dir, hospital kit, run dir): the fake finished run record and the package that
+    `tests/test_serve.py` serves (`build_world`)."""
+    from tests.test_serve import build_world
 
-    from export.package import build_package
-    from fedcare.kits import load_coordinator_kit, load_signing_key, provision
-    from fedcare.model import build_model, get_weights
-    from fedcare.study import load_study
-    from server.progress import save_checkpoint
-
-    study = load_study(STUDY)
-    kits = provision(STUDY, ["127.0.0.1"], ["north", "south", "east"], root / "kits")
-    run = root / "run"
-    rng = np.random.default_rng(3)
-    weights = [w + rng.normal(0.0, 0.4, w.shape).astype(np.float32) for w in get_weights(build_model(study))]
-    save_checkpoint(run, 3, weights, study.hash)
-    (run / "scaling.json").write_text(json.dumps({
-        "method": "federated", "features": [f.name for f in study.features],
-        "center": [f.center * 1.1 + 0.05 for f in study.features], "scale": [f.scale * 1.2 for f in study.features]}))
-    (run / "report.json").write_text(json.dumps({"study_hash": study.hash, "rounds": [{"round": 3, "auc": 0.7, "loss": 0.5}]}))
-    package = build_package(study, run, root / "pkg", load_signing_key(load_coordinator_kit(kits["coordinator"])))
-    return package, kits["north"], run
+    world = build_world(root)
+    return world.package, world.hospital, world.root / "run"
 
 
 # -- the torch baseline server (same app, torch model) ---------------------------------------------
@@ -71,16 +56,18 @@ def build_fixture(root: Path) -> tuple[Path, Path, Path]:
 class TorchModel:
     """`fedcare.model` in torch with the run's weights, in place of an ONNX Runtime session."""
 
-    def __init__(self, run_dir: Path, study) -> None:
+    def __init__(self, run_dir: Path) -> None:
         import torch
 
         from fedcare.model import build_model, set_weights
-        from server.progress import latest_checkpoint, load_checkpoint
+        from fedcare.run_record import RunRecord
 
         torch.set_num_threads(1)
         self.torch = torch
+        record = RunRecord(run_dir)
+        study = record.study()
         self.model = build_model(study)
-        set_weights(self.model, load_checkpoint(latest_checkpoint(run_dir), study.hash))
+        set_weights(self.model, record.final_weights(study.hash)[0])
         self.model.eval()
         self.name, self.provider = "fp32", "torch"
 
@@ -96,10 +83,10 @@ def serve_torch(package: Path, kit: Path, run_dir: Path, port: int) -> None:
     import uvicorn
 
     from inference.app import create_app
-    from inference.service import load_service
+    from inference.commands import load_service
 
     service = load_service(package, kit)
-    torch_model = TorchModel(run_dir, service.kit.study)
+    torch_model = TorchModel(run_dir)
     service.models.models = {"fp32": torch_model}
     service.models.models["int8"] = torch_model  # the default name too, so nothing else changes
     app = create_app(service)
@@ -227,13 +214,13 @@ async def open_loop(port: int, requests: list[bytes], seconds: float, rate: floa
 
 
 def model_call_us(package: Path, kit: Path, run_dir: Path, repeats: int = 20000) -> dict:
+    from export.commands import open_kit, verify_for_kit
     from inference.model import InputSpec, ModelSet
-    from inference.service import load_serve_kit, verify
 
-    manifest, path = verify(package, load_serve_kit(kit))
-    inputs = InputSpec.from_manifest(manifest)
-    models = ModelSet.open(path, manifest, inputs, "CPUExecutionProvider").models
-    torch_model = TorchModel(run_dir, load_serve_kit(kit).study)
+    verified, _ = verify_for_kit(package, open_kit(kit))
+    inputs = InputSpec.from_manifest(verified.manifest)
+    models = ModelSet.open(verified.path, verified.manifest, inputs, "CPUExecutionProvider").models
+    torch_model = TorchModel(run_dir)
     raw = [50.0, 1, 10, 0.5, 3, 7, 1, 0, 0, 0, 0, 1, 0.5, None, 6000, 70, 40, 27, 50]
     x = inputs.prepare(raw)
     out = {}
@@ -290,22 +277,23 @@ def main() -> int:
         serve_torch(Path(package), Path(kit), Path(run), int(port))
         return 0
 
-    from fedcare.runtime import free_port
+    from deploy.flower import free_port
+    from export.commands import open_kit
+    from inference.commands import state_dir
     from inference.tokens import add_token
-    from inference.service import load_serve_kit
 
     pin = not args.no_pin and len(os.sched_getaffinity(0)) >= 2
     with tempfile.TemporaryDirectory(prefix="fedcare-serve-bench-") as tmp:
         root = Path(tmp)
         print("building the package ...", flush=True)
         package, kit, run = build_fixture(root)
-        token, _ = add_token(load_serve_kit(kit).state_dir, "bench", ["analyze"])
+        token, _ = add_token(state_dir(open_kit(kit)), "bench", ["analyze"])
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         ports = {"int8": free_port(), "torch": free_port()}
         logs = {name: open(root / f"{name}.log", "wb") for name in ports}
         preexec = (lambda: os.sched_setaffinity(0, {0})) if pin else None
         procs = {
-            "int8": subprocess.Popen([sys.executable, "-m", "inference", "serve", "--package", str(package), "--kit", str(kit),
+            "int8": subprocess.Popen([sys.executable, "-m", "cli", "serve", "--package", str(package), "--kit", str(kit),
                                       "--port", str(ports["int8"])], cwd=ROOT, env=env, stdout=logs["int8"],
                                      stderr=subprocess.STDOUT, preexec_fn=preexec),
             "torch": subprocess.Popen([sys.executable, __file__, "--serve-torch", str(package), str(kit), str(run),

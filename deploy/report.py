@@ -6,9 +6,7 @@ Fields the coordinator cannot know are `null` with a `*_note` saying why.
 
 from __future__ import annotations
 
-from export.calibration import spec_calibration_inputs
-from export.onnx_export import export_fp32, quantize_int8
-from fedcare.model import build_model, set_weights
+from export.pipeline import export_models
 from fedcare.report import build_report
 from fedcare.run_record import RunRecord
 
@@ -20,18 +18,15 @@ def export_global_model(record: RunRecord) -> dict:
     with the run's scaling."""
     study = record.study()
     weights, checkpoint = record.final_weights(study.hash)
-    model = build_model(study)
-    set_weights(model, weights)
-    fp32 = export_fp32(model, study, record.path / "export" / "model.onnx")
-    int8 = quantize_int8(fp32, spec_calibration_inputs(study), record.path / "export" / "model.int8.onnx", study)
+    exported = export_models(study, weights, record.path / "export")
     return {
-        "onnx": str(fp32),
-        "onnx_int8": str(int8),
+        "onnx": str(exported.fp32.path),
+        "onnx_int8": str(exported.int8.path),
         "auc_fp32": None,
         "auc_int8": None,
         "auc_note": f"{NO_DATA}; measure on site",
-        "bytes_fp32": fp32.stat().st_size,
-        "bytes_int8": int8.stat().st_size,
+        "bytes_fp32": exported.fp32.bytes,
+        "bytes_int8": exported.int8.bytes,
         "calibration": "spec-derived inputs (no patient rows)",
         "checkpoint": str(checkpoint),
     }

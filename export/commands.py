@@ -1,95 +1,152 @@
-"""`fedcare export`, `fedcare verify`, `fedcare quantize` (issue 6; docs/PACKAGE.md).
+"""`fedcare export`, `fedcare verify`, `fedcare quantize` (docs/PACKAGE.md).
 
-    fedcare export --run RUN_DIR --kit COORDINATOR_KIT --out PKG [--study FILE]
+    fedcare export --run RUN_DIR --kit COORDINATOR_KIT --out PKG [--encrypt-for SITE_PACKAGE_PUB]
     fedcare verify PKG --kit KIT                      (a hospital kit or the coordinator kit)
+    fedcare verify PKG.enc --kit HOSPITAL_KIT --out DIR
     fedcare quantize --package PKG --kit HOSPITAL_KIT [--data SITE_DIR]
 
-Every refusal is one line on stderr (`fedcare: error: ...`) and exit status 2.
+RUN_DIR is a run record (`fedcare.run_record`): a simulation's `--out` folder, or a deployed
+coordinator's `state/runs/<time>/`. Every refusal is a `FedcareError`: `cli.main` prints it as one
+line on stderr (`fedcare: error: ...`) with exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from collections.abc import Callable
+import shutil
+import tomllib
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cli import add_command
+
+if TYPE_CHECKING:
+    from deploy.kits import CoordinatorKit, HospitalKit
+    from export.package import VerifiedPackage
 
 
-def _one_line(err: BaseException) -> str:
-    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
-    return text or type(err).__name__
+def open_kit(path: str | Path) -> CoordinatorKit | HospitalKit:
+    """A hospital kit (the usual case) or the coordinator's kit, by the role its kit.toml names."""
+    from deploy.kits import load_coordinator_kit, load_hospital_kit
+
+    path = Path(path).resolve()
+    try:
+        with open(path / "kit.toml", "rb") as handle:
+            role = tomllib.load(handle).get("kit", {}).get("role")
+    except (OSError, tomllib.TOMLDecodeError, AttributeError):
+        role = None
+    if role == "coordinator":
+        return load_coordinator_kit(path)
+    return load_hospital_kit(path, need_keys=False)  # raises the kit's own one-line errors
 
 
-def _guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Known failures become one line and exit status 2, never a traceback."""
+def verify_for_kit(pkg_dir: Path, kit: CoordinatorKit | HospitalKit) -> tuple[VerifiedPackage, Path]:
+    """(package, the key file it verified under): signature, files, and built for the kit's study."""
+    from deploy.kits import package_verification_key
+    from export.package import verify_package
+    from fedcare.study import load_study
 
-    def run(args: argparse.Namespace) -> int:
-        from client.data import SiteDataError
-        from export.package import PackageError
-        from fedcare.kits import KitError
-        from fedcare.pki import KeyMaterialError
-        from fedcare.study import StudyConfigError
-
-        try:
-            return func(args)
-        except (PackageError, KitError, KeyMaterialError, StudyConfigError, SiteDataError) as err:
-            print(f"fedcare: error: {_one_line(err)}", file=sys.stderr)
-        except OSError as err:
-            where = f"{err.filename}: " if getattr(err, "filename", None) else ""
-            print(f"fedcare: error: {where}{err.strerror or _one_line(err)}", file=sys.stderr)
-        except Exception as err:  # noqa: BLE001 - e.g. ONNX Runtime refusing a model: still one line, no traceback
-            print(f"fedcare: error: {type(err).__name__}: {_one_line(err)}", file=sys.stderr)
-        return 2
-
-    return run
+    key, source = package_verification_key(kit.path)
+    return verify_package(pkg_dir, key, study=load_study(kit.study_file)), source
 
 
 def _export(args: argparse.Namespace) -> int:
-    from export.package import build_package, run_study, verify_package
-    from fedcare.kits import ensure_signing_key, load_coordinator_kit, load_signing_key, signing_fingerprint
+    from deploy.kits import coordinator_signing_key, load_coordinator_kit
+    from export.build import build_package
+    from export.encryption import encrypt_package, encrypted_path
+    from export.package import PackageError, overrides_text, read_overrides, verify_package
+    from export.signing import ensure_signing_key, load_package_public_key, signing_fingerprint
+    from fedcare.run_record import RunRecord
 
     kit = load_coordinator_kit(args.kit)
-    study, how = run_study(args.study or kit.study_file, args.run)
-    if ensure_signing_key(kit):
+    site_key = None
+    if args.encrypt_for is not None:  # checked before the build
+        site_key = load_package_public_key(args.encrypt_for)
+        if encrypted_path(args.out).exists():
+            raise PackageError(f"--encrypt-for: {encrypted_path(args.out)} exists; refusing to overwrite")
+    if ensure_signing_key(kit.signing_key, kit.signing_pub):
         print(f"created the coordinator's package signing key: {kit.signing_key} (0600) and {kit.signing_pub}; "
               f"send signing.pub to every hospital, saved in its kit as coordinator-signing.pub")
-    key = load_signing_key(kit)
-    pkg = build_package(study, args.run, args.out, key)
-    package = verify_package(pkg, key.public_key())
-    models = package.manifest["models"]
+    key = coordinator_signing_key(kit)
+    pkg = build_package(RunRecord(args.run), args.out, key)
+    manifest = verify_package(pkg, key.public_key()).manifest
+    models = manifest["models"]
     print(f"package: {pkg}")
-    print(f"study {study.name} ({study.hash[:12]}…, study file {how}), scaling {package.manifest['inputs']['scaling_method']}")
+    print(f"study {manifest['study']['name']} ({manifest['study']['hash'][:12]}…, "
+          f"{overrides_text(read_overrides(manifest))}), scaling {manifest['inputs']['scaling_method']}")
     for kind, entry in models.items():
         print(f"  {kind:<6} {entry['file']:<18} {entry['bytes']:>7} bytes")
     fp32, int8 = models["fp32"]["bytes"], models["int8"]["bytes"]
     print(f"fp32/int8 size ratio {fp32 / int8:.2f}; int8 and a16w8 calibrated on {models['int8']['calibration']}")
     print(f"signed with Ed25519 key {signing_fingerprint(key.public_key())}")
+    if site_key is not None:
+        enc = encrypt_package(pkg, encrypted_path(pkg), site_key)
+        print(f"encrypted for {args.encrypt_for}: {enc} ({enc.stat().st_size} bytes); the site opens it with "
+              f"`fedcare verify {enc.name} --kit HOSPITAL_KIT --out DIR`")
     return 0
 
 
-def _verify(args: argparse.Namespace) -> int:
-    from export.package import summary_lines, verify_package
-    from fedcare.kits import package_verification_key, signing_fingerprint
+def _decrypt(enc_file: Path, kit: CoordinatorKit | HospitalKit, out_dir: Path) -> Path:
+    from export.encryption import decrypt_package
+    from export.signing import PACKAGE_KEY, load_package_key
+    from fedcare.errors import KeyMaterialError
 
-    key, source = package_verification_key(args.kit)
-    package = verify_package(args.package, key)
-    print(f"OK: {args.package} is signed by {signing_fingerprint(key)} ({source}); every file matches the manifest")
+    if not (kit.path / PACKAGE_KEY).exists():
+        raise KeyMaterialError(f"{kit.path / PACKAGE_KEY}: not found; this kit has no package decryption key "
+                               f"(export.signing.ensure_package_key creates it; the coordinator encrypts for its package.pub)")
+    return decrypt_package(enc_file, out_dir, load_package_key(kit.path))
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from export.package import PackageError, summary_lines
+
+    kit = open_kit(args.kit)
+    pkg = args.package
+    if args.package.is_file():
+        if args.out is None:
+            raise PackageError(f"{args.package}: an encrypted package; give --out DIR to decrypt it into")
+        if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+            raise PackageError(f"--out: {args.out} exists and is not an empty directory; refusing to overwrite")
+        created = not args.out.exists()
+        try:
+            pkg = _decrypt(args.package, kit, args.out)
+            package, source = verify_for_kit(pkg, kit)
+        except BaseException:  # nothing unverified stays behind
+            _remove_decrypted(args.out, created)
+            raise
+        print(f"decrypted {args.package} into {pkg}")
+    elif args.out is not None:
+        raise PackageError("--out: only for an encrypted package (PKG.enc)")
+    else:
+        package, source = verify_for_kit(pkg, kit)
+    print(f"OK: {pkg} is signed by {package.fingerprint} ({source}); every file matches the manifest; "
+          f"built for this kit's study")
     print("\n".join(summary_lines(package)))
     return 0
 
 
+def _remove_decrypted(out_dir: Path, created: bool) -> None:
+    if created:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    elif out_dir.is_dir():  # it was empty before
+        for path in out_dir.iterdir():
+            path.unlink(missing_ok=True)
+
+
 def _quantize(args: argparse.Namespace) -> int:
-    from export.package import PackageError, quantize_on_site, verify_package
-    from fedcare.kits import load_hospital_kit, package_verification_key, read_site_settings
+    from client.data import load_site
+    from deploy.kits import load_hospital_kit, read_site_settings
+    from export.package import PackageError
+    from export.site_quantization import SITE_REPORT, quantize_on_site
     from fedcare.study import load_study
 
     kit = load_hospital_kit(args.kit, need_keys=False)
-    key, _ = package_verification_key(kit.path)
-    package = verify_package(args.package, key)
-    data = args.data or read_site_settings(kit).get("data")
-    if data is None:
+    package, _ = verify_for_kit(args.package, kit)
+    data_dir = args.data or read_site_settings(kit).get("data")
+    if data_dir is None:
         raise PackageError(f"--data: not given and {kit.site_file} names no [site] data directory")
-    result = quantize_on_site(package, load_study(kit.study_file), data, kit.name)
+    data = load_site(load_study(kit.study_file), data_dir)
+    result = quantize_on_site(package, data, kit.name, source=data_dir)
     site = Path(args.package) / "site"
     print(f"site-calibrated int8: {site / result['file']} ({result['bytes']} bytes) from {result['rows_used']} of "
           f"{result['train_rows']} local training rows")
@@ -102,28 +159,31 @@ def _quantize(args: argparse.Namespace) -> int:
     if "mean_abs_delta_risk_package" in result:
         risk += f", package int8 {result['mean_abs_delta_risk_package']:.4f}"
     print(risk)
-    print(f"details: {site / 'quantization.json'} (stays at this site; the signed package is unchanged)")
+    print(f"details: {site / SITE_REPORT} (stays at this site; the signed package is unchanged)")
     return 0
 
 
 def register(commands: argparse._SubParsersAction) -> None:
     """Add this package's subcommands to the `fedcare` parser."""
-    export = commands.add_parser("export", help="build the signed model package of a finished run (coordinator)")
-    export.add_argument("--run", type=Path, required=True, help="the coordinator's run directory (checkpoints, report.json)")
+    export = add_command(commands, "export")
+    export.add_argument("--run", type=Path, required=True,
+                        help="the run folder (a simulation's --out, or the coordinator's state/runs/<time>)")
     export.add_argument("--kit", type=Path, required=True, help="the coordinator kit (holds signing.key)")
     export.add_argument("--out", type=Path, required=True, help="new package directory")
-    export.add_argument("--study", type=Path, default=None,
-                        help="the study file the run used (default: the kit's study.toml; the run's overrides are recognized)")
-    export.set_defaults(func=_guarded(_export))
+    export.add_argument("--encrypt-for", type=Path, default=None, metavar="SITE_PACKAGE_PUB",
+                        help="also write PKG.enc beside the package, encrypted for this site's package.pub (X25519)")
+    export.set_defaults(func=_export)
 
-    verify = commands.add_parser("verify", help="check a model package's signature and files")
-    verify.add_argument("package", type=Path, help="the package directory")
+    verify = add_command(commands, "verify")
+    verify.add_argument("package", type=Path, help="the package directory, or an encrypted PKG.enc (with --out)")
     verify.add_argument("--kit", type=Path, required=True,
                         help="a hospital kit (coordinator-signing.pub) or the coordinator kit (signing.pub)")
-    verify.set_defaults(func=_guarded(_verify))
+    verify.add_argument("--out", type=Path, default=None,
+                        help="for PKG.enc: new directory to decrypt into with the kit's package.key")
+    verify.set_defaults(func=_verify)
 
-    quantize = commands.add_parser("quantize", help="on site: calibrate the package's int8 model from local training data")
+    quantize = add_command(commands, "quantize")
     quantize.add_argument("--package", type=Path, required=True, help="the verified package directory")
     quantize.add_argument("--kit", type=Path, required=True, help="this hospital's kit")
     quantize.add_argument("--data", type=Path, default=None, help="the site's export directory (default: site.toml)")
-    quantize.set_defaults(func=_guarded(_quantize))
+    quantize.set_defaults(func=_quantize)

@@ -12,6 +12,10 @@ calibrated on the inputs it is given.
 fixed to 1 (input [1, n_inputs], output [1]), static QDQ with uint16 activations and int8
 symmetric per-channel weights (opset 21, where QuantizeLinear/DequantizeLinear take 16-bit
 types natively; ONNX Runtime's quantizer raises the opset itself).
+
+`finish_model` puts a model in package form (the run's study hash and scaling method in its
+metadata, exporter annotations stripped, outputs checked bit-identical); `run_onnx` runs one.
+The whole path from a checkpoint to these files is `export.pipeline.export_models`.
 """
 
 from __future__ import annotations
@@ -163,7 +167,48 @@ def quantize_a16w8(fp32_path: str | Path, calibration_inputs: np.ndarray, path: 
     return path
 
 
-def run_onnx(path: str | Path, x: np.ndarray) -> np.ndarray:
-    """Logits from an exported model with ONNX Runtime on the CPU."""
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run([OUTPUT_NAME], {INPUT_NAME: x.astype(np.float32)})[0]
+def run_onnx(path: str | Path | bytes, x: np.ndarray) -> np.ndarray:
+    """Logits of an ONNX model (file or bytes) with ONNX Runtime on the CPU; row by row when its
+    batch axis is fixed to 1 (the A16W8 model)."""
+    source = path if isinstance(path, bytes) else str(path)
+    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if session.get_inputs()[0].shape[0] == 1:
+        return np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: x[i : i + 1]})[0] for i in range(len(x))])
+    return session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+
+
+def finish_model(path: Path, study_hash: str, scaling_method: str, check_inputs: np.ndarray) -> None:
+    """Package form of an exported model: the run's study hash and scaling method in its metadata,
+    exporter annotations (per-node stack traces with the build machine's paths, FX node dumps) and
+    unused opset imports removed. Refuses if the outputs on `check_inputs` change at all."""
+    from export.package import PackageError
+
+    before = run_onnx(path, check_inputs)
+    model = onnx.load(str(path))
+    meta = {p.key: p.value for p in model.metadata_props}
+    meta.update({"fedcare.study_hash": study_hash, "fedcare.scaling_method": scaling_method})
+    del model.metadata_props[:]
+    for key, value in meta.items():
+        model.metadata_props.add(key=key, value=value)
+    graph = model.graph
+    for node in graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        del value.metadata_props[:]
+        value.doc_string = ""
+    for tensor in graph.initializer:
+        del tensor.metadata_props[:]
+        tensor.doc_string = ""
+    del graph.metadata_props[:]
+    graph.doc_string = model.doc_string = ""
+    used = {("" if n.domain in ("", "ai.onnx") else n.domain) for n in graph.node}
+    keep = [o for o in model.opset_import if (o.domain if o.domain != "ai.onnx" else "") in used | {""}]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+    onnx.checker.check_model(model)
+    data = model.SerializeToString()
+    if not np.array_equal(before, run_onnx(data, check_inputs)):
+        raise PackageError(f"{path.name}: internal error: compacting the model changed its outputs")
+    path.write_bytes(data)

@@ -1,7 +1,7 @@
-"""The signed model package (docs/PACKAGE.md): build it at the coordinator, verify it anywhere,
-calibrate its int8 model on site.
+"""The signed model package (docs/PACKAGE.md): its format, its manifest, and verifying it.
 
-    PKG/manifest.json      the signed statement (study, inputs and scaling, models, metrics, privacy)
+    PKG/manifest.json      the signed statement (study and the run's overrides, inputs and scaling,
+                           models, metrics, privacy)
     PKG/manifest.sig       Ed25519 over the exact bytes of manifest.json (64 raw bytes)
     PKG/model.onnx         fp32, dynamic batch
     PKG/model.int8.onnx    static QDQ: u8 activations, s8 per-channel weights
@@ -9,65 +9,54 @@ calibrate its int8 model on site.
     PKG/site/              optional, unsigned, never leaves the site: `fedcare quantize` writes
                            model.int8.site.onnx and quantization.json here
 
-Calibration without central patient data: the coordinator holds no patient rows, so the
-package's int8 and A16W8 models are calibrated on inputs drawn from the study spec alone
-(`export.calibration.spec_calibration_inputs`, with the run's scaling). A site may calibrate
-its own int8 model from its local training rows (`quantize_on_site`); the result stays in
-`PKG/site/` with the |ΔAUC| against fp32 on the site's test split.
+Built at the coordinator by `export.build.build_package` (from the run record), verified anywhere
+by `verify_package`, calibrated on site by `export.site_quantization`, optionally encrypted for
+one site by `export.encryption`. The manifest is validated in one place, `check_manifest` (its
+`inputs` by `read_inputs`, which the prediction service reads too); `site_study` is the study a
+package was built for, from a site's own copy of the study file.
 
-The models in a package carry the run's study hash (the one in the manifest and every
-checkpoint) in their `fedcare.study_hash` metadata and the scaling method in
-`fedcare.scaling_method`; the build strips exporter annotations (per-node stack traces with the
-build machine's paths, FX node dumps, unused opset imports) and checks that every model's
-outputs are bit-identical before and after.
+This module loads no ONNX tooling: `fedcare verify` and `fedcare serve` stay light.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import os
+import math
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from fedcare.features import CLIP
-from fedcare.kits import signing_fingerprint
-from fedcare.study import Study, StudyConfigError, load_study
+from export.signing import signing_fingerprint
+from fedcare.errors import FedcareError, StudyConfigError
+from fedcare.study import MISSING_POLICIES, Overrides, Study
 
 FORMAT = "fedcare-model-package/1"
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 SITE_DIR = "site"
 MODEL_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "a16w8": "model.a16w8.onnx"}
-SPEC_CALIBRATION = "spec-derived inputs (coordinator)"
-SITE_CALIBRATION = "site data (fedcare quantize)"
-SITE_MODEL = "model.int8.site.onnx"
-SITE_REPORT = "quantization.json"
-SITE_CALIBRATION_ROWS = 2048
-SITES_NOTE = "per-site ε stays at each site"
+SCALING_METHODS = ("federated", "spec")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
-class PackageError(ValueError):
+class PackageError(FedcareError, ValueError):
     """A package cannot be built, verified or used; the message says why in one line (naming the file)."""
 
 
 @dataclass(frozen=True)
 class VerifiedPackage:
-    """A package whose signature, file sizes and hashes checked out, and that holds no unlisted file."""
+    """A package whose signature, file sizes and hashes checked out, and that holds no unlisted file.
+    `study` is set when it was verified for a site's study (`verify_package(..., study=...)`):
+    the study as the package was built for it, with the package's scaling (`site_study`)."""
 
     manifest: dict
     path: Path
+    study: Study | None = None
 
     @property
     def fingerprint(self) -> str:
@@ -77,159 +66,12 @@ class VerifiedPackage:
         return self.path / self.manifest["models"][kind]["file"]
 
 
-# -- helpers --------------------------------------------------------------------------------
-
-
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def logits(path: str | Path | bytes, x: np.ndarray) -> np.ndarray:
-    """Logits of an ONNX model (file or bytes) on the CPU; row by row when its batch axis is fixed to 1."""
-    import onnxruntime as ort
-
-    from export.onnx_export import INPUT_NAME, OUTPUT_NAME
-
-    source = path if isinstance(path, bytes) else str(path)
-    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if session.get_inputs()[0].shape[0] == 1:
-        return np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: x[i : i + 1]})[0] for i in range(len(x))])
-    return session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
-
-
-def finish_model(path: Path, study_hash: str, scaling_method: str, check_inputs: np.ndarray) -> None:
-    """Package form of an exported model: the run's study hash and scaling method in its metadata,
-    exporter annotations and unused opset imports removed. Refuses if outputs change at all."""
-    import onnx
-
-    before = logits(path, check_inputs)
-    model = onnx.load(str(path))
-    meta = {p.key: p.value for p in model.metadata_props}
-    meta.update({"fedcare.study_hash": study_hash, "fedcare.scaling_method": scaling_method})
-    del model.metadata_props[:]
-    for key, value in meta.items():
-        model.metadata_props.add(key=key, value=value)
-    graph = model.graph
-    for node in graph.node:
-        del node.metadata_props[:]
-        node.doc_string = ""
-    for value in [*graph.input, *graph.output, *graph.value_info]:
-        del value.metadata_props[:]
-        value.doc_string = ""
-    for tensor in graph.initializer:
-        del tensor.metadata_props[:]
-        tensor.doc_string = ""
-    del graph.metadata_props[:]
-    graph.doc_string = model.doc_string = ""
-    used = {("" if n.domain in ("", "ai.onnx") else n.domain) for n in graph.node}
-    keep = [o for o in model.opset_import if (o.domain if o.domain != "ai.onnx" else "") in used | {""}]
-    del model.opset_import[:]
-    model.opset_import.extend(keep)
-    onnx.checker.check_model(model)
-    data = model.SerializeToString()
-    if not np.array_equal(before, logits(data, check_inputs)):
-        raise PackageError(f"{path.name}: internal error: compacting the model changed its outputs")
-    path.write_bytes(data)
-
-
-# -- the study as run -----------------------------------------------------------------------
-
-
-def _run_report(run_dir: Path) -> tuple[dict, Path]:
-    """The run's report.json: in the run directory (`fedcare run`) or, for `fedcare simulate`, next to it."""
-    candidates = [run_dir / "report.json"]
-    if run_dir.name == "coordinator":
-        candidates.append(run_dir.parent / "report.json")
-    for path in candidates:
-        if path.is_file():
-            try:
-                report = json.loads(path.read_text(encoding="utf-8"))
-            except (ValueError, UnicodeDecodeError) as err:
-                raise PackageError(f"{path}: not valid JSON ({err})") from None
-            if not isinstance(report, dict) or not isinstance(report.get("study_hash"), str):
-                raise PackageError(f"{path}: has no study_hash; is this a fedcare run report?")
-            return report, path
-    raise PackageError(f"{run_dir}: no report.json; the run has not finished, or this is not a coordinator run directory")
-
-
-def run_study(study_path: str | Path, run_dir: str | Path) -> tuple[Study, str]:
-    """The study exactly as the run used it: the file, or the file with the run's rounds/ε overrides
-    (read from report.json), whichever reproduces the report's study hash. Returns (study, how)."""
-    run_dir = Path(run_dir)
-    report, report_path = _run_report(run_dir)
-    study = load_study(study_path)
-    if study.hash == report["study_hash"]:
-        return study, "as written"
-    rounds = len(report.get("rounds") or []) or None
-    epsilon = (report.get("privacy") or {}).get("target_epsilon")
-    for r, e in ((rounds, None), (None, epsilon), (rounds, epsilon)):
-        try:
-            candidate = study.with_overrides(rounds=r, epsilon=e)
-        except StudyConfigError:
-            continue
-        if candidate.hash == report["study_hash"]:
-            parts = ([f"rounds={r}"] if r is not None else []) + ([f"epsilon={e:g}"] if e is not None else [])
-            return candidate, f"with the run's overrides ({', '.join(parts)})"
-    raise PackageError(
-        f"{study_path}: study hash {study.hash[:12]}… does not match the run's {report['study_hash'][:12]}… "
-        f"({report_path}), even with the run's rounds/epsilon overrides; give the study file the run used with --study"
-    )
-
-
-# -- build ----------------------------------------------------------------------------------
-
-
-def _manifest(study: Study, scaled: Study, run_dir: Path, report: dict, models: dict, key: Ed25519PrivateKey) -> dict:
-    from server.progress import read_round_log
-
-    rounds = read_round_log(run_dir) or list(report.get("rounds") or [])
-    last = rounds[-1] if rounds else {}
-    sites = [{"name": s.get("name"), "epsilon": s.get("epsilon")} for s in report.get("sites") or []]
-    note = SITES_NOTE
-    if any(s["epsilon"] is not None for s in sites):
-        note += "; the values here are the run report's (simulation: read from each site's ledger by the evaluator)"
-    return {
-        "format": FORMAT,
-        "created": _now(),
-        "study": {"name": study.name, "hash": study.hash},
-        "label": {"name": study.label.name, "description": study.label.description},
-        "inputs": {
-            "features": [f.name for f in study.features],
-            "model_inputs": study.input_names,
-            "scaling": {
-                f.name: {"center": f.center, "scale": f.scale, "low": f.low, "high": f.high, "missing": f.missing}
-                for f in scaled.features
-            },
-            "clip": CLIP,
-            "scaling_method": "federated" if scaled is not study else "spec",
-        },
-        "models": models,
-        "metrics": {"federated_auc": last.get("auc"), "federated_loss": last.get("loss"), "rounds": len(rounds)},
-        "privacy": {
-            "target_epsilon": study.privacy.epsilon,
-            "delta": study.privacy.delta,
-            "accountant": study.privacy.accountant,
-            "sites": sites,
-            "note": note,
-        },
-        "signer": {"algorithm": "Ed25519", "key_fingerprint": signing_fingerprint(key.public_key())},
-    }
-
-
-def _model_entry(path: Path, batch: str | int, calibration: str | None = None) -> dict:
-    entry: dict[str, Any] = {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size, "batch": batch}
-    if calibration is not None:
-        entry["calibration"] = calibration
-    return entry
 
 
 def manifest_bytes(manifest: dict) -> bytes:
@@ -246,73 +88,101 @@ def write_signed_manifest(pkg_dir: str | Path, manifest: dict, signing_key: Ed25
     return data
 
 
-def build_package(study: Study, run_dir: str | Path, out_dir: str | Path, signing_key: Ed25519PrivateKey) -> Path:
-    """Export the run's latest checkpoint as a signed package in `out_dir` (new or empty).
-
-    `study` is the study as run (its hash must be the checkpoint's and report.json's, see
-    `run_study`); the models use the run's scaling (`scaling.json`, else the spec's). The package
-    is assembled in a temporary sibling directory and moved into place when complete.
-    """
-    from export.calibration import spec_calibration_inputs
-    from export.onnx_export import export_fp32, quantize_a16w8, quantize_int8
-    from fedcare.model import build_model, set_weights
-    from server.progress import latest_checkpoint, load_checkpoint, scaled_study
-
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
-    report, report_path = _run_report(run_dir)
-    if report["study_hash"] != study.hash:
-        raise PackageError(f"study hash {study.hash[:12]}… is not the run's {report['study_hash'][:12]}… ({report_path})")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise PackageError(f"--out: {out_dir} exists and is not an empty directory; refusing to overwrite")
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is None:
-        if latest_checkpoint(run_dir / "coordinator") is not None:
-            raise PackageError(f"{run_dir}: no checkpoint here; a simulation's run directory is {run_dir / 'coordinator'}")
-        raise PackageError(f"{run_dir}: no checkpoint; no round was securely aggregated")
-    try:
-        weights = load_checkpoint(checkpoint, study.hash)
-        model = build_model(study)
-        set_weights(model, weights)
-    except (ValueError, KeyError, RuntimeError, OSError) as err:
-        raise PackageError(f"{checkpoint}: cannot load the checkpoint ({str(err).splitlines()[0]})") from None
-    scaled = scaled_study(study, run_dir)
-    method = "federated" if scaled is not study else "spec"
-    calibration = spec_calibration_inputs(scaled)
-    check = calibration[:64]
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
-        fp32 = export_fp32(model, scaled, work / MODEL_FILES["fp32"])
-        finish_model(fp32, study.hash, method, check)
-        int8 = quantize_int8(fp32, calibration, work / MODEL_FILES["int8"], scaled)
-        finish_model(int8, study.hash, method, check)
-        a16w8 = quantize_a16w8(fp32, calibration, work / MODEL_FILES["a16w8"], scaled)
-        finish_model(a16w8, study.hash, method, check)
-        models = {
-            "fp32": _model_entry(fp32, "dynamic"),
-            "int8": _model_entry(int8, "dynamic", SPEC_CALIBRATION),
-            "a16w8": _model_entry(a16w8, 1, SPEC_CALIBRATION),
-        }
-        write_signed_manifest(work, _manifest(study, scaled, run_dir, report, models, signing_key), signing_key)
-        os.chmod(work, 0o755)
-        if out_dir.exists():
-            out_dir.rmdir()
-        work.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    return out_dir
-
-
-# -- verify ---------------------------------------------------------------------------------
+# -- the manifest, validated in one place ---------------------------------------------------
 
 
 def _malformed(why: str) -> PackageError:
     return PackageError(f"{MANIFEST}: malformed: {why}")
 
 
-def _check_manifest(manifest: Any) -> dict:
+@dataclass(frozen=True)
+class FeatureInput:
+    """One raw feature as the package scales it (`inputs.scaling.<name>`)."""
+
+    name: str
+    center: float
+    scale: float
+    low: float
+    high: float
+    missing: str  # impute, indicator or reject
+
+
+@dataclass(frozen=True)
+class PackageInputs:
+    """The manifest's `inputs`, checked: features in spec order, the model's input columns, clip, method."""
+
+    features: tuple[FeatureInput, ...]
+    model_inputs: tuple[str, ...]
+    clip: float
+    scaling_method: str
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.features)
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def read_inputs(manifest: Any) -> PackageInputs:
+    """The one validator of a manifest's `inputs` (verify, the site's study check and serving all use it).
+    Raises `PackageError` ("manifest.json: malformed: ...") naming the field."""
+    inputs = manifest.get("inputs") if isinstance(manifest, dict) else None
+    if not isinstance(inputs, dict):
+        raise _malformed("inputs is missing")
+    names, scaling = inputs.get("features"), inputs.get("scaling")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        raise _malformed("inputs.features must be a non-empty list of feature names")
+    if len(set(names)) != len(names):
+        raise _malformed("inputs.features has duplicate names")
+    if not isinstance(scaling, dict) or set(scaling) != set(names):
+        raise _malformed("inputs.scaling needs one entry per feature in inputs.features")
+    features = []
+    for name in names:
+        entry = scaling[name]
+        values = [_number(entry.get(k)) if isinstance(entry, dict) else None for k in ("center", "scale", "low", "high")]
+        if any(v is None for v in values):
+            raise _malformed(f"inputs.scaling.{name} needs finite numbers center, scale, low, high")
+        center, scale, low, high = values
+        if scale <= 0 or low > high:
+            raise _malformed(f"inputs.scaling.{name}: scale > 0 and low <= high required")
+        if entry.get("missing") not in MISSING_POLICIES:
+            raise _malformed(f"inputs.scaling.{name}.missing must be one of {', '.join(MISSING_POLICIES)}")
+        features.append(FeatureInput(name, center, scale, low, high, entry["missing"]))
+    expected = names + [f"{f.name}_missing" for f in features if f.missing == "indicator"]
+    if inputs.get("model_inputs") != expected:
+        raise _malformed("inputs.model_inputs is not the features followed by one '<name>_missing' per "
+                         "indicator feature (fedcare.study.Study.input_names)")
+    clip = _number(inputs.get("clip"))
+    if clip is None or clip <= 0:
+        raise _malformed("inputs.clip must be a finite number > 0")
+    if inputs.get("scaling_method") not in SCALING_METHODS:
+        raise _malformed(f"inputs.scaling_method must be one of {', '.join(SCALING_METHODS)}")
+    return PackageInputs(tuple(features), tuple(expected), clip, inputs["scaling_method"])
+
+
+def read_overrides(manifest: Any) -> Overrides:
+    """The run's overrides of the study file as the manifest records them (`study.overrides`)."""
+    study = manifest.get("study") if isinstance(manifest, dict) else None
+    recorded = study.get("overrides") if isinstance(study, dict) else None
+    if not isinstance(recorded, dict) or set(recorded) - {"rounds", "epsilon"}:
+        raise _malformed("study.overrides must be an object with rounds and epsilon (null = the study file's)")
+    rounds, epsilon = recorded.get("rounds"), recorded.get("epsilon")
+    if (rounds is not None and (isinstance(rounds, bool) or not isinstance(rounds, int))) or \
+            (epsilon is not None and _number(epsilon) is None):
+        raise _malformed("study.overrides: rounds must be an integer and epsilon a number, or null")
+    try:
+        return Overrides(rounds=rounds, epsilon=None if epsilon is None else float(epsilon))
+    except StudyConfigError as err:
+        raise _malformed(f"study.overrides: {err.line.removeprefix('--')}") from None
+
+
+def check_manifest(manifest: Any) -> dict:
+    """Every field a reader of the package relies on: format, study (with the run's overrides), label,
+    inputs, models and signer. Returns the manifest; raises `PackageError` naming the field."""
     if not isinstance(manifest, dict):
         raise _malformed("not a JSON object")
     if manifest.get("format") != FORMAT:
@@ -320,14 +190,11 @@ def _check_manifest(manifest: Any) -> dict:
     study = manifest.get("study")
     if not isinstance(study, dict) or not isinstance(study.get("name"), str) or not _HEX64.match(str(study.get("hash", ""))):
         raise _malformed("study needs a name and a 64-hex hash")
-    inputs = manifest.get("inputs")
-    if not isinstance(inputs, dict):
-        raise _malformed("inputs is missing")
-    features, scaling = inputs.get("features"), inputs.get("scaling")
-    if not isinstance(features, list) or not features or not all(isinstance(f, str) for f in features):
-        raise _malformed("inputs.features must be a list of feature names")
-    if not isinstance(inputs.get("model_inputs"), list) or not isinstance(scaling, dict) or set(scaling) != set(features):
-        raise _malformed("inputs.model_inputs and inputs.scaling (one entry per feature) are required")
+    read_overrides(manifest)
+    label = manifest.get("label")
+    if not isinstance(label, dict) or not isinstance(label.get("name"), str):
+        raise _malformed("label needs a name")
+    read_inputs(manifest)
     models = manifest.get("models")
     if not isinstance(models, dict) or not models:
         raise _malformed("models is missing or empty")
@@ -353,6 +220,27 @@ def _check_manifest(manifest: Any) -> dict:
     return manifest
 
 
+def site_study(kit_study: Study, manifest: dict) -> Study:
+    """The study the package was built for, from this site's own copy: the kit's study with exactly
+    the run's overrides the manifest records (its hash must be the package's), with the package's
+    scaling. Raises `PackageError` if the package is for another study."""
+    target, name = manifest["study"]["hash"], manifest["study"]["name"]
+    study = kit_study.with_overrides(read_overrides(manifest))
+    if study.hash != target:
+        raise PackageError(f"the package is for study {name} ({target[:12]}…); this kit's study is "
+                           f"{kit_study.name} ({kit_study.hash[:12]}…)")
+    inputs = read_inputs(manifest)
+    if list(inputs.names) != [f.name for f in study.features] or list(inputs.model_inputs) != study.input_names:
+        raise PackageError(f"{MANIFEST}: inputs.features / inputs.model_inputs differ from this kit's study")
+    for mine, theirs in zip(study.features, inputs.features):
+        if (mine.low, mine.high, mine.missing) != (theirs.low, theirs.high, theirs.missing):
+            raise PackageError(f"{MANIFEST}: inputs.scaling.{mine.name}: low, high or missing differ from this kit's study")
+    return study.with_scaling([f.center for f in inputs.features], [f.scale for f in inputs.features])
+
+
+# -- verify ---------------------------------------------------------------------------------
+
+
 def _claimed_signer(data: bytes) -> str | None:
     try:
         return json.loads(data.decode("utf-8"))["signer"]["key_fingerprint"]
@@ -360,9 +248,11 @@ def _claimed_signer(data: bytes) -> str | None:
         return None
 
 
-def verify_package(pkg_dir: str | Path, public_key: Ed25519PublicKey) -> VerifiedPackage:
-    """Check the signature first, then every listed file's size and sha256, then that nothing else is
-    in the package but `manifest.sig` and an optional `site/` directory. Raises `PackageError`."""
+def verify_package(pkg_dir: str | Path, public_key: Ed25519PublicKey, *, study: Study | None = None) -> VerifiedPackage:
+    """Check the signature first, then the manifest (`check_manifest`), every listed file's size and
+    sha256, then that nothing else is in the package but `manifest.sig` and an optional `site/`
+    directory; with `study` (a site's study file), finally that the package was built for it
+    (`site_study`). Raises `PackageError`."""
     pkg_dir = Path(pkg_dir)
     if not pkg_dir.is_dir():
         raise PackageError(f"{pkg_dir}: not a package directory")
@@ -385,7 +275,7 @@ def verify_package(pkg_dir: str | Path, public_key: Ed25519PublicKey) -> Verifie
         manifest = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as err:
         raise _malformed(f"not UTF-8 JSON ({err})") from None
-    _check_manifest(manifest)
+    check_manifest(manifest)
     if manifest["signer"]["key_fingerprint"] != expected:
         raise _malformed(f"signer.key_fingerprint is {manifest['signer']['key_fingerprint']} but the signature is by {expected}")
     listed = {}
@@ -408,7 +298,14 @@ def verify_package(pkg_dir: str | Path, public_key: Ed25519PublicKey) -> Verifie
             continue
         raise PackageError(f"unlisted file {path.name}: not in the signed manifest; refusing the package "
                            f"(only {SITE_DIR}/ may hold site-side artifacts)")
-    return VerifiedPackage(manifest, pkg_dir)
+    return VerifiedPackage(manifest, pkg_dir, None if study is None else site_study(study, manifest))
+
+
+def overrides_text(overrides: Overrides) -> str:
+    """The run's overrides for people: "the run's overrides rounds=1" or "as the study file defines it"."""
+    parts = ([f"rounds={overrides.rounds}"] if overrides.rounds is not None else []) + \
+            ([f"epsilon={overrides.epsilon:g}"] if overrides.epsilon is not None else [])
+    return f"the run's overrides {', '.join(parts)}" if parts else "as the study file defines it"
 
 
 def summary_lines(package: VerifiedPackage) -> list[str]:
@@ -416,9 +313,10 @@ def summary_lines(package: VerifiedPackage) -> list[str]:
     metrics, privacy, inputs = m.get("metrics", {}), m.get("privacy", {}), m["inputs"]
     auc = metrics.get("federated_auc")
     lines = [
-        f"study {m['study']['name']} ({m['study']['hash'][:12]}…), label {m.get('label', {}).get('name')}, created {m.get('created')}",
+        f"study {m['study']['name']} ({m['study']['hash'][:12]}…, {overrides_text(read_overrides(m))}), "
+        f"label {m['label']['name']}, created {m.get('created')}",
         f"inputs: {len(inputs['features'])} features -> {len(inputs['model_inputs'])} model inputs, "
-        f"scaling {inputs.get('scaling_method')}, clip ±{inputs.get('clip')}",
+        f"scaling {inputs['scaling_method']}, clip ±{inputs['clip']}",
         f"metrics: federated AUC {auc if auc is not None else 'n/a'}, loss {metrics.get('federated_loss')}, "
         f"{metrics.get('rounds')} rounds; privacy: target ε {privacy.get('target_epsilon')}, δ {privacy.get('delta')}",
     ]
@@ -429,186 +327,3 @@ def summary_lines(package: VerifiedPackage) -> list[str]:
     if site.is_dir():
         lines.append(f"  {SITE_DIR}/ (site-side, not signed): {', '.join(sorted(p.name for p in site.iterdir())) or 'empty'}")
     return lines
-
-
-# -- on site --------------------------------------------------------------------------------
-
-
-def site_study(kit_study: Study, manifest: dict) -> Study:
-    """The site's study with the package's scaling, after checking the package is for this study
-    (its hash, or its hash with the run's rounds/ε overrides as the manifest records them)."""
-    target = manifest["study"]["hash"]
-    rounds = (manifest.get("metrics") or {}).get("rounds")
-    epsilon = (manifest.get("privacy") or {}).get("target_epsilon")
-    candidates = [kit_study]
-    for r, e in ((rounds, None), (None, epsilon), (rounds, epsilon)):
-        try:
-            candidates.append(kit_study.with_overrides(rounds=r or None, epsilon=e or None))
-        except (StudyConfigError, TypeError):
-            pass
-    if not any(c.hash == target for c in candidates):
-        raise PackageError(f"the package is for study {manifest['study']['name']} ({target[:12]}…); this kit's study is "
-                           f"{kit_study.name} ({kit_study.hash[:12]}…)")
-    names = [f.name for f in kit_study.features]
-    inputs = manifest["inputs"]
-    if inputs["features"] != names or inputs["model_inputs"] != kit_study.input_names:
-        raise PackageError("manifest.json: inputs.features / inputs.model_inputs differ from this kit's study")
-    try:
-        return kit_study.with_scaling([float(inputs["scaling"][n]["center"]) for n in names],
-                                      [float(inputs["scaling"][n]["scale"]) for n in names])
-    except (KeyError, TypeError, ValueError, StudyConfigError) as err:
-        raise PackageError(f"manifest.json: inputs.scaling is unusable ({err})") from None
-
-
-_site_study = site_study  # the name inference/service.py imports
-
-
-def _risk_error(which: str, z32: np.ndarray, z8: np.ndarray) -> dict[str, float]:
-    """How far the int8 risks are from fp32's (AUC only sees the ranking; the served risk is the value)."""
-    error = np.abs(1 / (1 + np.exp(-z32.astype(np.float64))) - 1 / (1 + np.exp(-z8.astype(np.float64))))
-    return {f"mean_abs_delta_risk_{which}": round(float(error.mean()), 6), f"max_abs_delta_risk_{which}": round(float(error.max()), 6)}
-
-
-def quantize_on_site(package: VerifiedPackage, kit_study: Study, data_dir: str | Path, site_name: str,
-                     rows: int = SITE_CALIBRATION_ROWS, seed: int = 0) -> dict:
-    """Calibrate an int8 model from the site's training rows; write `PKG/site/model.int8.site.onnx` and
-    `PKG/site/quantization.json` (rows used, AUCs and |ΔAUC| vs fp32 on the site's test split).
-    The signed part of the package is not touched. `package` must come from `verify_package`."""
-    from client.data import load_site
-    from export.onnx_export import quantize_int8
-    from fedcare.features import model_inputs
-    from fedcare.metrics import roc_auc
-
-    manifest = package.manifest
-    if "fp32" not in manifest["models"]:
-        raise PackageError("manifest.json: the package has no fp32 model to calibrate from")
-    scaled = site_study(kit_study, manifest)
-    data = load_site(kit_study, data_dir)
-    x_train = model_inputs(scaled, data.train.features)
-    x_test, y_test = model_inputs(scaled, data.test.features), data.test.labels
-    if len(np.unique(y_test)) < 2:
-        raise PackageError(f"{data_dir}: the test split has only one label value; |ΔAUC| cannot be measured")
-    order = np.random.default_rng(seed).permutation(len(x_train))[:rows]
-    calibration = x_train[order]
-    fp32 = package.model_path("fp32")
-    site_dir = package.path / SITE_DIR
-    site_dir.mkdir(exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".quantize-", dir=site_dir))
-    try:
-        int8 = quantize_int8(fp32, calibration, work / SITE_MODEL, scaled)
-        finish_model(int8, manifest["study"]["hash"], manifest["inputs"].get("scaling_method", "spec"), calibration[:64])
-        z32, z_site = logits(fp32, x_test), logits(int8, x_test)
-        auc32, auc_site = roc_auc(y_test, z32), roc_auc(y_test, z_site)
-        result: dict[str, Any] = {
-            "format": "fedcare-site-quantization/1",
-            "created": _now(),
-            "site": site_name,
-            "package": {"study_hash": manifest["study"]["hash"], "signer": package.fingerprint,
-                        "fp32_sha256": manifest["models"]["fp32"]["sha256"]},
-            "file": SITE_MODEL,
-            "sha256": sha256_file(int8),
-            "bytes": int8.stat().st_size,
-            "calibration": SITE_CALIBRATION,
-            "rows_used": int(len(calibration)),
-            "train_rows": int(len(x_train)),
-            "test_rows": int(len(y_test)),
-            "auc_fp32": round(auc32, 6),
-            "auc_int8_site": round(auc_site, 6),
-            "abs_delta_auc_site": round(abs(auc32 - auc_site), 6),
-            **_risk_error("site", z32, z_site),
-        }
-        if "int8" in manifest["models"]:
-            z_pkg = logits(package.model_path("int8"), x_test)
-            auc_pkg = roc_auc(y_test, z_pkg)
-            result.update({"auc_int8_package": round(auc_pkg, 6), "abs_delta_auc_package": round(abs(auc32 - auc_pkg), 6),
-                           **_risk_error("package", z32, z_pkg),
-                           "package_int8_calibration": manifest["models"]["int8"].get("calibration")})
-        int8.replace(site_dir / SITE_MODEL)
-        (site_dir / SITE_REPORT).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return result
-
-
-# -- optional: encrypted at rest for one site -----------------------------------------------
-#
-# PKG.enc = MAGIC | ephemeral X25519 public key (32) | nonce (12) | AES-256-GCM(tar of the package)
-# The AES key is HKDF-SHA256(X25519(ephemeral, site), salt = ephemeral pub | site pub, info = INFO);
-# the header is the GCM associated data. Only the signed files travel (never `site/`); the
-# decrypted directory must still pass `verify_package`: encryption hides, the signature vouches.
-
-ENCRYPTED_MAGIC = b"FCPKG-ENC/1\n"
-_INFO = b"fedcare-model-package/1 AES-256-GCM"
-
-
-def _raw(public_key) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-
-    return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-
-
-def _aes_key(shared: bytes, ephemeral: bytes, recipient: bytes) -> bytes:
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=ephemeral + recipient, info=_INFO).derive(shared)
-
-
-def encrypt_package(pkg_dir: str | Path, out_file: str | Path, site_public_key) -> Path:
-    """Encrypt the package's signed files for the holder of `site_public_key` (X25519)."""
-    import tarfile
-
-    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-    pkg_dir, out_file = Path(pkg_dir), Path(out_file)
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for path in sorted(pkg_dir.iterdir()):
-            if path.name == SITE_DIR:
-                continue  # site-side artifacts never travel
-            if path.is_symlink() or not path.is_file():
-                raise PackageError(f"{path.name}: only regular files can be encrypted")
-            info = tarfile.TarInfo(path.name)
-            info.size, info.mode = path.stat().st_size, 0o644
-            with path.open("rb") as handle:
-                tar.addfile(info, handle)
-    ephemeral = X25519PrivateKey.generate()
-    eph_pub, recipient = _raw(ephemeral.public_key()), _raw(site_public_key)
-    nonce = os.urandom(12)
-    header = ENCRYPTED_MAGIC + eph_pub + nonce
-    key = _aes_key(ephemeral.exchange(site_public_key), eph_pub, recipient)
-    out_file.write_bytes(header + AESGCM(key).encrypt(nonce, buffer.getvalue(), header))
-    return out_file
-
-
-def decrypt_package(enc_file: str | Path, out_dir: str | Path, site_private_key) -> Path:
-    """Decrypt `PKG.enc` into `out_dir` (new or empty). The result is not trusted until `verify_package`."""
-    import tarfile
-
-    from cryptography.exceptions import InvalidTag
-    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-    enc_file, out_dir = Path(enc_file), Path(out_dir)
-    data = enc_file.read_bytes()
-    head = len(ENCRYPTED_MAGIC) + 32 + 12
-    if not data.startswith(ENCRYPTED_MAGIC) or len(data) < head + 16:
-        raise PackageError(f"{enc_file}: not an encrypted fedcare package")
-    header, eph_pub, nonce = data[:head], data[len(ENCRYPTED_MAGIC) : len(ENCRYPTED_MAGIC) + 32], data[head - 12 : head]
-    shared = site_private_key.exchange(X25519PublicKey.from_public_bytes(eph_pub))
-    key = _aes_key(shared, eph_pub, _raw(site_private_key.public_key()))
-    try:
-        plain = AESGCM(key).decrypt(nonce, data[head:], header)
-    except InvalidTag:
-        raise PackageError(f"{enc_file}: cannot decrypt: encrypted for another site's key, or modified") from None
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise PackageError(f"{out_dir}: exists and is not empty; refusing to overwrite")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(fileobj=io.BytesIO(plain), mode="r") as tar:
-        for member in tar.getmembers():
-            if not member.isfile() or member.name != Path(member.name).name or member.name.startswith("."):
-                raise PackageError(f"{enc_file}: unexpected entry {member.name!r} in the encrypted package")
-            source = tar.extractfile(member)
-            (out_dir / member.name).write_bytes(source.read() if source else b"")
-    return out_dir

@@ -1,8 +1,8 @@
 """The on-site prediction service over a verified model package (ONNX Runtime). Never imports Flower.
 
 `fedcare serve --package PKG --kit DIR` verifies the package against the kit's
-`coordinator-signing.pub` (signature, then every file's size and SHA-256; it refuses to start
-otherwise), opens the models in ONNX Runtime on the best available execution provider, and
+`coordinator-signing.pub` (signature, then every file's size and SHA-256, then that it was built
+for the kit's study; it refuses to start otherwise), opens the models in ONNX Runtime on the best available execution provider, and
 serves `POST /v1/analyze` (see `inference.app`).
 
 What the service keeps, and where (the kit's state directory, `<kit>/state` by default):
@@ -21,6 +21,10 @@ sees is written anywhere training reads: training reads only the site's data exp
 code opens. Served predictions therefore never flow back into the federation.
 
 Modules: `model` (input scaling in numpy, exactly `fedcare.features.model_inputs`; ONNX Runtime
-sessions and execution-provider choice), `service` (startup: kit, package verification),
-`app` (FastAPI app), `tokens`, `audit`, `metrics` (Prometheus text), `commands` (CLI).
+sessions and execution-provider choice), `service` (what the running service holds, over a
+verified package), `app` (the FastAPI app and its routes), `schemas` (request and response
+models, validation errors as one line each, the published request schema), `middleware` (body
+limit, audit log, metrics, the fast path of POST /v1/analyze), `tokens`, `audit`, `metrics`
+(Prometheus text), `commands` (the CLI: kits, package verification, `fedcare serve`). The one
+entry point is `fedcare serve`; it imports no torch, Opacus or Flower.
 """

@@ -21,7 +21,8 @@ from typing import Any
 
 import orjson
 
-from fedcare.pki import KeyMaterialError, check_private_permissions, write_secret
+from fedcare.errors import KeyMaterialError
+from fedcare.files import check_private_permissions, write_secret
 
 AUDIT_FILE = "serve-audit.jsonl"
 AUDIT_KEY = "audit.key"

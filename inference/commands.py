@@ -6,7 +6,9 @@
     fedcare serve token revoke --kit DIR --name NAME
     fedcare serve token list --kit DIR
 
-Every refusal is one line on stderr (`fedcare: error: ...`) and exit status 2.
+Kits are handled here (the commands layer): the service itself (`inference.service`) takes a
+verified package and a state directory. Every refusal is a `FedcareError`: `cli.main` prints it as
+one line on stderr (`fedcare: error: ...`) with exit status 2.
 """
 
 from __future__ import annotations
@@ -15,14 +17,40 @@ import argparse
 import ipaddress
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cli import add_command
+from export.commands import open_kit, verify_for_kit
+
+if TYPE_CHECKING:
+    from deploy.kits import CoordinatorKit, HospitalKit
+    from inference.service import Service
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8443
 
 
-def _fail(message: str) -> int:
-    print(f"fedcare: error: {message}", file=sys.stderr, flush=True)
-    return 2
+def _serve_error(message: str) -> Exception:
+    from inference.model import ServeError
+
+    return ServeError(message)
+
+
+def state_dir(kit: CoordinatorKit | HospitalKit) -> Path:
+    """Where the service keeps its tokens and audit log: the coordinator kit's state/, or site.toml's state_dir."""
+    from deploy.kits import CoordinatorKit, read_site_settings
+
+    return kit.state_dir if isinstance(kit, CoordinatorKit) else Path(read_site_settings(kit)["state_dir"])
+
+
+def load_service(pkg_dir: str | Path, kit_dir: str | Path, provider: str | None = None) -> Service:
+    """The service over `pkg_dir`, verified under the kit's package signing key and for the kit's study."""
+    from inference.service import build_service
+
+    kit = open_kit(kit_dir)
+    state = state_dir(kit)
+    package, _ = verify_for_kit(Path(pkg_dir), kit)
+    return build_service(package, state, provider=provider)
 
 
 def _is_loopback(host: str) -> bool:
@@ -44,56 +72,43 @@ def _bind(host: str, port: int):
         import os
 
         reason = os.strerror(err.errno) if err.errno else str(err)
-        raise OSError(f"--host/--port: cannot listen on {host}:{port} ({reason})") from None
+        raise _serve_error(f"--host/--port: cannot listen on {host}:{port} ({reason})") from None
 
 
 def _check_tls(cert: Path | None, key: Path | None) -> None:
     import ssl
 
-    from fedcare.pki import check_private_permissions
+    from fedcare.files import check_private_permissions
 
     if (cert is None) != (key is None):
-        raise ValueError("--tls-cert and --tls-key go together")
+        raise _serve_error("--tls-cert and --tls-key go together")
     if cert is None:
         return
     if not cert.is_file():
-        raise ValueError(f"--tls-cert: {cert} not found")
+        raise _serve_error(f"--tls-cert: {cert} not found")
     check_private_permissions(key)
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(str(cert), str(key))
     except (ssl.SSLError, OSError) as err:
-        raise ValueError(f"--tls-cert/--tls-key: not a usable certificate and key ({err.__class__.__name__})") from None
+        raise _serve_error(f"--tls-cert/--tls-key: not a usable certificate and key ({err.__class__.__name__})") from None
 
 
 def _serve(args: argparse.Namespace) -> int:
     if args.package is None or args.kit is None:
-        return _fail("serve: --package and --kit are required (or use `fedcare serve token ...`)")
+        raise _serve_error("serve: --package and --kit are required (or use `fedcare serve token ...`)")
     if not 1 <= args.port <= 65535:
-        return _fail(f"--port: {args.port} is not a TCP port")
-    try:
-        _check_tls(args.tls_cert, args.tls_key)
-    except ValueError as err:
-        return _fail(str(err))
+        raise _serve_error(f"--port: {args.port} is not a TCP port")
+    _check_tls(args.tls_cert, args.tls_key)
     if args.tls_cert is None and not _is_loopback(args.host):
-        return _fail(f"--host {args.host}: refusing to serve patient data over plain HTTP on a network interface; "
-                     "give --tls-cert and --tls-key, or bind 127.0.0.1 behind a TLS proxy")
+        raise _serve_error(f"--host {args.host}: refusing to serve patient data over plain HTTP on a network interface; "
+                           "give --tls-cert and --tls-key, or bind 127.0.0.1 behind a TLS proxy")
 
-    from export.package import PackageError
+    from inference.tokens import read_tokens
 
-    from inference.model import ServeError
-    from inference.service import load_service
-    from inference.tokens import TokenError, read_tokens
-
-    try:
-        sock = _bind(args.host, args.port)
-    except OSError as err:
-        return _fail(str(err))
+    sock = _bind(args.host, args.port)
     try:
         service = load_service(args.package, args.kit, provider=args.provider)
-        read_tokens(service.kit.state_dir)  # an unreadable token file is a startup error, not a silent 401
-    except (PackageError, ServeError, TokenError) as err:
-        sock.close()
-        return _fail(str(err))
+        read_tokens(service.state_dir)  # an unreadable token file is a startup error, not a silent 401
     except BaseException:
         sock.close()
         raise
@@ -141,20 +156,15 @@ def _best(module: str, fallback: str) -> str:
     return module if importlib.util.find_spec(module) is not None else fallback
 
 
-def _state_dir(kit: Path) -> Path:
-    from inference.service import load_serve_kit
-
-    return load_serve_kit(kit).state_dir
+def _kit_state_dir(kit: Path) -> Path:
+    return state_dir(open_kit(kit))
 
 
 def _token_add(args: argparse.Namespace) -> int:
-    from inference.tokens import TokenError, TOKENS_FILE, add_token
+    from inference.tokens import TOKENS_FILE, add_token
 
-    try:
-        state = _state_dir(args.kit)
-        token, entry = add_token(state, args.name, args.scope)
-    except TokenError as err:
-        return _fail(str(err))
+    state = _kit_state_dir(args.kit)
+    token, entry = add_token(state, args.name, args.scope)
     print(f"token '{entry.name}' (scopes: {', '.join(sorted(entry.scopes))}) — shown once; "
           f"{state / TOKENS_FILE} keeps only its SHA-256:", file=sys.stderr, flush=True)
     print(token, flush=True)
@@ -162,23 +172,17 @@ def _token_add(args: argparse.Namespace) -> int:
 
 
 def _token_revoke(args: argparse.Namespace) -> int:
-    from inference.tokens import TokenError, revoke_token
+    from inference.tokens import revoke_token
 
-    try:
-        revoke_token(_state_dir(args.kit), args.name)
-    except TokenError as err:
-        return _fail(str(err))
+    revoke_token(_kit_state_dir(args.kit), args.name)
     print(f"token '{args.name}' revoked (a running service refuses it from its next request)")
     return 0
 
 
 def _token_list(args: argparse.Namespace) -> int:
-    from inference.tokens import TokenError, read_tokens
+    from inference.tokens import read_tokens
 
-    try:
-        entries = read_tokens(_state_dir(args.kit))
-    except TokenError as err:
-        return _fail(str(err))
+    entries = read_tokens(_kit_state_dir(args.kit))
     if not entries:
         print("no tokens")
         return 0
@@ -192,8 +196,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     """Add this package's subcommands to the `fedcare` parser."""
     from inference.tokens import SCOPES
 
-    serve = commands.add_parser(
-        "serve", help="serve a signed model package over HTTPS (FastAPI + ONNX Runtime); token management",
+    serve = add_command(
+        commands, "serve",
         description="Serve a verified model package: POST /v1/analyze, GET /v1/models, /healthz, /metrics, /openapi.json.",
     )
     serve.add_argument("--package", type=Path, default=None, help="the model package directory")

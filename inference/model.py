@@ -28,6 +28,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from export.package import read_inputs
+from fedcare.errors import FedcareError
+
 INPUT_NAME = "features"
 OUTPUT_NAME = "risk_logit"
 CPU = "CPUExecutionProvider"
@@ -38,12 +41,11 @@ PROVIDER_ORDER = (
     "CoreMLExecutionProvider",
     "DmlExecutionProvider",
 )
-MISSING_POLICIES = ("impute", "indicator", "reject")
 DEFAULT_MODEL = "int8"
 REQUIRED_MODELS = ("int8", "fp32")
 
 
-class ServeError(ValueError):
+class ServeError(FedcareError, ValueError):
     """The service cannot start: the package, kit or settings are unusable (one line, names the cause)."""
 
 
@@ -86,52 +88,20 @@ class InputSpec:
 
     @classmethod
     def from_manifest(cls, manifest: Mapping[str, Any]) -> InputSpec:
-        inputs = manifest.get("inputs")
-        if not isinstance(inputs, Mapping):
-            raise ServeError("manifest.json: 'inputs' is missing")
-        features = inputs.get("features")
-        if not isinstance(features, list) or not features or not all(isinstance(f, str) and f for f in features):
-            raise ServeError("manifest.json: inputs.features must be a non-empty list of feature names")
-        if len(set(features)) != len(features):
-            raise ServeError("manifest.json: inputs.features has duplicate names")
-        scaling = inputs.get("scaling")
-        if not isinstance(scaling, Mapping):
-            raise ServeError("manifest.json: inputs.scaling is missing")
-        center, scale, low, high, missing = [], [], [], [], []
-        for name in features:
-            s = scaling.get(name)
-            if not isinstance(s, Mapping):
-                raise ServeError(f"manifest.json: inputs.scaling has no entry for feature '{name}'")
-            try:
-                c, x, lo, hi = (float(s[k]) for k in ("center", "scale", "low", "high"))
-            except (KeyError, TypeError, ValueError):
-                raise ServeError(f"manifest.json: inputs.scaling.{name} needs numeric center, scale, low, high") from None
-            if not all(math.isfinite(v) for v in (c, x, lo, hi)) or x <= 0 or lo > hi:
-                raise ServeError(f"manifest.json: inputs.scaling.{name}: finite center, scale > 0 and low <= high required")
-            policy = s.get("missing")
-            if policy not in MISSING_POLICIES:
-                raise ServeError(f"manifest.json: inputs.scaling.{name}.missing must be one of {', '.join(MISSING_POLICIES)}")
-            center.append(c), scale.append(x), low.append(lo), high.append(hi), missing.append(policy)
-        expected = list(features) + [f"{n}_missing" for n, m in zip(features, missing) if m == "indicator"]
-        if inputs.get("model_inputs") != expected:
-            raise ServeError("manifest.json: inputs.model_inputs is not the features followed by one "
-                             "'<name>_missing' per indicator feature (fedcare.study.Study.input_names)")
-        try:
-            clip = float(inputs.get("clip"))
-        except (TypeError, ValueError):
-            raise ServeError("manifest.json: inputs.clip must be a number") from None
-        if not (math.isfinite(clip) and clip > 0):
-            raise ServeError("manifest.json: inputs.clip must be finite and > 0")
+        """The manifest's `inputs`, validated by `export.package.read_inputs` (the one validator)."""
+        inputs = read_inputs(manifest)
+        features = inputs.features
+        missing = tuple(f.missing for f in features)
         return cls(
-            features=tuple(features),
-            model_inputs=tuple(expected),
-            center=np.array(center, dtype=np.float64),
-            scale=np.array(scale, dtype=np.float64),
-            low=np.array(low, dtype=np.float64),
-            high=np.array(high, dtype=np.float64),
-            missing=tuple(missing),
-            clip=clip,
-            index={n: i for i, n in enumerate(features)},
+            features=inputs.names,
+            model_inputs=inputs.model_inputs,
+            center=np.array([f.center for f in features], dtype=np.float64),
+            scale=np.array([f.scale for f in features], dtype=np.float64),
+            low=np.array([f.low for f in features], dtype=np.float64),
+            high=np.array([f.high for f in features], dtype=np.float64),
+            missing=missing,
+            clip=inputs.clip,
+            index={f.name: i for i, f in enumerate(features)},
             indicator_cols=np.array([i for i, m in enumerate(missing) if m == "indicator"], dtype=np.intp),
             reject_cols=tuple(i for i, m in enumerate(missing) if m == "reject"),
         )
@@ -298,9 +268,8 @@ class ModelSet:
 
     @classmethod
     def open(cls, pkg_dir: Path, manifest: Mapping[str, Any], inputs: InputSpec, provider: str | None = None) -> ModelSet:
-        listed = manifest.get("models")
-        if not isinstance(listed, Mapping):
-            raise ServeError("manifest.json: 'models' is missing")
+        """Sessions for the models of a verified package (`manifest` passed `export.package.check_manifest`)."""
+        listed = manifest["models"]
         for required in REQUIRED_MODELS:
             if required not in listed:
                 raise ServeError(f"manifest.json: the package has no '{required}' model")
@@ -308,10 +277,7 @@ class ModelSet:
         models: dict[str, Any] = {}
         notes: list[str] = []
         for name, entry in listed.items():
-            try:
-                file, digest = entry["file"], entry["sha256"]
-            except (KeyError, TypeError):
-                raise ServeError(f"manifest.json: models.{name} needs 'file' and 'sha256'") from None
+            file, digest = entry["file"], entry["sha256"]
             path = pkg_dir / file
             try:
                 data = path.read_bytes()

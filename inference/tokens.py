@@ -23,6 +23,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedcare.errors import FedcareError
+
 TOKENS_FILE = "serve-tokens.json"
 FORMAT = "fedcare-serve-tokens/1"
 SCOPES = ("analyze", "models")
@@ -30,7 +32,7 @@ DEFAULT_SCOPES = ("analyze",)
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
-class TokenError(ValueError):
+class TokenError(FedcareError, ValueError):
     """The token file or a token command is invalid (one line)."""
 
 

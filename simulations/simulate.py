@@ -20,12 +20,13 @@ import numpy as np
 
 from client.data import load_site
 from client.training import train_plain
-from export.onnx_export import export_fp32, quantize_int8, run_onnx
+from export.onnx_export import run_onnx
+from export.pipeline import export_models
+from fedcare import DEFAULT_STUDY
 from fedcare.errors import FedcareError
 from fedcare.features import model_inputs
 from fedcare.metrics import accuracy, log_loss, roc_auc
 from fedcare.model import build_model, predict_proba, set_weights
-from fedcare import DEFAULT_STUDY
 from fedcare.report import build_report, write_report
 from fedcare.run_record import RunRecord
 from fedcare.study import Overrides, Study, StudyConfigError, load_study
@@ -127,8 +128,9 @@ def evaluate_study(record: RunRecord, cohorts: dict, *, wall_started: float) -> 
     """The evaluator's view: final metrics, per-site ε and AUC, baseline, export."""
     scaled = record.study()  # the study as run, with the scaling the sites trained with
     study = load_study(record.study_file)  # as agreed (the spec's scaling: the sites' files are raw)
+    weights, _ = record.final_weights(study.hash)
     model = build_model(study)
-    set_weights(model, record.final_weights(study.hash)[0])
+    set_weights(model, weights)
     out = record.path
     site_dirs = [out / "sites" / s["name"] for s in cohorts["sites"]]
     sites, test_x, test_y, train_x, train_y = [], [], [], [], []
@@ -161,12 +163,10 @@ def evaluate_study(record: RunRecord, cohorts: dict, *, wall_started: float) -> 
     baseline_epochs = study.training.rounds * study.training.local_epochs
     train_plain(study, baseline, np.concatenate(train_x), np.concatenate(train_y), baseline_epochs)
 
-    export_dir = out / "export"
-    fp32 = export_fp32(model, scaled, export_dir / "model.onnx")
     calibration = _calibration_sample(np.concatenate(train_x), study.model.seed)
-    int8 = quantize_int8(fp32, calibration, export_dir / "model.int8.onnx", scaled)
-    auc_fp32 = roc_auc(y_all, run_onnx(fp32, x_all))
-    auc_int8 = roc_auc(y_all, run_onnx(int8, x_all))
+    exported = export_models(scaled, weights, out / "export", calibration=calibration)
+    auc_fp32 = roc_auc(y_all, run_onnx(exported.fp32.path, x_all))
+    auc_int8 = roc_auc(y_all, run_onnx(exported.int8.path, x_all))
     return build_report(
         record,
         sites=sites,
@@ -184,12 +184,12 @@ def evaluate_study(record: RunRecord, cohorts: dict, *, wall_started: float) -> 
         },
         ground_truth_auc=cohorts["ground_truth_auc"],
         export={
-            "onnx": str(fp32),
-            "onnx_int8": str(int8),
+            "onnx": str(exported.fp32.path),
+            "onnx_int8": str(exported.int8.path),
             "auc_fp32": round(auc_fp32, 5),
             "auc_int8": round(auc_int8, 5),
-            "bytes_fp32": fp32.stat().st_size,
-            "bytes_int8": int8.stat().st_size,
+            "bytes_fp32": exported.fp32.bytes,
+            "bytes_int8": exported.int8.bytes,
             "calibration": f"{len(calibration)} rows sampled from the sites' training splits (simulation only)",
         },
         wall_seconds=time.monotonic() - wall_started,

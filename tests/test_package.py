@@ -1,8 +1,9 @@
 """The signed model package: build at the coordinator, verify anywhere, calibrate int8 on site.
 
-One short simulated study (3 hospitals, 1 round) gives a real coordinator run directory; the
-kits are provisioned from the default study, so the run's `--rounds 1` override is recognized
-from report.json (the hash matches only with it).
+One short simulated study (3 hospitals, 1 round) gives a real run record (the simulation's
+`--out` folder); the kits are provisioned from the default study, and the manifest records the
+run's `--rounds 1` override, which a site applies to its own study file (the hash matches only
+with it).
 """
 
 import json
@@ -19,18 +20,11 @@ import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from export.package import PackageError, run_study, verify_package, write_signed_manifest
-from fedcare.cli import main
-from fedcare.kits import (
-    add_node,
-    ensure_signing_key,
-    load_coordinator_kit,
-    load_signing_key,
-    load_signing_public_key,
-    node_keygen,
-    provision,
-    signing_fingerprint,
-)
+from export.package import PackageError, site_study, verify_package, write_signed_manifest
+from cli import main
+from deploy.kits import coordinator_signing_key, load_coordinator_kit
+from deploy.provision import add_node, node_keygen, provision
+from export.signing import ensure_signing_key, load_signing_public_key, signing_fingerprint
 
 from .conftest import DEFAULT_STUDY, ROOT
 
@@ -42,7 +36,7 @@ def world(tmp_path_factory):
     base = tmp_path_factory.mktemp("package")
     sim = base / "sim"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fedcare.cli", "simulate", "--hospitals", "3", "--rounds", "1", "--size-scale", "0.3",
+        [sys.executable, "-m", "cli", "simulate", "--hospitals", "3", "--rounds", "1", "--size-scale", "0.3",
          "--out", str(sim)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ},
     )
@@ -58,7 +52,7 @@ def world(tmp_path_factory):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, output[-3000:]
-    return {"base": base, "sim": sim, "run": sim / "coordinator", "kits": kits}
+    return {"base": base, "sim": sim, "run": sim, "kits": kits}
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +81,7 @@ def _cli(capsys, *args):
 def test_kits_hold_the_signing_key_and_hospitals_its_public_half(world):
     coordinator = world["kits"]["coordinator"]
     assert stat.S_IMODE((coordinator / "signing.key").stat().st_mode) == 0o600
-    key = load_signing_key(load_coordinator_kit(coordinator))
+    key = coordinator_signing_key(load_coordinator_kit(coordinator))
     for name in HOSPITALS:
         pub = world["kits"][name] / "coordinator-signing.pub"
         assert pub.read_bytes() == (coordinator / "signing.pub").read_bytes()
@@ -103,7 +97,8 @@ def test_build_and_verify(world, package, study):
         "manifest.json", "manifest.sig", "model.a16w8.onnx", "model.int8.onnx", "model.onnx"]
     assert len((package / "manifest.sig").read_bytes()) == 64
     assert m["format"] == "fedcare-model-package/1" and m["created"].endswith("Z")
-    assert m["study"] == {"name": "depression-risk", "hash": report["study_hash"]}
+    assert m["study"] == {"name": "depression-risk", "hash": report["study_hash"],
+                          "overrides": {"rounds": 1, "epsilon": None}}
     assert m["study"]["hash"] == study.with_overrides(rounds=1).hash != study.hash
     assert m["label"]["name"] == "episode_12m"
     assert m["inputs"]["features"] == [f.name for f in study.features]
@@ -126,17 +121,19 @@ def test_build_and_verify(world, package, study):
 
 
 def test_models_are_the_checkpoint_in_the_three_forms(world, package, study):
-    from export.package import logits
+    from client.data import load_site
+    from export.onnx_export import run_onnx as logits
     from fedcare.features import model_inputs
     from fedcare.model import build_model, set_weights
-    from client.data import load_site
-    from server.progress import latest_checkpoint, load_checkpoint, scaled_study
+    from fedcare.run_record import RunRecord, load_checkpoint
 
-    run_study_ = study.with_overrides(rounds=1)
+    record = RunRecord(world["run"])
+    run_study_ = record.study()  # the study as run: --rounds 1 and the federated scaling
+    assert run_study_.hash == study.with_overrides(rounds=1).hash
     model = build_model(study)
-    set_weights(model, load_checkpoint(latest_checkpoint(world["run"]), run_study_.hash))
+    set_weights(model, load_checkpoint(record.latest_checkpoint(), run_study_.hash))
     data = load_site(study, world["sim"] / "sites" / "hospital-03")
-    x = model_inputs(scaled_study(run_study_, world["run"]), data.test.features)[:64]
+    x = model_inputs(run_study_, data.test.features)[:64]
     with torch.no_grad():
         expected = model(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(logits(package / "model.onnx", x), expected, atol=1e-5)
@@ -158,15 +155,24 @@ def test_models_are_the_checkpoint_in_the_three_forms(world, package, study):
     assert not any(n.metadata_props for n in fp32.graph.node)  # exporter annotations (build paths) stripped
 
 
-def test_the_run_study_is_found_with_or_without_overrides(world):
-    study, how = run_study(world["sim"] / "study.toml", world["run"])
-    assert how == "as written"
-    study, how = run_study(DEFAULT_STUDY, world["run"])
-    assert how == "with the run's overrides (rounds=1)"
+def test_a_site_applies_exactly_the_recorded_overrides(world, package, study):
+    from fedcare.run_record import RunRecord
+    from fedcare.study import Overrides, load_study
+
+    assert RunRecord(world["run"]).overrides() == Overrides(rounds=1)
+    manifest = verify_package(package, _key(world)).manifest
+    on_site = site_study(study, manifest)  # the kit's study file, as written
+    assert on_site.hash == manifest["study"]["hash"] == study.with_overrides(rounds=1).hash
+    assert on_site.training.rounds == 1 and on_site.features[0].center == manifest["inputs"]["scaling"]["age"]["center"]
+    without = {**manifest, "study": {**manifest["study"], "overrides": {"rounds": None, "epsilon": None}}}
+    with pytest.raises(PackageError, match="^the package is for study depression-risk"):
+        site_study(study, without)  # nothing is guessed: the recorded overrides, or no match
     other = world["base"] / "other.toml"
     other.write_text(DEFAULT_STUDY.read_text().replace("delta = 1e-5", "delta = 1e-6"))
-    with pytest.raises(PackageError, match="does not match the run's"):
-        run_study(other, world["run"])
+    with pytest.raises(PackageError, match="^the package is for study depression-risk"):
+        site_study(load_study(other), manifest)
+    with pytest.raises(PackageError, match=r"^manifest.json: malformed: study.overrides"):
+        site_study(study, {**manifest, "study": {"name": "depression-risk", "hash": manifest["study"]["hash"]}})
 
 
 def test_a_tampered_model_byte_is_refused_naming_the_file(world, package, tmp_path):
@@ -222,7 +228,7 @@ def test_a_malformed_manifest_is_refused_even_when_signed(world, package, tmp_pa
     pkg = _copy(package, tmp_path)
     manifest = json.loads((pkg / "manifest.json").read_text())
     manifest["models"]["int8"]["file"] = "../model.int8.onnx"
-    key = load_signing_key(load_coordinator_kit(world["kits"]["coordinator"]))
+    key = coordinator_signing_key(load_coordinator_kit(world["kits"]["coordinator"]))
     write_signed_manifest(pkg, manifest, key)
     with pytest.raises(PackageError, match=r"^manifest.json: malformed: models.int8.file must be a plain file name"):
         verify_package(pkg, _key(world))
@@ -249,6 +255,9 @@ def test_cli_verify_ok_and_refusals_are_one_line_exit_2(world, package, tmp_path
     assert rc == 0 and err == ""
     assert out.startswith(f"OK: {package} is signed by {signing_fingerprint(_key(world))}")
     assert "study depression-risk" in out and "a16w8" in out
+    assert "the run's overrides rounds=1" in out
+    rc, out, err = _cli(capsys, "verify", package, "--kit", world["kits"]["coordinator"])  # the coordinator kit too
+    assert rc == 0 and err == "" and out.startswith(f"OK: {package} is signed by {signing_fingerprint(_key(world))}")
 
     pkg = _copy(package, tmp_path)
     (pkg / "model.onnx").write_bytes(b"\0" + (pkg / "model.onnx").read_bytes()[1:])
@@ -283,7 +292,7 @@ def test_kits_from_before_package_signing(world, tmp_path, capsys):
     add_node(old, "hospital-d", public, hospital_kit_out=tmp_path / "hospital-d")  # creates the key, ships the public half
     assert stat.S_IMODE(kit.signing_key.stat().st_mode) == 0o600
     assert (tmp_path / "hospital-d" / "coordinator-signing.pub").read_bytes() == kit.signing_pub.read_bytes()
-    assert ensure_signing_key(kit) is False  # existing keys are never replaced
+    assert ensure_signing_key(kit.signing_key, kit.signing_pub) is False  # existing keys are never replaced
 
     (old / "signing.key").unlink()
     (old / "signing.pub").unlink()
@@ -295,24 +304,54 @@ def test_kits_from_before_package_signing(world, tmp_path, capsys):
         verify_package(tmp_path / "pkg", _key(world))  # hospitals holding the first key refuse it
 
 
-def test_a_package_encrypted_for_one_site_opens_only_there(world, package, tmp_path):
-    from export.package import decrypt_package, encrypt_package
-    from fedcare.kits import ensure_package_key, load_hospital_kit, load_package_key, load_package_public_key
+def test_a_package_encrypted_for_one_site_opens_only_there(world, package, tmp_path, capsys):
+    from deploy.kits import load_hospital_kit
+    from export.encryption import decrypt_package, encrypt_package
+    from export.signing import ensure_package_key, load_package_key, load_package_public_key
 
     sites = {}
     for name in ("hospital-01", "hospital-02"):
         kit = load_hospital_kit(shutil.copytree(world["kits"][name], tmp_path / name), need_keys=False)
-        assert ensure_package_key(kit) is True and ensure_package_key(kit) is False
+        assert ensure_package_key(kit.path) is True and ensure_package_key(kit.path) is False
         assert stat.S_IMODE((kit.path / "package.key").stat().st_mode) == 0o600
         sites[name] = kit
-    enc = encrypt_package(package, tmp_path / "pkg.enc", load_package_public_key(sites["hospital-01"].path / "package.pub"))
+    site_pub = sites["hospital-01"].path / "package.pub"
+
+    # fedcare export --encrypt-for writes PKG.enc beside PKG; fedcare verify PKG.enc --out decrypts and verifies
+    pkg = tmp_path / "pkg"
+    rc, out, err = _cli(capsys, "export", "--run", world["run"], "--kit", world["kits"]["coordinator"], "--out", pkg,
+                        "--encrypt-for", site_pub)
+    assert rc == 0, err
+    enc = tmp_path / "pkg.enc"
+    assert f"encrypted for {site_pub}: {enc}" in out
     assert b"risk_logit" not in enc.read_bytes() and b"depression-risk" not in enc.read_bytes()
-    opened = decrypt_package(enc, tmp_path / "opened", load_package_key(sites["hospital-01"]))
+    rc, out, err = _cli(capsys, "verify", enc, "--kit", sites["hospital-01"].path, "--out", tmp_path / "opened-cli")
+    assert rc == 0 and err == ""
+    assert out.startswith(f"decrypted {enc} into {tmp_path / 'opened-cli'}\nOK: {tmp_path / 'opened-cli'} is signed by "
+                          f"{signing_fingerprint(_key(world))}")
+    assert verify_package(tmp_path / "opened-cli", _key(world)).manifest == verify_package(pkg, _key(world)).manifest
+    rc, out, err = _cli(capsys, "verify", enc, "--kit", sites["hospital-02"].path, "--out", tmp_path / "other-cli")
+    assert (rc, out) == (2, "") and err == f"fedcare: error: {enc}: cannot decrypt: encrypted for another site's key, or modified\n"
+    assert not (tmp_path / "other-cli").exists()  # nothing undecrypted or unverified stays behind
+    rc, _, err = _cli(capsys, "verify", enc, "--kit", sites["hospital-01"].path)
+    assert rc == 2 and err == f"fedcare: error: {enc}: an encrypted package; give --out DIR to decrypt it into\n"
+    rc, _, err = _cli(capsys, "verify", enc, "--kit", world["kits"]["hospital-03"], "--out", tmp_path / "no-key")
+    assert rc == 2 and "package.key: not found; this kit has no package decryption key" in err and err.count("\n") == 1
+    rc, _, err = _cli(capsys, "export", "--run", world["run"], "--kit", world["kits"]["coordinator"], "--out",
+                      tmp_path / "pkg2", "--encrypt-for", world["kits"]["coordinator"] / "signing.pub")
+    assert rc == 2 and "package encryption needs an X25519 key" in err and not (tmp_path / "pkg2").exists()
+
+    # the same through the functions the commands call
+    enc = encrypt_package(package, tmp_path / "api.enc", load_package_public_key(site_pub))
+    assert b"risk_logit" not in enc.read_bytes() and b"depression-risk" not in enc.read_bytes()
+    opened = decrypt_package(enc, tmp_path / "opened", load_package_key(sites["hospital-01"].path))
     assert verify_package(opened, _key(world)).manifest == verify_package(package, _key(world)).manifest
     with pytest.raises(PackageError, match="cannot decrypt: encrypted for another site's key, or modified"):
-        decrypt_package(enc, tmp_path / "other", load_package_key(sites["hospital-02"]))
+        decrypt_package(enc, tmp_path / "other", load_package_key(sites["hospital-02"].path))
     data = bytearray(enc.read_bytes())
     data[-20] ^= 1
     (tmp_path / "bad.enc").write_bytes(bytes(data))
     with pytest.raises(PackageError, match="cannot decrypt"):
-        decrypt_package(tmp_path / "bad.enc", tmp_path / "bad", load_package_key(sites["hospital-01"]))
+        decrypt_package(tmp_path / "bad.enc", tmp_path / "bad", load_package_key(sites["hospital-01"].path))
+    rc, _, err = _cli(capsys, "verify", tmp_path / "bad.enc", "--kit", sites["hospital-01"].path, "--out", tmp_path / "bad-cli")
+    assert rc == 2 and "cannot decrypt" in err and err.count("\n") == 1

@@ -1,7 +1,8 @@
 """`fedcare serve`: a real uvicorn server (subprocess, loopback) over a signed package, driven with httpx.
 
-The package is built by `export.package.build_package` from a fake finished run (a checkpoint with
-perturbed weights, a federated `scaling.json` that differs from the study file's, report.json),
+The package is built by `export.build.build_package` from a fake finished run record (a checkpoint
+with perturbed weights, a federated `scaling.json` that differs from the study file's, the round
+log, report.json),
 signed with the coordinator key from `provision`; the server runs with the hospital kit.
 """
 
@@ -28,7 +29,7 @@ import httpx
 import numpy as np
 import pytest
 
-from fedcare.runtime import free_port
+from deploy.flower import free_port
 
 from .conftest import DEFAULT_STUDY, ROOT
 
@@ -52,35 +53,39 @@ def build_world(root: Path) -> World:
     """Kits from `provision`, a fake finished run, and the package `build_package` makes from it (cached)."""
     if "world" in _WORLD:
         return _WORLD["world"]
-    from export.package import build_package
-    from fedcare.kits import load_coordinator_kit, load_signing_key, provision
+    from deploy.kits import coordinator_signing_key, load_coordinator_kit
+    from deploy.provision import provision
+    from export.build import build_package
     from fedcare.model import build_model, get_weights
-    from fedcare.study import load_study
-    from server.progress import save_checkpoint
+    from fedcare.run_record import RoundEntry, RunRecord
+    from fedcare.study import Overrides, load_study
 
     study = load_study(DEFAULT_STUDY)
     kits = provision(DEFAULT_STUDY, ["127.0.0.1"], ["north", "south", "east"], root / "kits")
-    run = root / "run"
+    record = RunRecord(root / "run")
+    record.start(study, Overrides())
     rng = np.random.default_rng(3)
     weights = [w + rng.normal(0.0, 0.4, w.shape).astype(np.float32) for w in get_weights(build_model(study))]
-    save_checkpoint(run, 3, weights, study.hash)
+    record.save_checkpoint(3, weights, study.hash)
     center = [f.center * 1.1 + 0.05 for f in study.features]
     scale = [f.scale * 1.2 for f in study.features]
-    (run / "scaling.json").write_text(json.dumps({
-        "method": "federated", "features": [f.name for f in study.features], "center": center, "scale": scale,
-        "rows_with_value": [1000] * len(study.features)}))
-    (run / "report.json").write_text(json.dumps({
-        "study_hash": study.hash, "rounds": [{"round": r, "auc": 0.7, "loss": 0.5} for r in (1, 2, 3)],
+    record.save_scaling(study, center=np.array(center), scale=np.array(scale),
+                        counts=np.full(len(study.features), 1000))
+    for r in (1, 2, 3):
+        record.append_round(RoundEntry(round=r, aggregated=True, sites_aggregated=3, auc=0.7, loss=0.5,
+                                       sites_evaluated=3, seconds=1.0))
+    (record.path / "report.json").write_text(json.dumps({
+        "study_hash": study.hash, "rounds": record.rounds(),
         "sites": [{"name": n, "epsilon": None} for n in ("north", "south", "east")]}))
-    key = load_signing_key(load_coordinator_kit(kits["coordinator"]))
-    package = build_package(study, run, root / "pkg", key)
+    key = coordinator_signing_key(load_coordinator_kit(kits["coordinator"]))
+    package = build_package(record, root / "pkg", key)
     _WORLD["world"] = World(study, study.with_scaling(center, scale), kits["north"], kits["coordinator"], package, root)
     return _WORLD["world"]
 
 
 def fedcare_main(*args: str) -> tuple[int, str, str]:
     """`fedcare ...` in this process: (exit status, stdout, stderr)."""
-    from fedcare.cli import main
+    from cli import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -98,10 +103,9 @@ def add_token(kit: Path, name: str, *scopes: str) -> str:
 
 
 class ServerProcess:
-    """`python -m fedcare.cli serve ...` on a free loopback port; only this process is ever stopped."""
+    """`python -m cli serve ...` on a free loopback port; only this process is ever stopped."""
 
-    def __init__(self, package: Path, kit: Path, log_dir: Path, *extra: str, scheme: str = "http",
-                 entry: tuple[str, ...] = ("-m", "fedcare.cli")) -> None:
+    def __init__(self, package: Path, kit: Path, log_dir: Path, *extra: str, scheme: str = "http") -> None:
         self.port = free_port()
         self.base_url = f"{scheme}://127.0.0.1:{self.port}"
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -109,7 +113,7 @@ class ServerProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, *entry, "serve", "--package", str(package), "--kit", str(kit),
+                [sys.executable, "-m", "cli", "serve", "--package", str(package), "--kit", str(kit),
                  "--port", str(self.port), *extra],
                 cwd=ROOT, stdout=out, stderr=err, env=env,
             )
@@ -561,7 +565,7 @@ def test_refuses_tampered_package_and_other_signer(world):
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from export.package import write_signed_manifest
-    from fedcare.kits import load_signing_public_key, signing_fingerprint
+    from export.signing import load_signing_public_key, signing_fingerprint
 
     tampered = _copy_package(world, "pkg-tampered")
     data = bytearray((tampered / "model.int8.onnx").read_bytes())
@@ -574,12 +578,12 @@ def test_refuses_tampered_package_and_other_signer(world):
     text = (rescaled / "manifest.json").read_text()
     (rescaled / "manifest.json").write_text(text.replace('"clip": 5.0', '"clip": 50.0'))
 
-    # `fedcare serve` and its lean twin `python -m inference serve` as real processes; one case in-process
+    # two as real `fedcare serve` processes (`python -m cli`, the one serving entry point); one case in-process
     procs = {
-        name: subprocess.Popen([sys.executable, *entry, "serve", "--package", str(pkg), "--kit",
+        name: subprocess.Popen([sys.executable, "-m", "cli", "serve", "--package", str(pkg), "--kit",
                                 str(world.hospital), "--port", str(free_port())],
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for name, pkg, entry in (("tampered", tampered, ("-m", "fedcare.cli")), ("other", other, ("-m", "inference")))
+        for name, pkg in (("tampered", tampered), ("other", other))
     }
     results = {name: (p.wait(timeout=180), p.stdout.read(), p.stderr.read()) for name, p in procs.items()}
     results["edited"] = fedcare_main("serve", "--package", str(rescaled), "--kit", str(world.hospital),
@@ -601,7 +605,7 @@ def test_refuses_unlisted_file_and_wrong_study(world, tmp_path):
     assert err == ("fedcare: error: unlisted file notes.txt: not in the signed manifest; refusing the package "
                    "(only site/ may hold site-side artifacts)\n")
 
-    from fedcare.kits import provision
+    from deploy.provision import provision
 
     other_study = tmp_path / "other-study.toml"
     other_study.write_text(DEFAULT_STUDY.read_text().replace('name = "depression-risk"', 'name = "other-risk"'))
@@ -611,6 +615,26 @@ def test_refuses_unlisted_file_and_wrong_study(world, tmp_path):
                                   "--port", str(free_port()))
     assert status == 2
     assert err.startswith("fedcare: error: the package is for study depression-risk (") and err.count("\n") == 1
+    # `fedcare verify` refuses it for that kit too, in the same words
+    assert fedcare_main("verify", str(world.package), "--kit", str(other_kits["a"])) == (2, "", err)
+    assert fedcare_main("verify", str(world.package), "--kit", str(world.hospital))[0] == 0
+
+
+def test_verify_and_serve_load_no_training_stack(world):
+    """`fedcare verify` and the whole start of `fedcare serve` (kit, verification, sessions, app) in a fresh
+    interpreter: no torch, Opacus or Flower."""
+    code = (
+        "import sys\n"
+        "from cli import main\n"
+        f"assert main(['verify', {str(world.package)!r}, '--kit', {str(world.hospital)!r}]) == 0\n"
+        "from inference.commands import load_service\n"
+        "from inference.app import create_app\n"
+        f"create_app(load_service({str(world.package)!r}, {str(world.hospital)!r}))\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'opacus', 'flwr', 'ray'}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_refuses_plain_http_off_loopback_and_busy_port(world):
@@ -630,7 +654,8 @@ def test_refuses_plain_http_off_loopback_and_busy_port(world):
 
 
 def test_tls(world, tokens):
-    from fedcare.pki import CertificateAuthority, write_public, write_secret
+    from deploy.pki import CertificateAuthority
+    from fedcare.files import write_public, write_secret
 
     tls = world.root / "tls"
     ca = CertificateAuthority.create("serve-test")
@@ -640,7 +665,7 @@ def test_tls(world, tokens):
     ca.save(tls / "ca.key", tls / "ca.crt")
     context = ssl.create_default_context(cafile=str(tls / "ca.crt"))
     proc = ServerProcess(world.package, world.hospital, world.root / "logs", "--tls-cert", str(tls / "serve.crt"),
-                         "--tls-key", str(tls / "serve.key"), scheme="https", entry=("-m", "inference"))
+                         "--tls-key", str(tls / "serve.key"), scheme="https")
     try:
         proc.wait_ready(verify=context)
         assert f"listening on https://127.0.0.1:{proc.port}" in proc.stdout

@@ -40,7 +40,7 @@ def token(world):
 
 @pytest.fixture(scope="module")
 def server(world, token):
-    proc = ServerProcess(world.package, world.hospital, world.root / "logs-fuzz", entry=("-m", "inference"))
+    proc = ServerProcess(world.package, world.hospital, world.root / "logs-fuzz")
     try:
         proc.wait_ready()
         yield proc
