@@ -31,6 +31,18 @@ def _node_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _node_package_key(args: argparse.Namespace) -> int:
+    from deploy.kits import load_hospital_kit
+    from export.signing import PACKAGE_PUB, ensure_package_key
+
+    kit = load_hospital_kit(args.kit, need_keys=False)
+    created = ensure_package_key(kit.path)
+    state = "created" if created else "already present (kept)"
+    print(f"package decryption key {kit.path / 'package.key'} (0600) {state}")
+    print(f"send {kit.path / PACKAGE_PUB} to the coordinator: `fedcare export ... --encrypt-for {PACKAGE_PUB}`")
+    return 0
+
+
 def _coordinator_add_node(args: argparse.Namespace) -> int:
     from deploy.provision import add_node
     from deploy.pki import fingerprint
@@ -91,6 +103,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     keygen = node_cmds.add_parser("keygen", help="create this hospital's node key pair (private key stays here)")
     keygen.add_argument("--out", type=Path, required=True, help="folder for node.key and node.pub")
     keygen.set_defaults(func=_node_keygen)
+    pkey = node_cmds.add_parser("package-key", help="create this hospital's key for model packages encrypted at rest for it")
+    pkey.add_argument("--kit", type=Path, required=True, help="this hospital's kit folder (package.key, package.pub)")
+    pkey.set_defaults(func=_node_package_key)
     nstart = node_cmds.add_parser("start", help="validate the site's data and join the federation")
     nstart.add_argument("--kit", type=Path, required=True, help="this hospital's kit folder")
     nstart.add_argument("--data", type=Path, default=None, help="the site's export directory (default: site.toml)")

@@ -312,7 +312,13 @@ def test_a_package_encrypted_for_one_site_opens_only_there(world, package, tmp_p
     sites = {}
     for name in ("hospital-01", "hospital-02"):
         kit = load_hospital_kit(shutil.copytree(world["kits"][name], tmp_path / name), need_keys=False)
-        assert ensure_package_key(kit.path) is True and ensure_package_key(kit.path) is False
+        if name == "hospital-01":  # the command a hospital runs ...
+            rc, out, _ = _cli(capsys, "node", "package-key", "--kit", kit.path)
+            assert rc == 0 and "created" in out
+            rc, out, _ = _cli(capsys, "node", "package-key", "--kit", kit.path)
+            assert rc == 0 and "already present (kept)" in out  # never a new identity
+        else:  # ... and the function behind it
+            assert ensure_package_key(kit.path) is True and ensure_package_key(kit.path) is False
         assert stat.S_IMODE((kit.path / "package.key").stat().st_mode) == 0o600
         sites[name] = kit
     site_pub = sites["hospital-01"].path / "package.pub"
