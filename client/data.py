@@ -2,84 +2,28 @@
 or FHIR R4 (`client/fhir.py`), one split (train, test) at a time.
 
 Good rows load; a bad row is quarantined with a reason (line number, column, why) and
-never crashes the reader. Only counts and line numbers are reported, never values.
+never crashes the reader. Only counts and line numbers are reported, never values. The table,
+report, error and value checks live in `client/tables.py` and are re-exported here.
 """
 
 from __future__ import annotations
 
 import csv
 import math
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from fedcare.study import Feature, Study
+from client.tables import MAX_EXAMPLES_PER_REASON, MISSING_TOKENS, LoadReport, SiteDataError, SiteTable, parse_value
+from fedcare.study import Study
 
-MISSING_TOKENS = frozenset({"", "na", "nan", "null", "none"})
-MAX_EXAMPLES_PER_REASON = 5
+__all__ = [
+    "MAX_EXAMPLES_PER_REASON", "MISSING_TOKENS", "SPLIT_FORMATS", "LoadReport", "SiteData", "SiteDataError",
+    "SiteTable", "load_site", "parse_value", "read_site_csv", "read_site_parquet", "read_split", "split_source",
+]
+
 csv.field_size_limit(1 << 20)
-
-
-class SiteDataError(ValueError):
-    """The site's data cannot be used at all (missing file, missing columns, no usable row)."""
-
-
-@dataclass
-class LoadReport:
-    """What happened to each row; counts only."""
-
-    path: str
-    rows_read: int = 0
-    rows_loaded: int = 0
-    quarantined: Counter = field(default_factory=Counter)
-    examples: dict[str, list[int]] = field(default_factory=dict)
-    missing_by_feature: Counter = field(default_factory=Counter)
-    ignored_columns: list[str] = field(default_factory=list)
-
-    def quarantine(self, line: int, reason: str) -> None:
-        self.quarantined[reason] += 1
-        self.examples.setdefault(reason, [])
-        if len(self.examples[reason]) < MAX_EXAMPLES_PER_REASON:
-            self.examples[reason].append(line)
-
-    def summary(self) -> str:
-        lines = [f"{self.path}: {self.rows_loaded}/{self.rows_read} rows loaded"]
-        for reason, count in sorted(self.quarantined.items()):
-            where = ", ".join(str(n) for n in self.examples[reason])
-            lines.append(f"  quarantined {count}: {reason} (lines {where}{', ...' if count > len(self.examples[reason]) else ''})")
-        if self.ignored_columns:
-            lines.append(f"  ignored columns not in the study: {', '.join(self.ignored_columns)}")
-        return "\n".join(lines)
-
-
-@dataclass(frozen=True)
-class SiteTable:
-    """Raw features (NaN = missing, spec order) and 0/1 labels of one split."""
-
-    features: np.ndarray
-    labels: np.ndarray
-    report: LoadReport
-
-
-def _parse_value(feature: Feature, text: str) -> tuple[float, str | None]:
-    """(value, None) or (nan, reason). Missing is (nan, None)."""
-    if text.strip().lower() in MISSING_TOKENS:
-        if feature.missing == "reject":
-            return math.nan, f"{feature.name}: missing but the study's policy is 'reject'"
-        return math.nan, None
-    try:
-        value = float(text)
-    except ValueError:
-        return math.nan, f"{feature.name}: not a number"
-    if not math.isfinite(value):
-        return math.nan, f"{feature.name}: not finite (NaN/Inf)"
-    if not feature.low <= value <= feature.high:
-        return math.nan, f"{feature.name}: outside valid range [{feature.low:g}, {feature.high:g}] {feature.unit}"
-    if feature.type in ("count", "binary") and value != int(value):
-        return math.nan, f"{feature.name}: a {feature.type} must be a whole number"
-    return value, None
 
 
 class _RowCollector:
@@ -98,7 +42,7 @@ class _RowCollector:
             return
         values = []
         for feature, text in zip(self.study.features, feature_texts):
-            value, reason = _parse_value(feature, text)
+            value, reason = parse_value(feature, text)
             if reason:
                 self.report.quarantine(line, reason)
                 return

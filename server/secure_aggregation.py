@@ -40,8 +40,14 @@ def _failure(failure: BaseException) -> tuple[RefusalKind | None, str]:
         refusal = Refusal.from_reply(code, reason)
         if refusal is not None:
             return refusal.kind, f"refused ({refusal.kind.value}): {refusal.line}"[:400]
-        return None, " ".join(reason.split())[:400]
-    return None, " ".join(str(failure).split())[:400]
+        return None, _last_line(reason)
+    return None, _last_line(str(failure))
+
+
+def _last_line(text: str) -> str:
+    """The end of an error's text, where the exception's own message is (display only, never decided on)."""
+    lines = [line.strip() for line in text.strip().rstrip("'>").splitlines() if line.strip()]
+    return (lines[-1] if lines else "unknown error")[-400:]
 
 
 class ReportingSecAggPlusWorkflow(SecAggPlusWorkflow):
