@@ -38,74 +38,46 @@ class KitError(FedcareError, ValueError):
 
 
 @dataclass(frozen=True)
-class CoordinatorKit:
+class _Kit:
+    """What every kit holds: its folder, the study file and the study CA's certificate."""
+
     path: Path
+
+    @property
+    def study_file(self) -> Path:
+        return self.path / "study.toml"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.path / "ca.crt"
+
+
+@dataclass(frozen=True)
+class CoordinatorKit(_Kit):
     hosts: tuple[str, ...]
     port: int
     study_hash: str
 
-    @property
-    def study_file(self) -> Path:
-        return self.path / "study.toml"
-
-    @property
-    def ca_cert(self) -> Path:
-        return self.path / "ca.crt"
-
-    @property
-    def server_cert(self) -> Path:
-        return self.path / "server.crt"
-
-    @property
-    def server_key(self) -> Path:
-        return self.path / "server.key"
-
-    @property
-    def nodes_dir(self) -> Path:
-        return self.path / "nodes"
-
-    @property
-    def state_dir(self) -> Path:
-        return self.path / "state"
+    server_cert = property(lambda self: self.path / "server.crt")
+    server_key = property(lambda self: self.path / "server.key")  # 0600
+    nodes_dir = property(lambda self: self.path / "nodes")  # <hospital>.pub: the node keys it accepts
+    state_dir = property(lambda self: self.path / "state")
+    signing_key = property(lambda self: self.path / SIGNING_KEY)  # 0600
+    signing_pub = property(lambda self: self.path / SIGNING_PUB)
 
     def node_keys(self) -> dict[str, Path]:
         return {p.stem: p for p in sorted(self.nodes_dir.glob("*.pub"))}
 
-    @property
-    def signing_key(self) -> Path:
-        return self.path / SIGNING_KEY
-
-    @property
-    def signing_pub(self) -> Path:
-        return self.path / SIGNING_PUB
-
 
 @dataclass(frozen=True)
-class HospitalKit:
-    path: Path
+class HospitalKit(_Kit):
     name: str
     coordinator: str
     study_hash: str
 
-    @property
-    def study_file(self) -> Path:
-        return self.path / "study.toml"
-
-    @property
-    def ca_cert(self) -> Path:
-        return self.path / "ca.crt"
-
-    @property
-    def node_key(self) -> Path:
-        return self.path / "node.key"
-
-    @property
-    def site_file(self) -> Path:
-        return self.path / "site.toml"
-
-    @property
-    def coordinator_signing_pub(self) -> Path:
-        return self.path / COORDINATOR_SIGNING_PUB
+    node_key = property(lambda self: self.path / "node.key")  # 0600
+    site_file = property(lambda self: self.path / "site.toml")  # the hospital's own settings and [policy]
+    coordinator_signing_pub = property(lambda self: self.path / COORDINATOR_SIGNING_PUB)
 
 
 def check_name(name: str, what: str) -> str:
