@@ -27,6 +27,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
+	$(BIN)/python bench/startup.py
 	$(BIN)/python bench/dp_training.py
 	$(BIN)/python bench/round_time.py
 	$(BIN)/python bench/noise.py
