@@ -9,9 +9,9 @@ Training messages arrive only through `secaggplus_mod`, in phases (`fedcare.prot
   evaluate    step 1 only.
 Every phase returns one vector for SecAgg+ to mask (`fedcare.contribution`), with a constant in
 every plaintext field. A round it will not take part in raises `fedcare.protocol.Refusal` with its
-kind; `client.app` turns it into the structured error reply the coordinator reads. Features are scaled with the coordinator's federated scaling when the
+kind; the guard (`privacy.guard`) turns it into the structured error reply the coordinator reads. Features are scaled with the coordinator's federated scaling when the
 study asks for it (sent with each round), otherwise with the spec's.
-Where the site's files are: `client/site.py`.
+Where the site's files are: `fedcare/site.py`.
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ class SiteClient(NumPyClient):
                 raise Refusal(
                     RefusalKind.DATA,
                     f"site has {rows} {split} rows, more than secure_aggregation.max_weight ({self.format.max_weight:g})",
+                    shared=f"site has more {split} rows than secure_aggregation.max_weight ({self.format.max_weight:g})",
                 )
         zeros = [np.zeros_like(p) for p in parameters]
         if instructions.phase is Phase.STATISTICS:
@@ -133,11 +134,10 @@ class SiteClient(NumPyClient):
 def check_within_clipping_range(peak: float, clipping_range: float) -> None:
     """SecAgg+ clips values beyond ±clipping_range silently; refuse instead."""
     if not np.isfinite(peak) or peak > clipping_range:
-        raise Refusal(
-            RefusalKind.CLIPPING,
-            f"model delta (largest weighted value {peak:.3g}) exceeds secure_aggregation.clipping_range "
-            f"({clipping_range:g}); SecAgg+ would clip it silently. Raise clipping_range or lower the learning rate."
-        )
+        advice = (f"exceeds secure_aggregation.clipping_range ({clipping_range:g}); SecAgg+ would clip it silently. "
+                  "Raise clipping_range or lower the learning rate.")
+        raise Refusal(RefusalKind.CLIPPING, f"model delta (largest weighted value {peak:.3g}) {advice}",
+                      shared=f"model delta {advice}")
 
 
 def site_client(context: Context) -> Client:

@@ -13,7 +13,9 @@ The site's reply is one vector for SecAgg+ to mask, laid out by `VectorLayout` (
 arrays, then the weight, the evaluation block and the statistics block; the arithmetic is in
 `fedcare.contribution`). When a site declines, its reply is an error whose code is
 `REFUSAL_CODE` and whose reason is a `Refusal` as JSON (kind and message): the coordinator reads
-the kind from that field, never from the text.
+the kind from that field, never from the text. The message that leaves the site is the refusal's
+`shared` text, which never holds a per-site value (a size, a spent or projected ε, a model value);
+the full message stays in the site's log.
 """
 
 from __future__ import annotations
@@ -53,15 +55,20 @@ class RefusalKind(enum.Enum):
 
 
 class Refusal(FedcareError, RuntimeError):
-    """A site declines a request; `kind` says why in a machine-readable way, the message in words."""
+    """A site declines a request; `kind` says why in a machine-readable way, the message in words.
 
-    def __init__(self, kind: RefusalKind, message: str) -> None:
+    `shared` is what the coordinator may read: the message without any per-site value (default:
+    the message itself, for refusals that hold none).
+    """
+
+    def __init__(self, kind: RefusalKind, message: str, *, shared: str | None = None) -> None:
         super().__init__(message)
         self.kind = kind
+        self.shared = message if shared is None else shared
 
     def reason(self) -> str:
-        """The error reason of the reply that carries this refusal."""
-        return json.dumps({"refusal": self.kind.value, "message": str(self)})
+        """The error reason of the reply that carries this refusal (kind and the shared message only)."""
+        return json.dumps({"refusal": self.kind.value, "message": self.shared})
 
     @classmethod
     def from_reply(cls, code: int, reason: str) -> Refusal | None:

@@ -92,13 +92,16 @@ def charge_round(
         raise BudgetRefusal(
             RefusalKind.BUDGET,
             f"privacy budget: this round would bring the study to ε = {eps_study:.3f} > this site's "
-            f"max_epsilon_per_study = {policy.max_epsilon_per_study:g}; the site trains no more rounds of it"
+            f"max_epsilon_per_study = {policy.max_epsilon_per_study:g}; the site trains no more rounds of it",
+            shared="privacy budget: this round would exceed this site's max_epsilon_per_study; "
+                   "the site trains no more rounds of it",
         )
     if eps_lifetime > policy.max_epsilon_lifetime + TOLERANCE:
         raise BudgetRefusal(
             RefusalKind.BUDGET,
             f"privacy budget: this round would bring the site's lifetime ε to {eps_lifetime:.3f} > its "
-            f"max_epsilon_lifetime = {policy.max_epsilon_lifetime:g}; the site trains no more rounds"
+            f"max_epsilon_lifetime = {policy.max_epsilon_lifetime:g}; the site trains no more rounds",
+            shared="privacy budget: this round would exceed this site's max_epsilon_lifetime; the site trains no more rounds",
         )
     return ledger.append(
         event="round", study_hash=study_hash, run_id=run_id, round=server_round,

@@ -36,8 +36,8 @@ class GuardRefusal(Refusal):
     """This site refuses the request: it would expose its update outside SecAgg+ (kind GUARD), or the
     SecAgg+ round is weaker than its policy allows (kind POLICY)."""
 
-    def __init__(self, message: str, kind: RefusalKind = RefusalKind.GUARD) -> None:
-        super().__init__(kind, message)
+    def __init__(self, message: str, kind: RefusalKind = RefusalKind.GUARD, *, shared: str | None = None) -> None:
+        super().__init__(kind, message, shared=shared)
 
 
 def _carries_arrays(reply: Message) -> bool:
@@ -90,4 +90,5 @@ def _check_plaintext_fields(reply: Message, ctxt: Context) -> None:
     reported = counts.get("num_examples") if counts is not None else None
     expected = int(ctxt.state.config_records[RECORD_KEY_STATE]["max_weight"])
     if reported != expected:
-        raise GuardRefusal(f"reply would reveal a number of examples ({reported}) instead of the constant {expected}; refused")
+        raise GuardRefusal(f"reply would reveal a number of examples ({reported}) instead of the constant {expected}; refused",
+                           shared=f"reply would reveal a number of examples instead of the constant {expected}; refused")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 
 import pytest
 from dp_accounting import dp_event, pld, rdp
 
 from privacy.accounting import epsilon_of, plan_schedule
+from fedcare.protocol import RefusalKind
 from privacy.budget import BudgetRefusal, charge_round, lifetime_epsilon
 from privacy.ledger import PrivacyLedger
 from privacy.policy import PolicyError, SitePolicy, load_site_policy
@@ -45,8 +47,12 @@ def test_budget_refusals_spend_nothing(study, tmp_path):
     policy = SitePolicy(max_epsilon_per_study=(two + three) / 2, max_epsilon_lifetime=100.0)
     charge_round(ledger, policy, study.hash, schedule, 1, 1)
     charge_round(ledger, policy, study.hash, schedule, 1, 2)
-    with pytest.raises(BudgetRefusal, match=r"privacy budget: this round would bring the study to ε = .* > this site's max_epsilon_per_study"):
+    with pytest.raises(BudgetRefusal, match=r"privacy budget: this round would bring the study to ε = .* > this site's max_epsilon_per_study") as refused:
         charge_round(ledger, policy, study.hash, schedule, 1, 3)
+    # what reaches the coordinator: the kind and the policy field, never the site's spent or projected ε
+    assert refused.value.kind is RefusalKind.BUDGET
+    assert json.loads(refused.value.reason()) == {"refusal": "budget", "message": "privacy budget: this round would "
+                                                  "exceed this site's max_epsilon_per_study; the site trains no more rounds of it"}
     assert len(ledger.entries()) == 2
     # a second run of the same study composes with the first
     with pytest.raises(BudgetRefusal, match="max_epsilon_per_study"):

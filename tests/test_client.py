@@ -36,8 +36,9 @@ def test_never_returns_parameters_outside_secure_aggregation(client):
 
 def test_refuses_another_study(client):
     weights = get_weights(build_model(client.study))
-    with pytest.raises(Refusal, match="study hash mismatch"):
+    with pytest.raises(Refusal, match="study hash mismatch") as refused:
         client.fit(weights, {"study_hash": "0" * 64, "round": 1})
+    assert refused.value.kind is RefusalKind.STUDY
 
 
 def test_a_round_without_a_known_phase_is_refused_and_nothing_is_spent(client):
@@ -63,8 +64,9 @@ def test_fit_records_spend_then_returns_one_masked_vector_and_refuses_beyond_pla
     assert read.evaluation.test_rows == len(client.data.test.labels)
     [entry] = PrivacyLedger(client.paths.state_dir).entries()
     assert entry.round == 1 and 0 < entry.epsilon_study <= client.study.privacy.epsilon * 1.001
-    with pytest.raises(Refusal, match="planned 1 rounds are spent"):
+    with pytest.raises(Refusal, match="planned 1 rounds are spent") as refused:
         client.fit(weights, config)
+    assert refused.value.kind is RefusalKind.BUDGET  # the coordinator stops the study's training on it
     assert len(PrivacyLedger(client.paths.state_dir).entries()) == 1  # a refusal spends nothing
 
 
@@ -115,8 +117,10 @@ def test_clipping_check_matches_secaggplus_exactly(study):
     step = 2 * sa.clipping_range / sa.quantization_range
     assert np.abs(restored[0] - sent[0]).max() <= step
     too_big = float(np.abs(delta[0]).max()) * 1.01 / 0.999 * ratio
-    with pytest.raises(Refusal, match="exceeds secure_aggregation.clipping_range .* SecAgg\\+ would clip it silently"):
+    with pytest.raises(Refusal, match="exceeds secure_aggregation.clipping_range .* SecAgg\\+ would clip it silently") as refused:
         check_within_clipping_range(too_big, sa.clipping_range)
+    assert refused.value.kind is RefusalKind.CLIPPING
+    assert f"{too_big:.3g}" in str(refused.value) and f"{too_big:.3g}" not in refused.value.reason()  # stays at the site
     with pytest.raises(Refusal):
         check_within_clipping_range(float("nan"), sa.clipping_range)
 
@@ -127,6 +131,9 @@ def test_site_larger_than_max_weight_is_refused(study, cohorts_dir, tmp_path):
     path.write_text(small.to_toml())
     client = SiteClient(SitePaths(study=path, data=cohorts_dir / "hospital-01", state_dir=tmp_path, policy=None), run_id=1)
     weights = get_weights(build_model(load_study(path)))
-    with pytest.raises(Refusal, match="more than secure_aggregation.max_weight"):
+    with pytest.raises(Refusal, match="more than secure_aggregation.max_weight") as refused:
         client.fit(weights, _config(client))
+    assert refused.value.kind is RefusalKind.DATA
+    rows = str(len(client.data.train.labels))
+    assert rows in str(refused.value) and rows not in refused.value.reason()  # the site's size stays at the site
     assert PrivacyLedger(tmp_path).entries() == []

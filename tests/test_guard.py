@@ -26,6 +26,7 @@ def _refusal(message: Message, context: Context) -> Refusal | None:
     reply = app(message, context)
     if reply.has_error():
         assert reply.error.code == REFUSAL_CODE, reply.error.reason
+        assert not reply.has_content()  # a refusal carries its reason and nothing else
         return Refusal.from_reply(reply.error.code, reply.error.reason)
     assert not any(len(r) for r in reply.content.array_records.values()), "no arrays may come back"
     return None

@@ -80,7 +80,8 @@ def test_recorded_study_reveals_no_update_or_size_and_a_spent_site_stops(study, 
     out = _simulate(run_config, "tests.apps.recording:app")
 
     # The spent site refused round 2 with its reason, visible to the coordinator; the others went on.
-    assert "privacy budget: this round would bring the study to ε" in out and "max_epsilon_per_study" in out
+    assert "refused (budget): privacy budget: this round would exceed this site's max_epsilon_per_study" in out
+    assert "would bring the study to ε" not in out  # the site's ε stays at the site (its own log has it)
     assert "model after round 3/3" in out and "study stopped" not in out
     assert (tmp_path / "coordinator" / "checkpoints" / "round-003.npz").exists()
     spent = [len(rounds_of(PrivacyLedger(s / ".fedcare").entries(), study.hash)) for s in sites]
