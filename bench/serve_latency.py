@@ -214,10 +214,11 @@ async def open_loop(port: int, requests: list[bytes], seconds: float, rate: floa
 
 
 def model_call_us(package: Path, kit: Path, run_dir: Path, repeats: int = 20000) -> dict:
-    from export.commands import open_kit, verify_for_kit
+    from deploy.kits import load_kit
+from export.commands import verify_for_kit
     from inference.model import InputSpec, ModelSet
 
-    verified, _ = verify_for_kit(package, open_kit(kit))
+    verified, _ = verify_for_kit(package, load_kit(kit))
     inputs = InputSpec.from_manifest(verified.manifest)
     models = ModelSet.open(verified.path, verified.manifest, inputs, "CPUExecutionProvider").models
     torch_model = TorchModel(run_dir)
@@ -278,7 +279,7 @@ def main() -> int:
         return 0
 
     from deploy.flower import free_port
-    from export.commands import open_kit
+    from deploy.kits import load_kit
     from inference.commands import state_dir
     from inference.tokens import add_token
 
@@ -287,7 +288,7 @@ def main() -> int:
         root = Path(tmp)
         print("building the package ...", flush=True)
         package, kit, run = build_fixture(root)
-        token, _ = add_token(state_dir(open_kit(kit)), "bench", ["analyze"])
+        token, _ = add_token(state_dir(load_kit(kit)), "bench", ["analyze"])
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         ports = {"int8": free_port(), "torch": free_port()}
         logs = {name: open(root / f"{name}.log", "wb") for name in ports}

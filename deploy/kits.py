@@ -140,22 +140,26 @@ def coordinator_signing_key(kit: CoordinatorKit) -> Ed25519PrivateKey:
     return load_signing_key(kit.signing_key, kit.signing_pub)
 
 
-def package_verification_key(kit_path: str | Path) -> tuple[Ed25519PublicKey, Path]:
+def load_kit(path: str | Path) -> CoordinatorKit | HospitalKit:
+    """A hospital kit (the usual case) or the coordinator's kit, by the role its kit.toml names."""
+    path = Path(path).resolve()
+    raw = read_toml(path / "kit.toml", KitError, f"not found; is {path} a fedcare kit folder?")
+    kit = raw.get("kit")
+    if isinstance(kit, dict) and kit.get("role") == "coordinator":
+        return load_coordinator_kit(path)
+    return load_hospital_kit(path, need_keys=False)  # any other role: the kit's own one-line error
+
+
+def package_verification_key(kit: CoordinatorKit | HospitalKit) -> tuple[Ed25519PublicKey, Path]:
     """The key that verifies model packages, from a hospital kit (`coordinator-signing.pub`) or the
     coordinator kit (`signing.pub`); with the file it came from."""
-    path = Path(kit_path).resolve()
-    raw = read_toml(path / "kit.toml", KitError, f"not found; is {path} a fedcare kit folder?")
-    role = raw.get("kit", {}).get("role")
-    if role == "hospital":
-        kit = load_hospital_kit(path, need_keys=False)
+    if isinstance(kit, HospitalKit):
         source = kit.coordinator_signing_pub
         if not source.exists():
             raise KitError(f"{source}: missing from the hospital kit; ask the coordinator for its signing.pub "
                            f"and save it there")
-    elif role == "coordinator":
-        source = load_coordinator_kit(path).signing_pub
+    else:
+        source = kit.signing_pub
         if not source.exists():
             raise KitError(f"{source}: missing; the coordinator kit has no package signing key yet (`fedcare export` creates it)")
-    else:
-        raise KitError(f"{path / 'kit.toml'}: unknown kit role {role!r}")
     return load_signing_public_key(source), source

@@ -57,7 +57,8 @@ def check_site_data(settings: NodeSettings) -> str:
     study = load_study(settings.kit.study_file)
     check = check_site_export(study, settings.data)
     if check.fatal:
-        raise NodeStartError(f"site data does not fit the study '{study.name}':\n{check.text}")
+        print(check.text, file=sys.stderr, flush=True)  # the whole report (counts, reasons, lines), then the error
+        raise NodeStartError(f"site data does not fit the study '{study.name}' (report above)")
     return check.text
 
 

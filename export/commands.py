@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,28 +24,13 @@ if TYPE_CHECKING:
     from export.package import VerifiedPackage
 
 
-def open_kit(path: str | Path) -> CoordinatorKit | HospitalKit:
-    """A hospital kit (the usual case) or the coordinator's kit, by the role its kit.toml names."""
-    from deploy.kits import load_coordinator_kit, load_hospital_kit
-
-    path = Path(path).resolve()
-    try:
-        with open(path / "kit.toml", "rb") as handle:
-            role = tomllib.load(handle).get("kit", {}).get("role")
-    except (OSError, tomllib.TOMLDecodeError, AttributeError):
-        role = None
-    if role == "coordinator":
-        return load_coordinator_kit(path)
-    return load_hospital_kit(path, need_keys=False)  # raises the kit's own one-line errors
-
-
 def verify_for_kit(pkg_dir: Path, kit: CoordinatorKit | HospitalKit) -> tuple[VerifiedPackage, Path]:
     """(package, the key file it verified under): signature, files, and built for the kit's study."""
     from deploy.kits import package_verification_key
     from export.package import verify_package
     from fedcare.study import load_study
 
-    key, source = package_verification_key(kit.path)
+    key, source = package_verification_key(kit)
     return verify_package(pkg_dir, key, study=load_study(kit.study_file)), source
 
 
@@ -57,6 +41,7 @@ def _export(args: argparse.Namespace) -> int:
     from export.package import PackageError, overrides_text, read_overrides, verify_package
     from export.signing import ensure_signing_key, load_package_public_key, signing_fingerprint
     from fedcare.run_record import RunRecord
+    from fedcare.study import load_study
 
     kit = load_coordinator_kit(args.kit)
     site_key = None
@@ -68,7 +53,12 @@ def _export(args: argparse.Namespace) -> int:
         print(f"created the coordinator's package signing key: {kit.signing_key} (0600) and {kit.signing_pub}; "
               f"send signing.pub to every hospital, saved in its kit as coordinator-signing.pub")
     key = coordinator_signing_key(kit)
-    pkg = build_package(RunRecord(args.run), args.out, key)
+    record = RunRecord(args.run)
+    expected = load_study(kit.study_file).with_overrides(record.overrides())
+    if load_study(record.study_file).hash != expected.hash:
+        raise PackageError(f"{record.study_file}: the run is not of this kit's study (its file with the run's recorded "
+                           f"overrides gives {expected.hash[:12]}…); the coordinator signs only runs of its own study")
+    pkg = build_package(record, args.out, key)
     manifest = verify_package(pkg, key.public_key()).manifest
     models = manifest["models"]
     print(f"package: {pkg}")
@@ -93,14 +83,16 @@ def _decrypt(enc_file: Path, kit: CoordinatorKit | HospitalKit, out_dir: Path) -
 
     if not (kit.path / PACKAGE_KEY).exists():
         raise KeyMaterialError(f"{kit.path / PACKAGE_KEY}: not found; this kit has no package decryption key "
-                               f"(export.signing.ensure_package_key creates it; the coordinator encrypts for its package.pub)")
+                               f"(`fedcare node package-key --kit KIT` creates it; the coordinator encrypts for its package.pub)")
     return decrypt_package(enc_file, out_dir, load_package_key(kit.path))
 
 
 def _verify(args: argparse.Namespace) -> int:
     from export.package import PackageError, summary_lines
 
-    kit = open_kit(args.kit)
+    from deploy.kits import load_kit
+
+    kit = load_kit(args.kit)
     pkg = args.package
     if args.package.is_file():
         if args.out is None:

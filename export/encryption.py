@@ -94,10 +94,13 @@ def decrypt_package(enc_file: str | Path, out_dir: str | Path, site_private_key)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise PackageError(f"{out_dir}: exists and is not empty; refusing to overwrite")
     out_dir.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(fileobj=io.BytesIO(plain), mode="r") as tar:
-        for member in tar.getmembers():
-            if not member.isfile() or member.name != Path(member.name).name or member.name.startswith("."):
-                raise PackageError(f"{enc_file}: unexpected entry {member.name!r} in the encrypted package")
-            source = tar.extractfile(member)
-            (out_dir / member.name).write_bytes(source.read() if source else b"")
+    try:
+        with tarfile.open(fileobj=io.BytesIO(plain), mode="r") as tar:
+            for member in tar.getmembers():
+                if not member.isfile() or member.name != Path(member.name).name or member.name.startswith("."):
+                    raise PackageError(f"{enc_file}: unexpected entry {member.name!r} in the encrypted package")
+                source = tar.extractfile(member)
+                (out_dir / member.name).write_bytes(source.read() if source else b"")
+    except tarfile.TarError as err:
+        raise PackageError(f"{enc_file}: decrypted, but not a package archive ({err})") from None
     return out_dir

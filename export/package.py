@@ -35,7 +35,7 @@ from export.signing import signing_fingerprint
 from fedcare.errors import FedcareError, StudyConfigError
 from fedcare.study import MISSING_POLICIES, Overrides, Study
 
-FORMAT = "fedcare-model-package/1"
+FORMAT = "fedcare-model-package/2"  # /2: the study's overrides are recorded
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 SITE_DIR = "site"
@@ -186,7 +186,8 @@ def check_manifest(manifest: Any) -> dict:
     if not isinstance(manifest, dict):
         raise _malformed("not a JSON object")
     if manifest.get("format") != FORMAT:
-        raise _malformed(f"format is {manifest.get('format')!r}, this fedcare reads {FORMAT!r}")
+        raise _malformed(f"format is {manifest.get('format')!r}, this fedcare reads {FORMAT!r} "
+                         f"(built by another fedcare version: export the run again)")
     study = manifest.get("study")
     if not isinstance(study, dict) or not isinstance(study.get("name"), str) or not _HEX64.match(str(study.get("hash", ""))):
         raise _malformed("study needs a name and a 64-hex hash")

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cli import add_command
-from export.commands import open_kit, verify_for_kit
+from deploy.kits import load_kit
+from export.commands import verify_for_kit
 
 if TYPE_CHECKING:
     from deploy.kits import CoordinatorKit, HospitalKit
@@ -47,7 +48,7 @@ def load_service(pkg_dir: str | Path, kit_dir: str | Path, provider: str | None 
     """The service over `pkg_dir`, verified under the kit's package signing key and for the kit's study."""
     from inference.service import build_service
 
-    kit = open_kit(kit_dir)
+    kit = load_kit(kit_dir)
     state = state_dir(kit)
     package, _ = verify_for_kit(Path(pkg_dir), kit)
     return build_service(package, state, provider=provider)
@@ -157,7 +158,7 @@ def _best(module: str, fallback: str) -> str:
 
 
 def _kit_state_dir(kit: Path) -> Path:
-    return state_dir(open_kit(kit))
+    return state_dir(load_kit(kit))
 
 
 def _token_add(args: argparse.Namespace) -> int:

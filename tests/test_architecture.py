@@ -188,3 +188,23 @@ def _loaded_after(code: str) -> list[str]:
                                   ["verify", "--help"], ["export", "--help"]])
 def test_light_commands_load_no_training_stack(argv):
     assert _loaded_after(f"from cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass") == []
+
+
+def test_every_top_level_package_has_a_layer():
+    """A new top-level package must be placed in the layering before the checker above can see it."""
+    packages = {p.parent.name for p in ROOT.glob("*/__init__.py")}
+    assert packages - {"tests", "bench"} == set(LAYERS)
+
+
+def test_every_command_of_the_table_is_registered_by_its_module():
+    """`cli`'s table names, for each command, the module that registers it; the module must really add it."""
+    import argparse
+    import importlib
+
+    from cli import COMMANDS
+
+    for name, command in COMMANDS.items():
+        assert command.module == "cli.study" or command.module.endswith(".commands"), name  # the commands layer
+        commands = argparse.ArgumentParser().add_subparsers()
+        importlib.import_module(command.module).register(commands)
+        assert name in commands.choices, f"{command.module}.register does not add '{name}'"

@@ -96,7 +96,7 @@ def test_build_and_verify(world, package, study):
     assert sorted(p.name for p in package.iterdir()) == [
         "manifest.json", "manifest.sig", "model.a16w8.onnx", "model.int8.onnx", "model.onnx"]
     assert len((package / "manifest.sig").read_bytes()) == 64
-    assert m["format"] == "fedcare-model-package/1" and m["created"].endswith("Z")
+    assert m["format"] == "fedcare-model-package/2" and m["created"].endswith("Z")
     assert m["study"] == {"name": "depression-risk", "hash": report["study_hash"],
                           "overrides": {"rounds": 1, "epsilon": None}}
     assert m["study"]["hash"] == study.with_overrides(rounds=1).hash != study.hash
@@ -361,3 +361,14 @@ def test_a_package_encrypted_for_one_site_opens_only_there(world, package, tmp_p
         decrypt_package(tmp_path / "bad.enc", tmp_path / "bad", load_package_key(sites["hospital-01"].path))
     rc, _, err = _cli(capsys, "verify", tmp_path / "bad.enc", "--kit", sites["hospital-01"].path, "--out", tmp_path / "bad-cli")
     assert rc == 2 and "cannot decrypt" in err and err.count("\n") == 1
+
+
+def test_the_coordinator_signs_only_runs_of_its_own_study(world, tmp_path, capsys):
+    """A run folder whose study is not the kit's study (with the run's recorded overrides) is refused before anything is built."""
+    run = shutil.copytree(world["run"], tmp_path / "run", ignore=shutil.ignore_patterns("sites", "export"))
+    study_file = run / "study.toml"
+    study_file.write_text(study_file.read_text().replace('description = "', 'description = "edited: ', 1))
+    rc, out, err = _cli(capsys, "export", "--run", run, "--kit", world["kits"]["coordinator"], "--out", tmp_path / "pkg")
+    assert rc == 2 and out == ""
+    assert err.startswith(f"fedcare: error: {study_file}: the run is not of this kit's study") and err.count("\n") == 1
+    assert not (tmp_path / "pkg").exists()
