@@ -54,6 +54,7 @@ def _export(args: argparse.Namespace) -> int:
               f"send signing.pub to every hospital, saved in its kit as coordinator-signing.pub")
     key = coordinator_signing_key(kit)
     record = RunRecord(args.run)
+    record.report()  # a finished run (or a one-line error saying it is not one)
     expected = load_study(kit.study_file).with_overrides(record.overrides())
     if load_study(record.study_file).hash != expected.hash:
         raise PackageError(f"{record.study_file}: the run is not of this kit's study (its file with the run's recorded "
