@@ -12,6 +12,7 @@ import argparse
 import importlib
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,17 @@ COMMANDS: dict[str, Command] = {
 def add_command(commands: argparse._SubParsersAction, name: str, **kwargs) -> argparse.ArgumentParser:
     """Add top-level command `name` with its help from the table (called by each package's `register`)."""
     return commands.add_parser(name, help=COMMANDS[name].help, **kwargs)
+
+
+def print_study_result(folder: Path, report: dict) -> int:
+    """What `simulate` and `run` print at the end: the summary and where the report is; exit 4 if it stopped early."""
+    from fedcare.report import check_completed
+
+    print()
+    print((folder / "summary.txt").read_text(encoding="utf-8"), end="")
+    print(f"\nreport: {folder / 'report.json'}")
+    check_completed(report)
+    return 0
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cli import add_command
+from cli import add_command, print_study_result
 
 
 def _provision(args: argparse.Namespace) -> int:
@@ -74,11 +74,9 @@ def _run(args: argparse.Namespace) -> int:
     from deploy.launch import run_study
     from fedcare.study import Overrides
 
-    run_dir, _ = run_study(load_coordinator_kit(args.kit), Overrides(rounds=args.rounds, epsilon=args.epsilon))
-    print()
-    print((run_dir / "summary.txt").read_text(encoding="utf-8"), end="")
-    print(f"\nreport: {run_dir / 'report.json'}")
-    return 0
+    overrides = Overrides(rounds=args.rounds, epsilon=args.epsilon)  # a bad flag is refused before anything else
+    run_dir, report = run_study(load_coordinator_kit(args.kit), overrides)
+    return print_study_result(run_dir, report)
 
 
 def _status(args: argparse.Namespace) -> int:

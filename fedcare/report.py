@@ -9,10 +9,27 @@ privacy summary (`privacy.json`).
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from typing import Any
 
+from fedcare.errors import FedcareError
 from fedcare.run_record import RunRecord
 from fedcare.study import Study
+
+
+class StudyStoppedEarly(FedcareError):
+    """The run ended before its planned training rounds (the report says which ran, and why it stopped)."""
+
+    exit_code = 4
+
+
+def check_completed(report: dict) -> None:
+    """Raise `StudyStoppedEarly` if the report's run stopped early (its commands exit non-zero)."""
+    outcome = report.get("outcome") or {}
+    if not outcome.get("completed", False):
+        why = outcome.get("stopped") or "the run did not record its end"
+        raise StudyStoppedEarly(f"study stopped early: {why}; {outcome.get('rounds_aggregated', 0)} of "
+                                f"{outcome.get('rounds_planned', '?')} training rounds aggregated (report written)")
 
 
 def privacy_targets(study: Study) -> dict[str, Any]:
@@ -52,6 +69,7 @@ def build_report(
         "study": study.name,
         "study_hash": study.hash,
         "secure_aggregation": True,  # there is no other path: the strategy refuses anything but a SecAgg+ sum
+        "outcome": asdict(outcome) if (outcome := record.outcome()) is not None else None,
         "rounds": record.rounds(),
         "sites": sites,
     }
@@ -88,7 +106,13 @@ def summary_text(report: dict) -> str:
         "",
         "round  test AUC  loss",
     ]
-    lines += [f"{r['round']:>5}  {_fmt(r['auc'], '.4f'):>8}  {_fmt(r['loss'], '.4f')}" for r in report["rounds"]]
+    lines += [f"{r['round']:>5}  {_fmt(r['auc'], '.4f'):>8}  {_fmt(r['loss'], '.4f')}"
+              + ("" if r.get("aggregated", True) else f"   no aggregate: {r.get('note') or 'unknown'}")
+              for r in report["rounds"]]
+    outcome = report.get("outcome") or {}
+    if outcome:
+        state = "completed" if outcome["completed"] else f"STOPPED EARLY: {outcome['stopped']}"
+        lines += ["", f"study {state}; {outcome['rounds_aggregated']} of {outcome['rounds_planned']} training rounds aggregated"]
     lines += ["", f"{'site':<14} {'rows':>6} {'epsilon':>8} {'delta':>8} {'AUC':>6}"]
     lines += [
         f"{s['name']:<14} {_fmt(s.get('train_rows'), 'd'):>6} {_fmt(s['epsilon'], '.3f'):>8} {s['delta']:>8.0e} {_fmt(s['auc'], '.3f'):>6}"

@@ -4,12 +4,13 @@
 
     study.toml                 the study exactly as agreed for this run (the run's overrides applied);
                                its hash is the one every site checked before training
-    run.json                   the run's overrides of the study file (rounds, epsilon) and its start time
+    run.json                   the run's overrides of the study file (rounds, epsilon), its start time and, once
+                               it ended, its outcome: completed or stopped early (why), rounds aggregated
     scaling.json               the federated standardization (pooled per-feature counts, center, scale),
                                when the study asks for one: `RunRecord.study()` applies it
     checkpoints/round-NNN.npz  the global weights after each aggregated training round (with the study hash)
-    rounds.jsonl               one line per training round: UTC time, aggregated or not (by how many sites),
-                               the federated evaluation of the model after it, seconds
+    rounds.jsonl               one line per training round: UTC time, aggregated or not (by how many sites,
+                               or why not), the federated evaluation of the model after it, seconds
     privacy.json               the study's privacy targets (and, in simulation only, each site's spent ε)
     report.json, summary.txt   the study report (`fedcare.report`)
     export/                    the final model as fp32 and int8 ONNX
@@ -56,7 +57,19 @@ class RoundEntry:
     loss: float | None
     sites_evaluated: int
     seconds: float | None  # training round time, None if not aggregated
-    time: str = ""  # UTC, ISO 8601, when the round's evaluation arrived
+    time: str = ""  # UTC, ISO 8601, of the entry's last update
+    note: str = ""  # why the round has no aggregate (halted, skipped), "" otherwise
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a run ended: all planned training rounds ran, or training stopped early and why."""
+
+    completed: bool
+    rounds_planned: int
+    rounds_aggregated: int
+    stopped: str = ""  # why training stopped early ("" when completed)
+    finished: str = ""  # UTC, ISO 8601
 
 
 def utc_now() -> str:
@@ -158,10 +171,28 @@ class RunRecord:
 
     # -- the round log and the privacy summary -------------------------------------------
 
-    def append_round(self, entry: RoundEntry) -> None:
+    def write_rounds(self, entries: list[RoundEntry]) -> None:
+        """The round log as it stands (rewritten whole, atomically, in round order)."""
         self.path.mkdir(parents=True, exist_ok=True)
-        with (self.path / ROUNDS_FILE).open("a", encoding="utf-8") as out:
-            out.write(json.dumps(asdict(entry)) + "\n")
+        lines = "".join(json.dumps(asdict(e)) + "\n" for e in sorted(entries, key=lambda e: e.round))
+        atomic_write_bytes(self.path / ROUNDS_FILE, lines.encode("utf-8"))
+
+    def finish(self, outcome: Outcome) -> None:
+        """Record how the run ended (in run.json, beside its overrides)."""
+        path = self.path / RUN_FILE
+        run = json.loads(path.read_text(encoding="utf-8"))
+        atomic_write_bytes(path, _json_bytes({**run, "outcome": asdict(outcome)}))
+
+    def outcome(self) -> Outcome | None:
+        """How the run ended, or None while it runs (or if it was killed before it could say)."""
+        path = self.path / RUN_FILE
+        try:
+            recorded = json.loads(path.read_text(encoding="utf-8")).get("outcome")
+            return Outcome(**recorded) if recorded is not None else None
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError, AttributeError) as err:
+            raise RunRecordError(f"{path}: unreadable outcome ({err})") from None
 
     def rounds(self) -> list[dict]:
         path = self.path / ROUNDS_FILE

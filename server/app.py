@@ -50,11 +50,19 @@ def main(grid: Grid, context: Context) -> None:
     record = RunRecord(str(context.run_config["out-dir"]))
     record.start(study, overrides)
     print(f"study {study.name} ({study.hash[:12]}), {study.training.rounds} rounds, SecAgg+ on", flush=True)
-    strategy = build_strategy(study, RoundLog(record, study))
+    log = RoundLog(record, study)
+    strategy = build_strategy(study, log)
     legacy = LegacyContext(
         context=context,
         config=ServerConfig(num_rounds=strategy.total_rounds, round_timeout=study.secure_aggregation.timeout_seconds),
         strategy=strategy,
     )
     training = range(strategy.offset + 1, strategy.offset + study.training.rounds + 1)
-    DefaultWorkflow(fit_workflow=secure_aggregation_workflow(study, training))(grid, legacy)
+
+    def round_lost(server_round: int, why: str) -> None:
+        if server_round in training:
+            log.lost(server_round - strategy.offset, why)
+
+    workflow = secure_aggregation_workflow(study, training, on_round_lost=round_lost)
+    DefaultWorkflow(fit_workflow=workflow)(grid, legacy)
+    log.finish(workflow.stopped)

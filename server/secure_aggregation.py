@@ -21,6 +21,8 @@ drop out later are still reconstructed exactly as Flower does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from flwr.common import Context
 from flwr.server import Grid
 from flwr.server.compat.legacy_context import LegacyContext
@@ -54,18 +56,26 @@ class ReportingSecAggPlusWorkflow(SecAggPlusWorkflow):
     """SecAgg+ that reports each failed site reply and each halted round, and stops training
     once sites that have spent their privacy budget leave too few to aggregate."""
 
-    def __init__(self, *, training_rounds: range, **secaggplus: object) -> None:
+    def __init__(self, *, training_rounds: range, on_round_lost: Callable[[int, str], None] | None = None,
+                 **secaggplus: object) -> None:
         super().__init__(**secaggplus)
         self.training_rounds = training_rounds  # server rounds that train
+        self.on_round_lost = on_round_lost  # (server round, why) of a round without an aggregate
         self.stopped = ""
         self._budget_refusals = 0
+        self._current = 0
 
     def __call__(self, grid: Grid, context: LegacyContext) -> None:
-        current = int(context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
-        if self.stopped and current in self.training_rounds:
+        self._current = int(context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
+        if self.stopped and self._current in self.training_rounds:
+            self._lost(f"skipped: {self.stopped}")
             return
         self._budget_refusals = 0
         super().__call__(grid, context)
+
+    def _lost(self, why: str) -> None:
+        if self.on_round_lost is not None:
+            self.on_round_lost(self._current, why)
 
     def _stage(self, name: str, grid: Grid, context: Context, state) -> bool:
         before = len(state.failures)
@@ -81,6 +91,7 @@ class ReportingSecAggPlusWorkflow(SecAggPlusWorkflow):
                 print(f"  secure aggregation ({name}): a site failed: {reason}", flush=True)
         if not ok:
             print(f"  secure aggregation halted at stage '{name}': this round has no aggregate", flush=True)
+            self._lost(f"secure aggregation halted at stage '{name}'")
             if self._budget_refusals:
                 self.stopped = "sites have spent their privacy budget and too few remain to aggregate"
                 print(f"study stopped: {self.stopped}; remaining training rounds skipped, the model is evaluated",
@@ -103,11 +114,13 @@ class ReportingSecAggPlusWorkflow(SecAggPlusWorkflow):
         return self._stage("unmask", grid, context, state)
 
 
-def secure_aggregation_workflow(study: Study, training_rounds: range) -> ReportingSecAggPlusWorkflow:
+def secure_aggregation_workflow(study: Study, training_rounds: range, *,
+                                on_round_lost: Callable[[int, str], None] | None = None) -> ReportingSecAggPlusWorkflow:
     """SecAgg+ with the study's parameters (the timeout is always set)."""
     sa = study.secure_aggregation
     return ReportingSecAggPlusWorkflow(
         training_rounds=training_rounds,
+        on_round_lost=on_round_lost,
         num_shares=sa.num_shares,
         reconstruction_threshold=sa.reconstruction_threshold,
         max_weight=sa.max_weight,

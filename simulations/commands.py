@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cli import add_command
+from cli import add_command, print_study_result
 from fedcare import DEFAULT_STUDY
 
 
 def _simulate(args: argparse.Namespace) -> int:
     from simulations.simulate import SimulationOptions, simulate
 
-    simulate(
+    report = simulate(
         SimulationOptions(
             hospitals=args.hospitals,
             rounds=args.rounds,
@@ -25,11 +25,7 @@ def _simulate(args: argparse.Namespace) -> int:
             data_format=args.format,
         )
     )
-    out = Path(args.out).resolve()
-    print()
-    print((out / "summary.txt").read_text(encoding="utf-8"), end="")
-    print(f"\nreport: {out / 'report.json'}")
-    return 0
+    return print_study_result(Path(args.out).resolve(), report)
 
 
 def register(commands: argparse._SubParsersAction) -> None:

@@ -101,6 +101,7 @@ class DeltaFedAvg(FedAvg):
             accept_failures=True,
         )
         self.study_hash = study_hash
+        self.last_aggregated = 0  # the training round of the current global model (0: the initial one)
         self.offset = 1 if federated_standardization else 0
         self.scaling: bytes | None = None
         self.global_weights: NDArrays = [np.asarray(w, dtype=np.float32) for w in initial_weights]
@@ -168,13 +169,16 @@ class DeltaFedAvg(FedAvg):
                 self.on_standardized(read.standardization)
             return None, {}
         if self.on_evaluated:
-            self.on_evaluated(training_round - 1 if phase is Phase.TRAIN else training_round, read.evaluation)
+            # a training round evaluates the model it started from; the evaluation round the final model,
+            # which is the model after the last aggregated round (earlier than R when training stopped early)
+            self.on_evaluated(training_round - 1 if phase is Phase.TRAIN else self.last_aggregated, read.evaluation)
         if phase is not Phase.TRAIN or read.mean_delta is None:
             return None, {}
         self.global_weights = [
             (w + self.server_learning_rate * d.astype(np.float64)).astype(np.float32)
             for w, d in zip(self.global_weights, read.mean_delta)
         ]
+        self.last_aggregated = training_round
         if self.on_aggregated:
             self.on_aggregated(training_round, self.global_weights, len(results))
         return ndarrays_to_parameters(self.global_weights), {}

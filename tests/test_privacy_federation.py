@@ -3,6 +3,7 @@ an adversarial coordinator, a recorded 3-round study, and sites whose budget run
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -13,6 +14,8 @@ import pytest
 
 from client.data import load_site
 from fedcare import APP_DIR
+from fedcare.report import StudyStoppedEarly, check_completed
+from fedcare.run_record import RunRecord
 from privacy.accounting import epsilon_of, plan_schedule
 from privacy.ledger import PrivacyLedger, rounds_of
 from simulations.cohorts import write_cohorts
@@ -83,6 +86,9 @@ def test_recorded_study_reveals_no_update_or_size_and_a_spent_site_stops(study, 
     assert "refused (budget): privacy budget: this round would exceed this site's max_epsilon_per_study" in out
     assert "would bring the study to ε" not in out  # the site's ε stays at the site (its own log has it)
     assert "model after round 3/3" in out and "study stopped" not in out
+    outcome = RunRecord(tmp_path / "coordinator").outcome()
+    assert outcome.completed and outcome.rounds_aggregated == 3
+    check_completed({"outcome": dataclasses.asdict(outcome)})  # completed: no error
     assert (tmp_path / "coordinator" / "checkpoints" / "round-003.npz").exists()
     spent = [len(rounds_of(PrivacyLedger(s / ".fedcare").entries(), study.hash)) for s in sites]
     assert spent == [1, 3, 3]
@@ -114,7 +120,19 @@ def test_study_stops_cleanly_when_spent_sites_leave_too_few(study, tmp_path):
     out = _simulate(run_config, "server.app:app")
     assert "study stopped: sites have spent their privacy budget and too few remain to aggregate" in out
     assert "round 1/3 aggregated" in out and "round 2/3 aggregated" not in out and "round 3/3 aggregated" not in out
-    assert "model after round 3/3" in out  # the evaluation-only round still reports the (round-1) model
+    assert "model after round 1/3" in out  # the evaluation-only round reports the final model: the round-1 one
+    record = RunRecord(tmp_path / "coordinator")
+    rounds = record.rounds()
+    assert [(r["round"], r["aggregated"]) for r in rounds] == [(1, True), (2, False), (3, False)]
+    assert rounds[0]["sites_aggregated"] == 3 and rounds[0]["auc"] is not None  # the final model's evaluation
+    assert rounds[1]["note"] == "secure aggregation halted at stage 'collect_masked_vectors'"
+    assert rounds[2]["note"].startswith("skipped: sites have spent their privacy budget")
+    outcome = record.outcome()
+    assert not outcome.completed and outcome.rounds_aggregated == 1 and outcome.rounds_planned == 3
+    assert "study stopped early: sites have spent their privacy budget" in out
+    with pytest.raises(StudyStoppedEarly, match="1 of 3 training rounds aggregated") as stopped:
+        check_completed({"outcome": dataclasses.asdict(outcome)})
+    assert stopped.value.exit_code == 4  # `fedcare simulate` / `fedcare run` exit non-zero
     checkpoints = sorted(p.name for p in (tmp_path / "coordinator" / "checkpoints").iterdir())
     assert checkpoints == ["round-001.npz"]
     spent = [len(rounds_of(PrivacyLedger(s / ".fedcare").entries(), study.hash)) for s in sites]

@@ -71,9 +71,8 @@ def build_world(root: Path) -> World:
     scale = [f.scale * 1.2 for f in study.features]
     record.save_scaling(study, center=np.array(center), scale=np.array(scale),
                         counts=np.full(len(study.features), 1000))
-    for r in (1, 2, 3):
-        record.append_round(RoundEntry(round=r, aggregated=True, sites_aggregated=3, auc=0.7, loss=0.5,
-                                       sites_evaluated=3, seconds=1.0))
+    record.write_rounds([RoundEntry(round=r, aggregated=True, sites_aggregated=3, auc=0.7, loss=0.5,
+                                    sites_evaluated=3, seconds=1.0) for r in (1, 2, 3)])
     (record.path / "report.json").write_text(json.dumps({
         "study_hash": study.hash, "rounds": record.rounds(),
         "sites": [{"name": n, "epsilon": None} for n in ("north", "south", "east")]}))

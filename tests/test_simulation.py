@@ -27,7 +27,8 @@ def test_study_completes_with_secure_aggregation_and_dp(simulated):
     assert REPORT_KEYS <= report.keys()
     assert report["secure_aggregation"] is True
     assert [r["round"] for r in report["rounds"]] == [1, 2]
-    assert all(r["aggregated"] for r in report["rounds"])
+    assert all(r["aggregated"] and r["sites_aggregated"] == 3 for r in report["rounds"])
+    assert report["outcome"]["completed"] and report["outcome"]["rounds_aggregated"] == 2
     assert (out / "checkpoints" / "round-002.npz").exists()
     assert len(report["sites"]) == 3
     for site in report["sites"]:
@@ -85,7 +86,8 @@ def test_coordinator_log_holds_only_aggregates(simulated):
     out, _, report = simulated
     for line in (out / "rounds.jsonl").read_text().splitlines():
         entry = json.loads(line)
-        assert set(entry) == {"round", "aggregated", "sites_aggregated", "auc", "loss", "sites_evaluated", "seconds", "time"}
+        assert set(entry) == {"round", "aggregated", "sites_aggregated", "auc", "loss", "sites_evaluated", "seconds", "time",
+                              "note"}
 
 
 def test_a_delta_secaggplus_would_clip_is_refused_loudly(tmp_path):

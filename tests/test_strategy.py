@@ -106,10 +106,15 @@ def test_evaluation_only_round_changes_nothing_and_reports_the_final_model():
     vectors = [FORMAT.encode([np.zeros(s) for s in SHAPES], 0, h, loss) for _, _, h, loss in sites]
     seen, evaluated = [], []
     strategy = _strategy(seen=seen, evaluated=evaluated)
+    strategy.last_aggregated = 2  # both training rounds were aggregated
     aggregate = ndarrays_to_parameters(_secaggplus_mean(vectors, FORMAT.plaintext_weight))
     params, _ = strategy.aggregate_fit(3, [(None, _res(aggregate))] * 3, [])
     assert params is None and seen == []
     assert evaluated[0][0] == 2 and evaluated[0][1].test_rows == 1500
+    # training stopped after round 1: the final model evaluated is the round-1 model, and says so
+    strategy.last_aggregated = 1
+    strategy.aggregate_fit(3, [(None, _res(aggregate))] * 3, [])
+    assert evaluated[1][0] == 1
 
 
 def test_federated_standardization_from_secure_sums_equals_pooled_statistics(study, cohorts_dir):
