@@ -34,8 +34,7 @@ def export_global_model(record: RunRecord) -> dict:
 
 def coordinator_report(record: RunRecord, site_names: list[str], wall_seconds: float) -> dict:
     study = record.study()
-    rounds = record.rounds()
-    last = rounds[-1] if rounds else None
+    last = record.final_evaluation()
     return build_report(
         record,
         sites=[
@@ -43,7 +42,7 @@ def coordinator_report(record: RunRecord, site_names: list[str], wall_seconds: f
             for name in site_names
         ],
         sites_note="per-site ε and metrics stay at the sites (each site's accountant); the coordinator sees aggregates only",
-        final={"auc": last["auc"] if last else None, "loss": last["loss"] if last else None, "accuracy": None,
+        final={"auc": last.get("auc"), "loss": last.get("loss"), "accuracy": None,
                "source": "federated evaluation of the final global model (sum of the sites' score histograms)"},
         baseline={"auc": None, "note": NO_DATA},
         export=export_global_model(record),

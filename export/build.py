@@ -53,7 +53,7 @@ def package_manifest(record: RunRecord, study: Study, report: dict, exported: Ex
     """The manifest (unsigned) of the package of `record`'s run; `study` is `record.study()`."""
     overrides = record.overrides()
     rounds = record.rounds()
-    last = rounds[-1] if rounds else {}
+    last = record.final_evaluation()
     sites = [{"name": s.get("name"), "epsilon": s.get("epsilon")} for s in report.get("sites") or []]
     note = SITES_NOTE
     if any(s["epsilon"] is not None for s in sites):

@@ -16,7 +16,6 @@ import datetime
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NamedTuple
 
 from fedcare.fields import Fields

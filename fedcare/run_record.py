@@ -200,6 +200,12 @@ class RunRecord:
             return []
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
+    def final_evaluation(self) -> dict:
+        """The round-log entry that holds the final model's federated evaluation: the last one evaluated
+        (after an early stop, the last aggregated round's, not the skipped rounds'); {} if none."""
+        evaluated = [entry for entry in self.rounds() if entry.get("auc") is not None]
+        return evaluated[-1] if evaluated else {}
+
     def write_privacy(self, summary: dict) -> None:
         atomic_write_bytes(self.path / PRIVACY_FILE, _json_bytes(summary))
 

@@ -299,12 +299,12 @@ def _feature(r: Fields, i: int, raw: dict[str, Any]) -> Feature:
     ftype = r.choice(raw, f"{at}.type", FEATURE_TYPES)
     bounds = r.number_list(raw, f"{at}.range")
     if len(bounds) != 2 or not bounds[0] < bounds[1]:
-        raise r.fail(f"{at}.range", f"expected [low, high] with low < high")
+        raise r.fail(f"{at}.range", "expected [low, high] with low < high")
     low, high = bounds
     if ftype == "binary" and (low, high) != (0, 1):
-        raise r.fail(f"{at}.range", f"a binary feature has range [0, 1]")
+        raise r.fail(f"{at}.range", "a binary feature has range [0, 1]")
     if ftype == "count" and low < 0:
-        raise r.fail(f"{at}.range", f"a count cannot be negative")
+        raise r.fail(f"{at}.range", "a count cannot be negative")
     center = r.number(raw, f"{at}.center", default=(low + high) / 2)
     if not low <= center <= high:
         raise r.fail(f"{at}.center", f"{center} is outside range [{low}, {high}]")

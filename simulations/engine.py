@@ -12,7 +12,6 @@ import logging
 import os
 import tomllib
 from dataclasses import replace
-from pathlib import Path
 
 from deploy.flower import quiet_flower_environment
 from fedcare import APP_DIR

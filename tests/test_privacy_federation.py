@@ -125,6 +125,7 @@ def test_study_stops_cleanly_when_spent_sites_leave_too_few(study, tmp_path):
     rounds = record.rounds()
     assert [(r["round"], r["aggregated"]) for r in rounds] == [(1, True), (2, False), (3, False)]
     assert rounds[0]["sites_aggregated"] == 3 and rounds[0]["auc"] is not None  # the final model's evaluation
+    assert record.final_evaluation() == rounds[0]  # what the report and the package call the final model's score
     assert rounds[1]["note"] == "secure aggregation halted at stage 'collect_masked_vectors'"
     assert rounds[2]["note"].startswith("skipped: sites have spent their privacy budget")
     outcome = record.outcome()
