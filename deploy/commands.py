@@ -49,6 +49,7 @@ def _coordinator_add_node(args: argparse.Namespace) -> int:
 
     target = add_node(args.kit, args.name, args.public_key, args.hospital_kit_out)
     print(f"registered node '{args.name}' ({fingerprint(target.read_bytes())}) in {target}")
+    print(f"its TLS client certificate: {target.with_suffix('.crt')} (the hospital saves it as node.crt in its kit)")
     if args.hospital_kit_out:
         print(f"hospital kit files (no private key) for '{args.name}': {args.hospital_kit_out}")
     return 0
@@ -75,7 +76,7 @@ def _run(args: argparse.Namespace) -> int:
     from fedcare.study import Overrides
 
     overrides = Overrides(rounds=args.rounds, epsilon=args.epsilon)  # a bad flag is refused before anything else
-    run_dir, report = run_study(load_coordinator_kit(args.kit), overrides)
+    run_dir, report = run_study(load_coordinator_kit(args.kit), overrides, resume=args.resume)
     return print_study_result(run_dir, report)
 
 
@@ -129,6 +130,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--kit", type=Path, required=True, help="the coordinator kit folder")
     run.add_argument("--rounds", type=int, default=None, help="override the study's rounds (sites check the hash)")
     run.add_argument("--epsilon", type=float, default=None, help="override each site's ε target")
+    run.add_argument("--resume", action="store_true",
+                     help="take up the latest interrupted run after its last checkpoint (e.g. after a coordinator restart)")
     run.set_defaults(func=_run)
 
     status = add_command(commands, "status")

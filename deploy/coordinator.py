@@ -1,15 +1,19 @@
 """The coordinator's running federation: the Flower SuperLink process, its supervision, and Flower's own CLI.
 
-`start_superlink` launches `flower-superlink` for a coordinator kit — TLS with the kit's
-certificate, SuperNode authentication, a SQLite database in the kit, runtime dependency
-installation off, telemetry and update checks off — waits until it answers, and registers
-every node public key of the kit. `FlowerCLI` wraps `flwr` commands against it (register,
-run, log, ls, supernode ls), always with `--format json` where Flower offers it.
+`supervise` (`fedcare coordinator start`) runs two processes: `flower-superlink` on loopback
+(TLS with a per-start loopback certificate, SuperNode authentication, a SQLite database in the
+kit, runtime dependency installation off, telemetry and update checks off) and, on the port the
+hospitals reach, the network edge (`deploy/edge.py`: nginx, client certificates, Fleet API only).
+It registers every node public key of the kit, picks up keys added while it runs, records its
+actions in the audit log (`deploy/audit.py`) and stops both process groups on a signal.
+`FlowerCLI` wraps `flwr` commands against the loopback Control API (register, run, log, ls,
+supernode ls), always with `--format json` where Flower offers it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -18,9 +22,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from deploy.flower import flower_command, flower_env, warn_insecure
+from deploy.audit import audit
+from deploy.flower import flower_command, flower_env, free_port, warn_insecure
 from deploy.kits import CoordinatorKit
+from deploy.pki import loopback_certificate
 from fedcare.errors import FedcareError
+from fedcare.files import atomic_write_bytes, check_private_permissions, write_secret
 
 CONNECTION = "fedcare"
 READY_TIMEOUT = 60.0
@@ -34,12 +41,18 @@ def flwr_home(kit: CoordinatorKit) -> Path:
     return kit.state_dir / "flwr-home"
 
 
-def write_connection(kit: CoordinatorKit, port: int, insecure: bool) -> None:
-    """`$FLWR_HOME/config.toml` with one connection, `fedcare`, to this kit's SuperLink."""
+def loopback_files(kit: CoordinatorKit) -> tuple[Path, Path]:
+    """(certificate, key) the SuperLink serves on loopback, behind the edge; made anew at each start."""
+    return kit.state_dir / "loopback.crt", kit.state_dir / "loopback.key"
+
+
+def write_connection(kit: CoordinatorKit, port: int, insecure: bool, *, host: str = "127.0.0.1") -> None:
+    """`$FLWR_HOME/config.toml` with one connection, `fedcare`, to this kit's SuperLink (on loopback
+    behind the edge: the Control API is reachable from this machine only)."""
     home = flwr_home(kit)
     home.mkdir(parents=True, exist_ok=True)
-    lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]", f'address = "{kit.hosts[0]}:{port}"']
-    lines.append("insecure = true" if insecure else f'root-certificates = "{kit.ca_cert}"')
+    lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]", f'address = "{host}:{port}"']
+    lines.append("insecure = true" if insecure else f'root-certificates = "{loopback_files(kit)[0]}"')
     (home / "config.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -104,12 +117,9 @@ def superlink_command(kit: CoordinatorKit, bind: str, port: int, insecure: bool)
     ]
     if insecure:
         return cmd + ["--insecure"]
-    return cmd + [
-        "--ssl-ca-certfile", str(kit.ca_cert),
-        "--ssl-certfile", str(kit.server_cert),
-        "--ssl-keyfile", str(kit.server_key),
-        "--enable-supernode-auth",
-    ]
+    cert, key = loopback_files(kit)
+    return cmd + ["--ssl-ca-certfile", str(cert), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key),
+                  "--enable-supernode-auth"]
 
 
 def _wait_until_listening(proc: subprocess.Popen, port: int, log_path: Path, timeout: float) -> None:
@@ -126,21 +136,32 @@ def _wait_until_listening(proc: subprocess.Popen, port: int, log_path: Path, tim
     raise FederationError(f"flower-superlink did not listen on port {port} within {timeout:.0f} s (log: {log_path})")
 
 
+def _check_tls_files(kit: CoordinatorKit) -> None:
+    missing = [p for p in (kit.server_cert, kit.server_key) if not p.is_file()]
+    if missing:
+        raise FederationError(
+            f"refusing to start without TLS: {', '.join(str(p) for p in missing)} not found in the coordinator kit "
+            "(provision the kit with `fedcare provision`, or pass --insecure-dev for a local trial without patient data)"
+        )
+    check_private_permissions(kit.server_key)
+    if not kit.node_ca_cert.is_file():
+        raise FederationError(f"{kit.node_ca_cert}: missing; this kit predates node certificates. Re-issue each "
+                              "hospital's certificate with `fedcare coordinator add-node` (it creates the node CA)")
+
+
 def start_superlink(kit: CoordinatorKit, *, bind: str, port: int, insecure_dev: bool) -> subprocess.Popen:
-    """Start the SuperLink, wait until it listens, register the kit's node keys; return the process."""
-    if insecure_dev:
-        warn_insecure("coordinator started with --insecure-dev")
-    else:
-        missing = [p for p in (kit.server_cert, kit.server_key) if not p.is_file()]
-        if missing:
-            raise FederationError(
-                f"refusing to start without TLS: {', '.join(str(p) for p in missing)} not found in the coordinator kit "
-                "(provision the kit with `fedcare provision`, or pass --insecure-dev for a local trial without patient data)"
-            )
+    """Start the SuperLink on `bind:port`, wait until it listens, register the kit's node keys; return
+    the process. With TLS, `bind` is loopback and the network edge (`deploy/edge.py`) faces the hospitals."""
     kit.state_dir.mkdir(parents=True, exist_ok=True)
     if not (kit.state_dir / "superlink.db").exists():
         (kit.state_dir / "nodes.json").unlink(missing_ok=True)  # a new database knows no node yet
-    write_connection(kit, port, insecure_dev)
+    if not insecure_dev:
+        cert, key = loopback_files(kit)
+        cert_pem, key_pem = loopback_certificate()
+        key.unlink(missing_ok=True)
+        write_secret(key, key_pem)
+        atomic_write_bytes(cert, cert_pem)
+    write_connection(kit, port, insecure_dev, host="127.0.0.1" if bind in ("0.0.0.0", "::", "") else bind)
     log_path = kit.state_dir / "superlink.log"
     log = log_path.open("ab")
     proc = subprocess.Popen(
@@ -148,16 +169,35 @@ def start_superlink(kit: CoordinatorKit, *, bind: str, port: int, insecure_dev: 
         stdout=log,
         stderr=subprocess.STDOUT,
         env=flower_env(flwr_home(kit)),
-    )
+    )  # in this command's process group: stopping the group stops the SuperLink and its ServerApp too
     try:
         _wait_until_listening(proc, port, log_path, READY_TIMEOUT)
         if not insecure_dev:
             register_nodes(kit)
     except BaseException:
-        proc.terminate()
-        proc.wait(timeout=15)
+        stop_process_group(proc)
         raise
     return proc
+
+
+def stop_process_group(proc: subprocess.Popen, timeout: float = 4.0) -> None:
+    """Stop a Flower process and its children: SIGTERM to it (and, when this command leads its process
+    group, to the group, which holds the SuperExec and ServerApp it started), SIGKILL after `timeout`."""
+    if proc.poll() is not None:
+        return
+    try:
+        if os.getpgid(0) == os.getpid():
+            previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)  # this command is in the group too
+            os.killpg(0, signal.SIGTERM)
+            signal.signal(signal.SIGTERM, previous)
+        else:
+            proc.terminate()
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    except ProcessLookupError:
+        proc.wait()
 
 
 def register_nodes(kit: CoordinatorKit) -> dict[str, str]:
@@ -173,6 +213,7 @@ def register_nodes(kit: CoordinatorKit) -> dict[str, str]:
         cli = FlowerCLI(kit)
         for name, public_key in new.items():
             known[name] = cli.register(public_key) or "registered earlier"
+            audit(kit, "node registered", name=name, node_id=known[name])
         known_path.write_text(json.dumps(known, indent=2) + "\n", encoding="utf-8")
     return known
 
@@ -185,28 +226,72 @@ def node_names(kit: CoordinatorKit) -> dict[str, str]:
 
 
 def supervise(kit: CoordinatorKit, *, bind: str, port: int | None, insecure_dev: bool) -> int:
-    """`fedcare coordinator start`: run the SuperLink in the foreground until it stops or is signalled,
-    registering node keys added with `coordinator add-node` while it runs. Returns the exit code."""
+    """`fedcare coordinator start`: run the SuperLink and its network edge in the foreground until either
+    stops or the command is signalled; picks up node keys added with `coordinator add-node` while it
+    runs (registered with Flower and admitted by the edge). Returns the exit code."""
     port = port or kit.port
-    proc = start_superlink(kit, bind=bind, port=port, insecure_dev=insecure_dev)
-    names = [] if insecure_dev else sorted(kit.node_keys())
-    print(f"coordinator listening on {bind}:{port} (TLS {'OFF' if insecure_dev else 'on'}, "
-          f"node authentication {'OFF' if insecure_dev else 'on'}); pid {proc.pid}", flush=True)
-    print(f"registered hospitals: {', '.join(names) or 'none'}; log: {kit.state_dir / 'superlink.log'}", flush=True)
+    if insecure_dev:
+        warn_insecure("coordinator started with --insecure-dev: no network edge, Flower's Control API is open on the port")
+        return _supervise_insecure(kit, bind=bind, port=port)
+    _check_tls_files(kit)
+    from deploy.edge import EdgeSettings, reload_edge, start_edge, stop_edge
+
+    upstream = free_port()
+    link = start_superlink(kit, bind="127.0.0.1", port=upstream, insecure_dev=False)
+    settings = EdgeSettings(bind=bind, port=port, upstream_port=upstream, upstream_name="localhost",
+                            upstream_ca=loopback_files(kit)[0])
+    try:
+        edge = start_edge(kit, settings)
+    except BaseException:
+        stop_process_group(link)
+        raise
+    names = sorted(kit.node_certificates())
+    audit(kit, "coordinator started", listen=f"{bind}:{port}", nodes=names)
+    print(f"coordinator listening on {bind}:{port} (TLS with client certificates, node authentication on; only the "
+          f"Fleet API is exposed); Control API on 127.0.0.1:{upstream} for this machine's operator", flush=True)
+    print(f"accepted hospitals: {', '.join(names) or 'none'}; logs: {kit.state_dir}", flush=True)
+    stopping = []
 
     def stop(_signum: int, _frame: object) -> None:
-        proc.send_signal(signal.SIGTERM)
+        stopping.append(True)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    while proc.poll() is None:
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:  # still running: pick up keys added with `coordinator add-node`
-            if not insecure_dev:
+    try:
+        while not stopping and link.poll() is None and edge.poll() is None:
+            time.sleep(0.5)
+            if len(kit.node_certificates()) != len(names) or sorted(kit.node_certificates()) != names:
                 try:
                     register_nodes(kit)
+                    reload_edge(kit, settings, edge)
+                    added = sorted(set(kit.node_certificates()) - set(names))
+                    names = sorted(kit.node_certificates())
+                    for name in added:
+                        audit(kit, "node admitted", name=name)
+                    print(f"accepted hospitals: {', '.join(names)}", flush=True)
                 except FedcareError as err:
-                    print(f"fedcare: warning: could not register a new node key: {err.line}", file=sys.stderr, flush=True)
-    print(f"coordinator stopped (exit status {proc.returncode})", flush=True)
-    return 0 if proc.returncode in (0, -15) else 1
+                    print(f"fedcare: warning: could not admit a new node: {err.line}", file=sys.stderr, flush=True)
+                    names = sorted(kit.node_certificates())
+    finally:
+        stop_edge(edge)
+        stop_process_group(link)
+    failed = [what for what, proc in (("SuperLink", link), ("edge", edge)) if proc.returncode not in (0, -15, -3) and not stopping]
+    audit(kit, "coordinator stopped", reason="signal" if stopping else f"{', '.join(failed) or 'a process'} exited")
+    print(f"coordinator stopped{'' if stopping else ' (' + ', '.join(failed) + ' exited; see ' + str(kit.state_dir) + ')'}",
+          flush=True)
+    return 0 if stopping else 1
+
+
+def _supervise_insecure(kit: CoordinatorKit, *, bind: str, port: int) -> int:
+    proc = start_superlink(kit, bind=bind, port=port, insecure_dev=True)
+    print(f"coordinator listening on {bind}:{port} (TLS OFF, node authentication OFF); pid {proc.pid}", flush=True)
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
+    try:
+        while not stopping and proc.poll() is None:
+            time.sleep(0.5)
+    finally:
+        stop_process_group(proc)
+    print("coordinator stopped", flush=True)
+    return 0 if stopping else 1

@@ -3,8 +3,12 @@
     <out>/ca/                 ca.key (0600), ca.crt — the study CA; keep it offline
     <out>/coordinator/        kit.toml, study.toml, ca.crt, server.crt, server.key (0600),
                               nodes/<hospital>.pub (node keys the coordinator accepts),
-                              signing.key (0600), signing.pub (Ed25519: signs model packages)
+                              nodes/<hospital>.crt (their TLS client certificates),
+                              node-ca.key (0600), node-ca.crt (issues those certificates),
+                              signing.key (0600), signing.pub (Ed25519: signs model packages),
+                              state/ (SuperLink database, edge configuration, audit.jsonl, logs)
     <out>/<hospital>/         kit.toml, study.toml, ca.crt, node.key (0600), node.pub,
+                              node.crt (the node's TLS client certificate, from the coordinator),
                               site.toml (the hospital's own settings: where its data is),
                               coordinator-signing.pub (verifies the coordinator's model packages)
 
@@ -64,9 +68,16 @@ class CoordinatorKit(_Kit):
     state_dir = property(lambda self: self.path / "state")
     signing_key = property(lambda self: self.path / SIGNING_KEY)  # 0600
     signing_pub = property(lambda self: self.path / SIGNING_PUB)
+    node_ca_key = property(lambda self: self.path / "node-ca.key")  # 0600: issues the nodes' TLS client certificates
+    node_ca_cert = property(lambda self: self.path / "node-ca.crt")
+    audit_log = property(lambda self: self.state_dir / "audit.jsonl")
 
     def node_keys(self) -> dict[str, Path]:
         return {p.stem: p for p in sorted(self.nodes_dir.glob("*.pub"))}
+
+    def node_certificates(self) -> dict[str, Path]:
+        """hospital name -> its node's TLS client certificate, for the nodes whose key is accepted."""
+        return {name: self.nodes_dir / f"{name}.crt" for name in self.node_keys() if (self.nodes_dir / f"{name}.crt").is_file()}
 
 
 @dataclass(frozen=True)
@@ -76,6 +87,7 @@ class HospitalKit(_Kit):
     study_hash: str
 
     node_key = property(lambda self: self.path / "node.key")  # 0600
+    node_cert = property(lambda self: self.path / "node.crt")  # TLS client certificate from the coordinator's node CA
     site_file = property(lambda self: self.path / "site.toml")  # the hospital's own settings and [policy]
     coordinator_signing_pub = property(lambda self: self.path / COORDINATOR_SIGNING_PUB)
 

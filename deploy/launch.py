@@ -11,6 +11,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from deploy.audit import audit
 from deploy.coordinator import FederationError, FlowerCLI, node_names
 from deploy.kits import CoordinatorKit
 from deploy.report import coordinator_report
@@ -20,9 +21,30 @@ from fedcare.run_record import RunRecord
 from fedcare.study import Overrides, load_study
 
 
-def run_study(kit: CoordinatorKit, overrides: Overrides) -> tuple[Path, dict]:
-    """Launch the study on the online nodes, follow it, write the run folder's report."""
+def interrupted_run(kit: CoordinatorKit) -> Path:
+    """The latest run folder of this kit that did not record an outcome, or stopped early for a reason a
+    restart can cure (it was interrupted); what `fedcare run --resume` takes up."""
+    runs = sorted((kit.state_dir / "runs").glob("*/run.json"))
+    for run_file in reversed(runs):
+        record = RunRecord(run_file.parent)
+        if record.outcome() is None or not record.outcome().completed:
+            return run_file.parent
+        break
+    raise FederationError(f"no interrupted run to resume in {kit.state_dir / 'runs'}: the latest run completed "
+                          f"(start a new one with `fedcare run --kit {kit.path}`)")
+
+
+def run_study(kit: CoordinatorKit, overrides: Overrides, *, resume: bool = False) -> tuple[Path, dict]:
+    """Launch the study on the online nodes (or, with `resume`, take up the latest interrupted run after
+    its last checkpoint, with the overrides it ran with), follow it, write the run folder's report."""
     started = time.monotonic()
+    run_dir = interrupted_run(kit) if resume else None
+    if run_dir is not None:
+        recorded = RunRecord(run_dir).overrides()
+        if overrides != Overrides() and overrides != recorded:
+            raise FederationError(f"--resume: the run in {run_dir} ran with --rounds {recorded.rounds or 'as the study'} "
+                                  f"--epsilon {recorded.epsilon or 'as the study'}; a resumed run keeps them (drop the flags)")
+        overrides = recorded
     study = load_study(kit.study_file).with_overrides(overrides)
     cli = FlowerCLI(kit)
     online = [n for n in cli.nodes() if n.get("status") == "online"]
@@ -31,15 +53,21 @@ def run_study(kit: CoordinatorKit, overrides: Overrides) -> tuple[Path, dict]:
             f"{len(online)} hospital node(s) online; the study needs at least strategy.min_sites = "
             f"{study.strategy.min_sites}. Check `fedcare status --kit {kit.path}`."
         )
-    run_dir = kit.state_dir / "runs" / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    run_dir.mkdir(parents=True)
-    run_id = cli.start_run(APP_DIR, {"study": str(kit.study_file), "out-dir": str(run_dir), **overrides.run_config()})
+    if run_dir is None:
+        run_dir = kit.state_dir / "runs" / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        run_dir.mkdir(parents=True)
+    run_id = cli.start_run(APP_DIR, {"study": str(kit.study_file), "out-dir": str(run_dir), **overrides.run_config(),
+                                     "resume": int(resume)})
+    audit(kit, "run resumed" if resume else "run started", run_id=run_id, study_hash=study.hash,
+          overrides=overrides.run_config(), folder=str(run_dir))
     print(f"run {run_id}: study {study.name} ({study.hash[:12]}), {study.training.rounds} rounds, "
-          f"{len(online)} nodes online; output in {run_dir}", flush=True)
+          f"{len(online)} nodes online; output in {run_dir}{' (resumed)' if resume else ''}", flush=True)
     cli.stream_log(run_id, lambda line: print(line, flush=True) if line.strip() else None)
     outcome = _wait_finished(cli, run_id)
+    audit(kit, "run finished", run_id=run_id, status=outcome.get("status"))
     if outcome.get("status") != "finished:completed":
-        raise FederationError(f"run {run_id} ended as {outcome.get('status')}: {outcome.get('status-details', '')}")
+        raise FederationError(f"run {run_id} ended as {outcome.get('status')}: {outcome.get('status-details', '')}; "
+                              f"`fedcare run --kit {kit.path} --resume` takes it up after its last checkpoint")
     names = node_names(kit)
     sites = sorted(names.get(str(n.get("node-id")), f"node {n.get('node-id')}") for n in online)
     record = RunRecord(run_dir)

@@ -1,35 +1,45 @@
 """`fedcare node start`: check the site, then run this hospital's Flower SuperNode.
 
 Before anything connects: the site's data is validated against the study spec (a fatal
-problem stops here with the report), and a TLS handshake with the coordinator, verified
-against the study CA from the kit, tells apart "unreachable" from "not the study's
-coordinator". The SuperNode then runs with bounded retries; its output is watched so a
-rejected key or a failed TLS check becomes one plain sentence within seconds, not a
-silent retry loop.
+problem stops here with the report), the Apps the site runs are fixed (`deploy/approval.py`),
+and a TLS handshake with the coordinator, verified against the study CA from the kit and
+presenting the node's client certificate, tells apart "unreachable" from "not the study's
+coordinator". The SuperNode (`deploy/supernode.py`: Flower's, with the site's controls) then
+runs in its own process group and reconnects with back-off for as long as it is not stopped,
+saying so once a minute; its output is watched so a rejected key, a failed TLS check or a
+refused App becomes one plain sentence. A signal stops the whole group within seconds.
 """
 
 from __future__ import annotations
 
+import os
+import queue
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from client.check import check_site_export
+from deploy.approval import AppApproval, site_approval
 from deploy.flower import flower_command, flower_env, free_port, warn_insecure
 from deploy.kits import HospitalKit, read_site_settings
+from deploy.pki import node_tls_key
+from deploy.supernode import NodeProcessSettings
 from fedcare.errors import FedcareError
+from fedcare.files import write_secret
 from fedcare.study import load_study
 from privacy.ledger import LedgerTampered, PrivacyLedger
 from privacy.policy import load_site_policy
 
 CONNECT_TIMEOUT = 10.0
-MAX_RETRIES = 5
-MAX_WAIT_SECONDS = 30
+STOP_TIMEOUT = 4.0  # SIGTERM to the SuperNode's group, then SIGKILL: a node stops within 5 s
+RECONNECT_NOTICE_SECONDS = 60.0
+POLL_SECONDS = 0.5
 
 
 class NodeStartError(FedcareError, RuntimeError):
@@ -62,8 +72,10 @@ def check_site_data(settings: NodeSettings) -> str:
     return check.text
 
 
-def check_coordinator(kit: HospitalKit, insecure_dev: bool, timeout: float = CONNECT_TIMEOUT) -> None:
-    """TCP + TLS handshake with the coordinator, verified against the study CA."""
+def check_coordinator(kit: HospitalKit, insecure_dev: bool, timeout: float = CONNECT_TIMEOUT,
+                      client_key: Path | None = None) -> None:
+    """TCP + TLS handshake with the coordinator, verified against the study CA, presenting the
+    node's client certificate (`client_key`: its key as PEM)."""
     host, _, port_text = kit.coordinator.rpartition(":")
     try:
         port = int(port_text)
@@ -80,6 +92,8 @@ def check_coordinator(kit: HospitalKit, insecure_dev: bool, timeout: float = CON
         if insecure_dev:
             return
         context = ssl.create_default_context(cafile=str(kit.ca_cert))
+        if client_key is not None:
+            context.load_cert_chain(certfile=str(kit.node_cert), keyfile=str(client_key))
         try:
             with context.wrap_socket(sock, server_hostname=host) as tls:
                 tls.do_handshake()
@@ -92,7 +106,7 @@ def check_coordinator(kit: HospitalKit, insecure_dev: bool, timeout: float = CON
             raise NodeStartError(f"TLS handshake with the coordinator at {kit.coordinator} failed: {err}") from None
 
 
-def supernode_command(settings: NodeSettings, local_port: int) -> list[str]:
+def supernode_command(settings: NodeSettings, local_port: int, process_settings: Path) -> list[str]:
     kit = settings.kit
     node_config = " ".join(
         f'{key}="{value}"'
@@ -106,29 +120,84 @@ def supernode_command(settings: NodeSettings, local_port: int) -> list[str]:
     if kit.site_file.is_file():
         node_config += f' policy="{kit.site_file}"'
     cmd = [
-        flower_command("flower-supernode"),
+        sys.executable, "-m", "deploy.supernode", "--fedcare-settings", str(process_settings), "--",
         "--superlink", kit.coordinator,
         "--port", str(local_port),
-        "--max-retries", str(MAX_RETRIES),
-        "--max-wait-time", str(MAX_WAIT_SECONDS),
         "--node-config", node_config,
-    ]
+    ]  # no --max-retries / --max-wait-time: the node rides out a coordinator restart until it is stopped
     if settings.insecure_dev:
         return cmd + ["--insecure"]
     return cmd + ["--root-certificates", str(kit.ca_cert), "--auth-supernode-private-key", str(kit.node_key)]
 
 
-# What the SuperNode prints, and what we tell hospital IT.
+def prepare_process(settings: NodeSettings, approval: AppApproval) -> Path:
+    """Write what the SuperNode process needs (approved Apps, the client certificate and its key as PEM)."""
+    state = settings.state_dir
+    tls_key = state / "node-tls.key"
+    certificate = ""
+    if not settings.insecure_dev:
+        if not settings.kit.node_cert.is_file():
+            raise NodeStartError(f"{settings.kit.node_cert}: missing. The coordinator's edge admits only nodes with a TLS "
+                                 "client certificate: ask the coordinator for nodes/<name>.crt (`fedcare coordinator "
+                                 "add-node` issues it) and save it as node.crt in this kit")
+        tls_key.unlink(missing_ok=True)
+        write_secret(tls_key, node_tls_key(settings.kit.node_key.read_bytes()))
+        certificate = str(settings.kit.node_cert)
+    path = state / "supernode-settings.json"
+    path.unlink(missing_ok=True)
+    NodeProcessSettings(approved_apps=approval.hashes, client_certificate=certificate,
+                        client_key=str(tls_key) if certificate else "", poll_seconds=POLL_SECONDS).write(path)
+    return path
+
+
+# What the SuperNode prints, and what we tell hospital IT (True: the node cannot go on).
 DIAGNOSES = (
-    ("Failed to activate SuperNode", "the coordinator rejected this node: its public key is not registered there. "
+    ("Failed to activate SuperNode", True, "the coordinator rejected this node: its public key is not registered there. "
      "Ask the coordinator to run `fedcare coordinator add-node --name NAME --public-key node.pub`."),
-    ("CERTIFICATE_VERIFY_FAILED", "TLS verification failed: the coordinator's certificate is not signed by this kit's study CA."),
-    ("Giving up reconnection", "the coordinator stopped answering and the node gave up after bounded retries."),
-    ("Unable to parse the private key", "node.key is not an OpenSSH private key; recreate it with `fedcare node keygen`."),
+    ("CERTIFICATE_VERIFY_FAILED", True, "TLS verification failed: the coordinator's certificate is not signed by this kit's study CA."),
+    ("SSL/TLS handshake error", True, "the TLS handshake with the coordinator failed: is node.crt this node's current "
+     "certificate from the coordinator?"),
+    ("421 Misdirected", True, "the coordinator's edge refused this node's TLS client certificate: it is not the certificate of a "
+     "node the coordinator accepts. Ask the coordinator to run `fedcare coordinator add-node` and use the node.crt it issues."),
+    ("Unable to parse the private key", True, "node.key is not an OpenSSH private key; recreate it with `fedcare node keygen`."),
+    ("fedcare: refused run", False, None),
 )
 
 
-def run_node(settings: NodeSettings) -> int:
+class _Watcher:
+    """Turns the SuperNode's output into the few lines hospital IT needs."""
+
+    def __init__(self, name: str, coordinator: str) -> None:
+        self.name, self.coordinator = name, coordinator
+        self.fatal: str | None = None
+        self._lost_since: float | None = None
+        self._last_notice = 0.0
+
+    def line(self, line: str) -> None:
+        if "SuperNode ID" in line:
+            print(f"node '{self.name}' connected to {self.coordinator} ({line.strip().split()[-1]})", flush=True)
+        elif "Connection attempt failed" in line:
+            now = time.monotonic()
+            if self._lost_since is None:
+                self._lost_since = now
+            if now - self._last_notice >= RECONNECT_NOTICE_SECONDS or self._last_notice == 0.0:
+                self._last_notice = now
+                print(f"node '{self.name}': coordinator {self.coordinator} unreachable for {now - self._lost_since:.0f} s; "
+                      "retrying with back-off until it answers or this node is stopped", flush=True)
+        elif "Connection successful after" in line and self._lost_since is not None:
+            print(f"node '{self.name}': reconnected to {self.coordinator} after {time.monotonic() - self._lost_since:.0f} s",
+                  flush=True)
+            self._lost_since, self._last_notice = None, 0.0
+        for needle, fatal, message in DIAGNOSES:
+            if needle in line:
+                if fatal:
+                    self.fatal = message
+                    print(f"fedcare: error: {message}", file=sys.stderr, flush=True)
+                else:
+                    print(f"fedcare: warning: {line.strip()[line.find('fedcare:') + 9:]}", file=sys.stderr, flush=True)
+
+
+def run_node(settings: NodeSettings, process_settings: Path) -> int:
     """Start the SuperNode in the foreground; returns its exit status (0 after a clean stop)."""
     if settings.insecure_dev:
         warn_insecure(f"node '{settings.kit.name}' started with --insecure-dev")
@@ -136,38 +205,78 @@ def run_node(settings: NodeSettings) -> int:
     log_path = settings.state_dir / "supernode.log"
     home = settings.state_dir / "flwr-home"
     home.mkdir(exist_ok=True)
-    cmd = supernode_command(settings, free_port())
+    cmd = supernode_command(settings, free_port(), process_settings)
+    stopping: list[int] = []
     with log_path.open("a", encoding="utf-8") as log:
-        # Same process group as this command: a signal to the group (Ctrl-C, a service manager)
-        # reaches the SuperNode and its SuperExec / ClientApp children directly.
+        # In this command's process group: whoever stops the group (a terminal, a service manager, a
+        # test) stops the SuperNode and its SuperExec / ClientApp children with it.
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=flower_env(home))
 
-        def stop_group(signum: int = signal.SIGTERM, _frame: object = None) -> None:
-            if proc.poll() is None:
-                proc.send_signal(signum)
+        def stop(signum: int = signal.SIGTERM, _frame: object = None) -> None:
+            stopping.append(signum)  # the loop below ends within 0.5 s and stops the group
 
-        signal.signal(signal.SIGTERM, stop_group)
-        signal.signal(signal.SIGINT, stop_group)
-        diagnosis = None
-        assert proc.stdout is not None
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        watcher = _Watcher(settings.kit.name, settings.kit.coordinator)
+        lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=_forward_lines, args=(proc, lines), daemon=True).start()
         try:
-            for line in proc.stdout:
+            # Until a stop, a fatal diagnosis, or the SuperNode's exit (its children may keep the pipe open).
+            while watcher.fatal is None and not stopping:
+                try:
+                    line = lines.get(timeout=0.5)
+                except queue.Empty:
+                    if proc.poll() is not None:
+                        break
+                    continue
+                if line is None:
+                    break
                 log.write(line)
                 log.flush()
-                if "SuperNode ID" in line:
-                    print(f"node '{settings.kit.name}' connected to {settings.kit.coordinator} ({line.strip().split()[-1]})", flush=True)
-                diagnosis = next((message for needle, message in DIAGNOSES if needle in line), None)
-                if diagnosis is not None:
-                    print(f"fedcare: error: {diagnosis}", file=sys.stderr, flush=True)
-                    break
+                watcher.line(line)
         finally:
-            stop_group()
-            status = proc.wait()
-    if diagnosis is not None:
+            status = _stop_group(proc)
+    if stopping:
+        print(f"node '{settings.kit.name}' stopped", flush=True)
+        return 0
+    if watcher.fatal is not None:
         return 3
     if status != 0:
         print(f"fedcare: error: the SuperNode exited with status {status}; see {log_path}", file=sys.stderr, flush=True)
     return status
+
+
+def _forward_lines(proc: subprocess.Popen, lines: queue.Queue) -> None:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.put(line)
+    lines.put(None)
+
+
+def _signal_group(proc: subprocess.Popen, signum: int) -> None:
+    """Signal the SuperNode and, when this command leads its process group (a terminal job, a service,
+    a test), the whole group: the SuperNode's SuperExec and ClientApp children too (this command's own
+    handler only notes the stop)."""
+    try:
+        if os.getpgid(0) == os.getpid():
+            previous = signal.signal(signum, signal.SIG_IGN)  # this command is in the group too
+            os.killpg(0, signum)
+            signal.signal(signum, previous)
+        elif proc.poll() is None:
+            proc.send_signal(signum)
+    except ProcessLookupError:
+        pass
+
+
+def _stop_group(proc: subprocess.Popen) -> int:
+    """SIGTERM the SuperNode (and its children), SIGKILL it after STOP_TIMEOUT; the SuperNode's status."""
+    if proc.poll() is None:
+        _signal_group(proc, signal.SIGTERM)
+    try:
+        return proc.wait(timeout=STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
 
 
 def start_node(settings: NodeSettings) -> int:
@@ -184,6 +293,11 @@ def start_node(settings: NodeSettings) -> int:
         ) from None
     print(f"privacy ledger: {len(entries)} entries verified ({settings.state_dir / 'ledger.jsonl'})", flush=True)
     print(check_site_data(settings), flush=True)
-    check_coordinator(settings.kit, settings.insecure_dev)
+    approval = site_approval(settings.kit)
+    print(f"approved Apps: {approval.describe()}", flush=True)
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    process_settings = prepare_process(settings, approval)
+    check_coordinator(settings.kit, settings.insecure_dev,
+                      client_key=None if settings.insecure_dev else settings.state_dir / "node-tls.key")
     print(f"coordinator {settings.kit.coordinator} reachable ({time.monotonic() - started:.1f} s); starting the node", flush=True)
-    return run_node(settings)
+    return run_node(settings, process_settings)

@@ -3,7 +3,10 @@
 - a study CA (ECDSA P-384, self-signed) that signs the coordinator's TLS certificate;
 - the coordinator's TLS key and certificate, with SANs for every host name / IP it serves;
 - one ECDSA P-384 key pair per hospital in OpenSSH format, as Flower's SuperNode
-  authentication takes them (`--auth-supernode-private-key`, `flwr supernode register`).
+  authentication takes them (`--auth-supernode-private-key`, `flwr supernode register`);
+- the coordinator's node CA (its own self-signed CA, held in the coordinator kit) and, for each
+  hospital, a TLS client certificate it issues for that hospital's node public key: the
+  coordinator's network edge admits a connection only with one of them (`deploy/edge.py`).
 
 Private keys are written with mode 0600 (created that way, never widened) and are never
 printed or logged; `write_secret` refuses to overwrite an existing key.
@@ -44,9 +47,9 @@ class CertificateAuthority:
     cert: x509.Certificate
 
     @classmethod
-    def create(cls, study_name: str) -> CertificateAuthority:
+    def create(cls, study_name: str, *, purpose: str = "study CA") -> CertificateAuthority:
         key = ec.generate_private_key(CURVE)
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"fedcare study CA ({study_name})")])
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"fedcare {purpose} ({study_name})")])
         now = dt.datetime.now(dt.timezone.utc)
         cert = (
             x509.CertificateBuilder()
@@ -68,6 +71,38 @@ class CertificateAuthority:
     def save(self, key_path: Path, cert_path: Path) -> None:
         write_secret(key_path, _pem_private(self.key))
         write_public(cert_path, _pem_cert(self.cert))
+
+    @classmethod
+    def load(cls, key_path: Path, cert_path: Path) -> CertificateAuthority:
+        from fedcare.files import check_private_permissions
+
+        check_private_permissions(key_path)
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise KeyMaterialError(f"{key_path}: not an ECDSA CA key")
+        return cls(key, x509.load_pem_x509_certificate(cert_path.read_bytes()))
+
+    def issue_client(self, name: str, public_key_line: bytes) -> bytes:
+        """A TLS client certificate (PEM) for hospital `name`'s node public key (OpenSSH line)."""
+        public_key = serialization.load_ssh_public_key(public_key_line.strip())
+        if not isinstance(public_key, ec.EllipticCurvePublicKey):
+            raise KeyMaterialError(f"node '{name}': a client certificate needs an ECDSA public key")
+        now = dt.datetime.now(dt.timezone.utc)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(self.cert.subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=SERVER_DAYS))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
+            .sign(self.key, hashes.SHA384())
+        )
+        return _pem_cert(cert)
 
     def issue_server(self, hosts: list[str]) -> tuple[bytes, bytes]:
         """(certificate PEM, private key PEM) for a TLS server reachable at `hosts`."""
@@ -98,6 +133,43 @@ class CertificateAuthority:
             .sign(self.key, hashes.SHA384())
         )
         return _pem_cert(cert), _pem_private(key)
+
+
+def loopback_certificate() -> tuple[bytes, bytes]:
+    """(certificate PEM, key PEM): a self-signed certificate for 127.0.0.1 / localhost only, made at each
+    coordinator start for the SuperLink behind the edge (trusted by the edge and the operator's `flwr`)."""
+    key = ec.generate_private_key(CURVE)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedcare SuperLink (loopback)")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=SERVER_DAYS))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                       critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(True, False, False, False, False, True, False, False, False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(key, hashes.SHA384())
+    )
+    return _pem_cert(cert), _pem_private(key)
+
+
+def certificate_fingerprint(cert_pem: bytes) -> str:
+    """SHA-1 fingerprint (hex, lowercase) of a PEM certificate, as nginx's `$ssl_client_fingerprint` shows it."""
+    return x509.load_pem_x509_certificate(cert_pem).fingerprint(hashes.SHA1()).hex()  # noqa: S303 (an identifier, not a signature)
+
+
+def node_tls_key(openssh_private: bytes) -> bytes:
+    """The node's OpenSSH private key as PKCS#8 PEM, the form a TLS library loads."""
+    key = serialization.load_ssh_private_key(openssh_private, password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise KeyMaterialError("node.key: not an ECDSA key")
+    return _pem_private(key)
 
 
 def node_key_pair() -> tuple[bytes, bytes]:

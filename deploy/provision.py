@@ -13,6 +13,7 @@ from deploy.kits import (
     DEFAULT_PORT,
     SIGNING_KEY,
     SIGNING_PUB,
+    CoordinatorKit,
     KitError,
     check_name,
     load_coordinator_kit,
@@ -81,6 +82,8 @@ def provision(study_path: Path, hosts: list[str], hospitals: list[str], out: Pat
         encoding="utf-8",
     )
     (coord / "nodes").mkdir()
+    node_ca = CertificateAuthority.create(study.name, purpose="node CA")
+    node_ca.save(coord / "node-ca.key", coord / "node-ca.crt")
     signing_private, signing_public = signing_key_pair()
     write_secret(coord / SIGNING_KEY, signing_private)
     write_public(coord / SIGNING_PUB, signing_public)
@@ -91,6 +94,9 @@ def provision(study_path: Path, hosts: list[str], hospitals: list[str], out: Pat
         write_secret(kit / "node.key", private)
         write_public(kit / "node.pub", public)
         write_public(coord / "nodes" / f"{name}.pub", public)
+        node_cert = node_ca.issue_client(name, public)
+        write_public(coord / "nodes" / f"{name}.crt", node_cert)
+        write_public(kit / "node.crt", node_cert)
         shutil.copyfile(out / "ca" / "ca.crt", kit / "ca.crt")
         write_public(kit / COORDINATOR_SIGNING_PUB, signing_public)
         (kit / "study.toml").write_text(study_text, encoding="utf-8")
@@ -116,8 +122,18 @@ def node_keygen(out: Path) -> tuple[Path, Path]:
     return out / "node.key", out / "node.pub"
 
 
+def node_ca(kit: CoordinatorKit) -> CertificateAuthority:
+    """The coordinator's node CA; a kit provisioned before it existed gets one here."""
+    if not kit.node_ca_key.exists():
+        ca = CertificateAuthority.create(load_study(kit.study_file).name, purpose="node CA")
+        ca.save(kit.node_ca_key, kit.node_ca_cert)
+        return ca
+    return CertificateAuthority.load(kit.node_ca_key, kit.node_ca_cert)
+
+
 def add_node(kit_path: Path, name: str, public_key: Path, hospital_kit_out: Path | None = None) -> Path:
-    """At the coordinator: accept a hospital's node public key.
+    """At the coordinator: accept a hospital's node public key and issue its TLS client certificate
+    (`nodes/<name>.crt`, to send back to the hospital as its kit's `node.crt`).
 
     With `hospital_kit_out`, also write that hospital's kit files (everything but its private
     key, which stays at the hospital) for the coordinator to send back, including the
@@ -135,11 +151,14 @@ def add_node(kit_path: Path, name: str, public_key: Path, hospital_kit_out: Path
         raise KitError(f"--name: a node named '{name}' is already registered; remove {target} first")
     if hospital_kit_out is not None:
         ensure_signing_key(kit.signing_key, kit.signing_pub)  # before registering: a kit whose signing key cannot be used changes nothing
+    certificate = node_ca(kit).issue_client(name, line)
     write_public(target, line)
+    write_public(kit.nodes_dir / f"{name}.crt", certificate)
     if hospital_kit_out is not None:
         out = Path(hospital_kit_out)
         out.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(kit.ca_cert, out / "ca.crt")
+        write_public(out / "node.crt", certificate)
         write_public(out / COORDINATOR_SIGNING_PUB, kit.signing_pub.read_bytes())
         shutil.copyfile(kit.study_file, out / "study.toml")
         _write_hospital_kit_toml(out, name, f"{kit.hosts[0]}:{kit.port}", kit.study_hash)

@@ -45,6 +45,7 @@ def coordinator_report(record: RunRecord, site_names: list[str], wall_seconds: f
         final={"auc": last.get("auc"), "loss": last.get("loss"), "accuracy": None,
                "source": "federated evaluation of the final global model (sum of the sites' score histograms)"},
         baseline={"auc": None, "note": NO_DATA},
-        export=export_global_model(record),
+        export=export_global_model(record) if record.latest_checkpoint() is not None
+        else {"note": "no round was securely aggregated: there is no global model to export"},
         wall_seconds=wall_seconds,
     )

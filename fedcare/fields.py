@@ -108,6 +108,12 @@ class Fields:
             raise self.fail(field, f"must be >= {minimum}, got {value}")
         return value
 
+    def boolean(self, raw: dict[str, Any], field: str, default: Any = _MISSING) -> bool:
+        value = self._get(raw, field, default)
+        if not isinstance(value, bool):
+            raise self.fail(field, f"expected true or false, got {value!r}")
+        return value
+
     def number_list(self, raw: dict[str, Any], field: str) -> list[float]:
         value = self._get(raw, field)
         if not isinstance(value, list) or not all(

@@ -52,6 +52,7 @@ class RefusalKind(enum.Enum):
     LEDGER = "ledger"  # the site's privacy ledger failed verification: training is blocked
     PROTOCOL = "protocol"  # the message is not a round this protocol knows
     CLIPPING = "clipping"  # the update would exceed SecAgg+'s clipping range (it would be clipped silently)
+    APP = "app"  # the run's App (its code) is not one the site approved: none of it was run
 
 
 class Refusal(FedcareError, RuntimeError):

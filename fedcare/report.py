@@ -127,8 +127,13 @@ def summary_text(report: dict) -> str:
         + (f" on {final['test_rows']} test rows" if final.get("test_rows") else ""),
         f"centralized non-private baseline: AUC {_fmt(report['baseline_centralized']['auc'], '.4f')}"
         + (f"; ground-truth ceiling: AUC {report['ground_truth_auc']:.4f}" if "ground_truth_auc" in report else ""),
-        f"ONNX fp32: {export['onnx']} ({export['bytes_fp32']} bytes, AUC {_fmt(export['auc_fp32'], '.4f')})",
-        f"ONNX int8: {export['onnx_int8']} ({export['bytes_int8']} bytes, AUC {_fmt(export['auc_int8'], '.4f')})",
-        f"wall time: {report.get('wall_seconds', 0):.1f} s",
     ]
+    if "onnx" in export:
+        lines += [
+            f"ONNX fp32: {export['onnx']} ({export['bytes_fp32']} bytes, AUC {_fmt(export['auc_fp32'], '.4f')})",
+            f"ONNX int8: {export['onnx_int8']} ({export['bytes_int8']} bytes, AUC {_fmt(export['auc_int8'], '.4f')})",
+        ]
+    else:
+        lines.append(f"no model exported: {export.get('note', 'no round was securely aggregated')}")
+    lines.append(f"wall time: {report.get('wall_seconds', 0):.1f} s")
     return "\n".join(lines) + "\n"

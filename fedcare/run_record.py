@@ -4,8 +4,9 @@
 
     study.toml                 the study exactly as agreed for this run (the run's overrides applied);
                                its hash is the one every site checked before training
-    run.json                   the run's overrides of the study file (rounds, epsilon), its start time and, once
-                               it ended, its outcome: completed or stopped early (why), rounds aggregated
+    run.json                   the run's overrides of the study file (rounds, epsilon), its start time, the
+                               times it was resumed (`fedcare run --resume`) and, once it ended, its outcome:
+                               completed or stopped early (why), rounds aggregated
     scaling.json               the federated standardization (pooled per-feature counts, center, scale),
                                when the study asks for one: `RunRecord.study()` applies it
     checkpoints/round-NNN.npz  the global weights after each aggregated training round (with the study hash)
@@ -62,6 +63,16 @@ class RoundEntry:
 
 
 @dataclass(frozen=True)
+class ResumePoint:
+    """Where an interrupted run goes on: after its last aggregated training round."""
+
+    last_round: int  # the last aggregated training round (0: none; the run starts over from the initial model)
+    weights: list[np.ndarray] | None  # that round's checkpoint (None with last_round 0)
+    scaling: dict | None  # the federated scaling already computed, if any
+    entries: list[RoundEntry]  # the round log so far
+
+
+@dataclass(frozen=True)
 class Outcome:
     """How a run ended: all planned training rounds ran, or training stopped early and why."""
 
@@ -107,6 +118,25 @@ class RunRecord:
         run = {"study_hash": study.hash, "overrides": {"rounds": overrides.rounds, "epsilon": overrides.epsilon},
                "started": utc_now()}
         atomic_write_bytes(self.path / RUN_FILE, _json_bytes(run))
+
+    def resume(self, study: Study) -> ResumePoint:
+        """Take up this interrupted run again with `study` (which must be the study it ran): note the
+        resumption in run.json (its outcome, if any, is cleared) and return where it goes on."""
+        if not self.study_file.is_file():
+            raise RunRecordError(f"{self.study_file}: not found; is {self.path} a fedcare run folder?")
+        recorded = load_study(self.study_file)
+        if recorded.hash != study.hash:
+            raise RunRecordError(f"{self.study_file}: holds study {recorded.hash[:12]}…, not this run's {study.hash[:12]}…")
+        path = self.path / RUN_FILE
+        run = json.loads(path.read_text(encoding="utf-8"))
+        run.pop("outcome", None)
+        run["resumed"] = [*run.get("resumed", []), utc_now()]
+        atomic_write_bytes(path, _json_bytes(run))
+        checkpoint = self.latest_checkpoint()
+        last = int(checkpoint.stem.split("-")[1]) if checkpoint is not None else 0
+        entries = [RoundEntry(**entry) for entry in self.rounds()]
+        return ResumePoint(last_round=last, weights=load_checkpoint(checkpoint, study.hash) if checkpoint else None,
+                           scaling=self.scaling(), entries=entries)
 
     def overrides(self) -> Overrides:
         """The run's overrides of the study file (what a site applies to its own copy to get the run's hash)."""

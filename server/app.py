@@ -9,6 +9,7 @@ Run config (from `flwr run --run-config` or `fedcare simulate`):
     study            path of the study TOML on the coordinator
     out-dir          the run folder (`fedcare.run_record`): the study as run, checkpoints, round log
     rounds, epsilon  the run's overrides of the study file (`fedcare.study.Overrides`; 0 = the file's)
+    resume           1: take up the interrupted run in out-dir after its last checkpoint (`fedcare run --resume`)
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from flwr.common import Context
 from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
 from flwr.server.workflow import DefaultWorkflow
 
-from fedcare.contribution import ContributionFormat
+from fedcare.contribution import ContributionFormat, scaling_bytes
 from fedcare.model import build_model, get_weights
-from fedcare.run_record import RunRecord
+from fedcare.run_record import ResumePoint, RunRecord
 from fedcare.study import Overrides, Study, load_study
 from server.progress import RoundLog
 from server.secure_aggregation import secure_aggregation_workflow
@@ -28,9 +29,14 @@ from strategies.fedavg import DeltaFedAvg
 app = ServerApp()
 
 
-def build_strategy(study: Study, log: RoundLog) -> DeltaFedAvg:
+def build_strategy(study: Study, log: RoundLog, point: ResumePoint | None = None) -> DeltaFedAvg:
+    """The study's strategy; from `point`, it goes on after an interrupted run's last checkpoint."""
+    weights = point.weights if point is not None and point.weights is not None else get_weights(build_model(study))
+    scaling = point.scaling if point is not None else None
     return DeltaFedAvg(
-        initial_weights=get_weights(build_model(study)),
+        initial_weights=weights,
+        first_round=point.last_round + 1 if point is not None else 1,
+        scaling=scaling_bytes(scaling["center"], scaling["scale"]) if scaling else None,
         server_learning_rate=study.strategy.server_learning_rate,
         min_sites=study.strategy.min_sites,
         training_rounds=study.training.rounds,
@@ -48,20 +54,28 @@ def main(grid: Grid, context: Context) -> None:
     overrides = Overrides.from_run_config(context.run_config)
     study = load_study(str(context.run_config["study"])).with_overrides(overrides)
     record = RunRecord(str(context.run_config["out-dir"]))
-    record.start(study, overrides)
+    point = record.resume(study) if int(context.run_config.get("resume", 0) or 0) else None
+    if point is None:
+        record.start(study, overrides)
     print(f"study {study.name} ({study.hash[:12]}), {study.training.rounds} rounds, SecAgg+ on", flush=True)
-    log = RoundLog(record, study)
-    strategy = build_strategy(study, log)
+    log = RoundLog(record, study, point.entries if point is not None else [])
+    if point is not None and point.last_round >= study.training.rounds:
+        log.finish("")  # every round was aggregated before the interruption
+        return
+    strategy = build_strategy(study, log, point)
+    if point is not None:
+        print(f"resuming after round {point.last_round}/{study.training.rounds} (its checkpoint); "
+              f"{strategy.rounds_to_train} training round(s) to go", flush=True)
     legacy = LegacyContext(
         context=context,
         config=ServerConfig(num_rounds=strategy.total_rounds, round_timeout=study.secure_aggregation.timeout_seconds),
         strategy=strategy,
     )
-    training = range(strategy.offset + 1, strategy.offset + study.training.rounds + 1)
+    training = strategy.training_server_rounds
 
     def round_lost(server_round: int, why: str) -> None:
         if server_round in training:
-            log.lost(server_round - strategy.offset, why)
+            log.lost(strategy.phase(server_round)[1], why)
 
     workflow = secure_aggregation_workflow(study, training, on_round_lost=round_lost)
     DefaultWorkflow(fit_workflow=workflow)(grid, legacy)

@@ -22,12 +22,12 @@ from fedcare.study import Study
 class RoundLog:
     """Prints live progress and keeps one entry per training round in the run record."""
 
-    def __init__(self, record: RunRecord, study: Study) -> None:
+    def __init__(self, record: RunRecord, study: Study, entries: list[RoundEntry] = ()) -> None:
         self.record = record
         self.study = study
         self.total_rounds = study.training.rounds
         self.last = time.monotonic()
-        self.entries: dict[int, RoundEntry] = {}
+        self.entries: dict[int, RoundEntry] = {entry.round: entry for entry in entries}  # a resumed run's log so far
 
     def _update(self, training_round: int, **facts: object) -> None:
         entry = self.entries.get(training_round) or RoundEntry(

@@ -59,18 +59,20 @@ class ReportingSecAggPlusWorkflow(SecAggPlusWorkflow):
     def __init__(self, *, training_rounds: range, on_round_lost: Callable[[int, str], None] | None = None,
                  **secaggplus: object) -> None:
         super().__init__(**secaggplus)
-        self.training_rounds = training_rounds  # server rounds that train
+        self.training_rounds = training_rounds  # server rounds that train (any before them: the statistics round)
+        self._no_model = False  # the statistics round failed: no later round can run
         self.on_round_lost = on_round_lost  # (server round, why) of a round without an aggregate
         self.stopped = ""
         self._budget_refusals = 0
+        self._app_refusals = 0
         self._current = 0
 
     def __call__(self, grid: Grid, context: LegacyContext) -> None:
         self._current = int(context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
-        if self.stopped and self._current in self.training_rounds:
+        if self.stopped and (self._current in self.training_rounds or self._no_model):
             self._lost(f"skipped: {self.stopped}")
             return
-        self._budget_refusals = 0
+        self._budget_refusals = self._app_refusals = 0
         super().__call__(grid, context)
 
     def _lost(self, why: str) -> None:
@@ -88,14 +90,23 @@ class ReportingSecAggPlusWorkflow(SecAggPlusWorkflow):
                 seen.add(key)
                 kind, reason = _failure(failure)
                 self._budget_refusals += kind is RefusalKind.BUDGET
+                self._app_refusals += kind is RefusalKind.APP
                 print(f"  secure aggregation ({name}): a site failed: {reason}", flush=True)
         if not ok:
             print(f"  secure aggregation halted at stage '{name}': this round has no aggregate", flush=True)
             self._lost(f"secure aggregation halted at stage '{name}'")
-            if self._budget_refusals:
+            if self._current < self.training_rounds.start:
+                self._no_model = True
+                self.stopped = self.stopped or "the statistics round (federated standardization) has no aggregate"
+            if self._app_refusals:
+                self.stopped = ("sites refused this run's App: its code is not a release they approved, and too few "
+                                "remain to aggregate")
+            elif self._budget_refusals:
                 self.stopped = "sites have spent their privacy budget and too few remain to aggregate"
-                print(f"study stopped: {self.stopped}; remaining training rounds skipped, the model is evaluated",
-                      flush=True)
+            if self.stopped:
+                then = "every later round skipped" if self._no_model else \
+                    "remaining training rounds skipped, the model is evaluated"
+                print(f"study stopped: {self.stopped}; {then}", flush=True)
         return ok
 
     def setup_stage(self, grid: Grid, context: Context, state) -> bool:

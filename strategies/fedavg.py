@@ -75,6 +75,11 @@ class DeltaFedAvg(FedAvg):
         Called with the federated evaluation of the model after `model_round` (0 = initial).
     on_standardized : callable(standardization), optional
         Called with the pooled statistics and the scaling they give.
+    first_round : int
+        The training round this run starts at (1; more when it resumes an interrupted study from the
+        checkpoint of round `first_round - 1`, whose weights are then `initial_weights`).
+    scaling : bytes, optional
+        The federated scaling an interrupted run already computed: no statistics round is run again.
     """
 
     def __init__(
@@ -90,7 +95,11 @@ class DeltaFedAvg(FedAvg):
         on_aggregated: RoundCallback | None = None,
         on_evaluated: EvaluationCallback | None = None,
         on_standardized: StandardizationCallback | None = None,
+        first_round: int = 1,
+        scaling: bytes | None = None,
     ) -> None:
+        if not 1 <= first_round <= training_rounds:
+            raise ValueError(f"first_round must be in 1..{training_rounds}, got {first_round}")
         super().__init__(
             fraction_fit=1.0,
             fraction_evaluate=0.0,
@@ -101,9 +110,10 @@ class DeltaFedAvg(FedAvg):
             accept_failures=True,
         )
         self.study_hash = study_hash
-        self.last_aggregated = 0  # the training round of the current global model (0: the initial one)
-        self.offset = 1 if federated_standardization else 0
-        self.scaling: bytes | None = None
+        self.first_round = first_round
+        self.last_aggregated = first_round - 1  # the training round of the current global model (0: the initial one)
+        self.offset = 1 if federated_standardization and scaling is None else 0
+        self.scaling: bytes | None = scaling
         self.global_weights: NDArrays = [np.asarray(w, dtype=np.float32) for w in initial_weights]
         self.server_learning_rate = server_learning_rate
         self.training_rounds = training_rounds
@@ -113,15 +123,25 @@ class DeltaFedAvg(FedAvg):
         self.on_standardized = on_standardized
 
     @property
+    def rounds_to_train(self) -> int:
+        """Training rounds in this run (all of them, or those left when it resumes)."""
+        return self.training_rounds - self.first_round + 1
+
+    @property
     def total_rounds(self) -> int:
-        return self.offset + self.training_rounds + 1
+        return self.offset + self.rounds_to_train + 1
+
+    @property
+    def training_server_rounds(self) -> range:
+        """The server rounds that train."""
+        return range(self.offset + 1, self.offset + self.rounds_to_train + 1)
 
     def phase(self, server_round: int) -> tuple[Phase, int]:
         """(phase, training round) of a server round."""
         if server_round <= self.offset:
             return Phase.STATISTICS, 0
-        if server_round <= self.offset + self.training_rounds:
-            return Phase.TRAIN, server_round - self.offset
+        if server_round <= self.offset + self.rounds_to_train:
+            return Phase.TRAIN, server_round - self.offset + self.first_round - 1
         return Phase.EVALUATE, self.training_rounds
 
     def round_config(self, server_round: int) -> dict[str, Scalar]:

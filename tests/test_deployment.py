@@ -5,20 +5,29 @@ are not registered or do not trust the study CA; a coordinator without certifica
 from __future__ import annotations
 
 import dataclasses
+import http.client
 import json
+import os
 import shutil
 import signal
+import ssl
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
+from deploy.coordinator import FlowerCLI, flwr_home
+from deploy.flower import flower_command, flower_env
+from deploy.kits import load_coordinator_kit
+from deploy.pki import CertificateAuthority, node_tls_key
 from deploy.provision import node_keygen
 from deploy.flower import free_port
 from fedcare.study import load_study
 from privacy.ledger import PrivacyLedger
 from simulations.cohorts import write_cohorts
 
-from .conftest import DEFAULT_STUDY
+from .conftest import DEFAULT_STUDY, ROOT
 from .federation import Processes, fedcare
 
 HOSPITALS = ["a", "b", "c", "d"]
@@ -41,7 +50,7 @@ def federation(tmp_path_factory):
     try:
         coordinator = procs.start("coordinator", "coordinator", "start", "--kit", str(work / "kits" / "coordinator"),
                                   "--bind", "127.0.0.1")
-        assert coordinator.wait_for("registered hospitals: a, b, c, d", 120), coordinator.text()
+        assert coordinator.wait_for("accepted hospitals: a, b, c, d", 120), coordinator.text()
         nodes = {}
         for i, name in enumerate(HOSPITALS, start=1):
             nodes[name] = procs.start(f"node-{name}", "node", "start", "--kit", str(work / "kits" / name),
@@ -72,10 +81,14 @@ def test_node_with_unregistered_key_is_refused_and_says_so(federation, tmp_path)
     for name in ("kit.toml", "ca.crt", "study.toml", "site.toml"):
         shutil.copyfile(work / "kits" / "a" / name, intruder / name)
     node_keygen(intruder)
+    # Even with a client certificate from the coordinator's node CA, a node the coordinator did not
+    # accept is refused by the edge.
+    node_ca = CertificateAuthority.load(work / "kits" / "coordinator" / "node-ca.key", work / "kits" / "coordinator" / "node-ca.crt")
+    (intruder / "node.crt").write_bytes(node_ca.issue_client("intruder", (intruder / "node.pub").read_bytes()))
     started = time.monotonic()
     proc = fedcare("node", "start", "--kit", str(intruder), "--data", str(work / "sites" / "hospital-01"), timeout=120)
     assert proc.returncode == 3, proc.stdout + proc.stderr
-    assert "the coordinator rejected this node: its public key is not registered there" in proc.stderr
+    assert "the coordinator's edge refused this node's TLS client certificate" in proc.stderr
     assert time.monotonic() - started < 60
 
 
@@ -100,6 +113,89 @@ def test_coordinator_without_certificates_refuses_to_start(federation, tmp_path)
     assert proc.returncode == 2
     assert "refusing to start without TLS" in proc.stderr and "--insecure-dev" in proc.stderr
     assert not (kit / "state" / "superlink.db").exists()
+
+
+def _attacker_flwr(home: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    return subprocess.run([flower_command("flwr"), *args], capture_output=True, text=True, timeout=120, env=env)
+
+
+def _changed_app(target: Path) -> Path:
+    """A copy of the App with one changed line in the ClientApp."""
+    shutil.copytree(ROOT, target, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "tests", "bench", "docs", "*.egg-info",
+                                                                 "__pycache__", "out"))
+    app_file = target / "client" / "app.py"
+    app_file.write_text(app_file.read_text() + "\nCHANGED = True  # not the release the sites installed\n")
+    return target
+
+
+def test_the_study_ca_certificate_alone_drives_nothing(federation, tmp_path):
+    """Flower's Control API sits behind the edge: with the public CA certificate in a `flwr`
+    configuration of one's own, listing runs or nodes, registering a key, running an App and
+    stopping a run all fail, and nothing changes at the coordinator."""
+    work, port = federation["work"], federation["port"]
+    home = tmp_path / "attacker-flwr"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "attacker"\n\n[superlink.attacker]\naddress = "127.0.0.1:{port}"\n'
+        f'root-certificates = "{work / "kits" / "a" / "ca.crt"}"\n')
+    node_keygen(tmp_path / "key")
+    attempts = {
+        "list runs": ["ls", "attacker", "--format", "json"],
+        "list nodes": ["supernode", "ls", "attacker", "--format", "json"],
+        "register a key": ["supernode", "register", str(tmp_path / "key" / "node.pub"), "attacker", "--format", "json"],
+        "run a changed App": ["run", str(_changed_app(tmp_path / "app")), "attacker", "--format", "json"],
+        "stop a run": ["stop", "1", "attacker", "--format", "json"],
+    }
+    for what, args in attempts.items():
+        proc = _attacker_flwr(home, *args)
+        assert proc.returncode != 0 or '"success": false' in proc.stdout, f"{what}: {proc.stdout} {proc.stderr}"
+    # the coordinator's operator sees only its own four nodes and no run
+    operator = FlowerCLI(load_coordinator_kit(work / "kits" / "coordinator"))
+    assert len(operator.nodes()) == len(HOSPITALS)
+    assert operator.runs() == []
+    # and nginx answered every one of them itself (no client certificate: 400 before any request is read)
+    access = (work / "kits" / "coordinator" / "state" / "edge" / "access.log").read_text()
+    assert 'node="" ' in access and "/v1/control/" in access
+
+
+def test_a_hospital_certificate_reaches_only_the_fleet_api(federation, tmp_path):
+    """Even a hospital's own client certificate gets only the node-facing calls: the Control API
+    and Flower's node self-registration answer 403 at the edge."""
+    work, port = federation["work"], federation["port"]
+    kit = work / "kits" / "a"
+    (tmp_path / "tls.key").write_bytes(node_tls_key((kit / "node.key").read_bytes()))
+    context = ssl.create_default_context(cafile=str(kit / "ca.crt"))
+    context.load_cert_chain(str(kit / "node.crt"), str(tmp_path / "tls.key"))
+    for path in ("/v1/control/list-runs", "/v1/control/register-node", "/v1/control/start-run",
+                 "/v1/fleet/register-node", "/v1/serverappio/pull-messages", "/health"):
+        connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
+        connection.request("POST", path, body=b"", headers={"content-type": "application/protobuf"})
+        assert connection.getresponse().status == 403, path
+        connection.close()
+
+
+def test_a_changed_app_pushed_by_the_coordinator_is_refused_by_every_site(federation, tmp_path):
+    """The real coordinator runs a copy of the App with one changed line: every site refuses it
+    before any of its code runs, trains and charges nothing, and says why on both sides."""
+    work, nodes = federation["work"], federation["nodes"]
+    kit = load_coordinator_kit(work / "kits" / "coordinator")
+    cli = FlowerCLI(kit)
+    run_id = cli.start_run(_changed_app(tmp_path / "app"), {"study": str(kit.study_file), "out-dir": str(tmp_path / "run"),
+                                                            "rounds": 0, "epsilon": 0.0})
+    for name, node in nodes.items():
+        assert node.wait_for(f"refused run {run_id}", 120), node.text()[-2000:]
+    deadline = time.monotonic() + 240
+    while not str(cli.runs(run_id)[0].get("status", "")).startswith("finished") and time.monotonic() < deadline:
+        time.sleep(2)
+    log = subprocess.run([flower_command("flwr"), "log", str(run_id), "fedcare", "--show"], capture_output=True, text=True,
+                         timeout=60, env=flower_env(flwr_home(kit))).stdout
+    assert "refused (app): this site runs only Apps it approved" in log, log[-3000:]
+    assert "study stopped: sites refused this run's App" in log, log[-3000:]
+    for name in HOSPITALS:
+        state = work / "kits" / name / "state"
+        assert not (state / "ledger.jsonl").exists(), f"site {name} charged a round of a refused App"
+        assert "CHANGED" not in (state / "supernode.log").read_text()
 
 
 def test_study_completes_with_tls_auth_secagg_dp_despite_a_killed_node(federation):

@@ -5,8 +5,10 @@ import stat
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from deploy.kits import KitError, load_coordinator_kit, load_hospital_kit
 from deploy.provision import add_node, node_keygen, provision
@@ -28,13 +30,31 @@ def test_private_keys_are_0600_and_only_in_their_own_kit(kits):
     for party in ("a", "b", "c"):
         kit = kits[party]
         assert sorted(p.name for p in kit.iterdir()) == [
-            "ca.crt", "coordinator-signing.pub", "kit.toml", "node.key", "node.pub", "site.toml", "study.toml"]
+            "ca.crt", "coordinator-signing.pub", "kit.toml", "node.crt", "node.key", "node.pub", "site.toml", "study.toml"]
         assert _mode(kit / "node.key") == 0o600
     coordinator = kits["coordinator"]
     assert _mode(coordinator / "server.key") == 0o600 and _mode(coordinator / "signing.key") == 0o600
+    assert _mode(coordinator / "node-ca.key") == 0o600
     assert _mode(kits["ca"] / "ca.key") == 0o600
-    assert not list(coordinator.rglob("*.key")) == [] and sorted(p.name for p in coordinator.rglob("*.key")) == ["server.key", "signing.key"]
-    assert sorted(p.name for p in (coordinator / "nodes").iterdir()) == ["a.pub", "b.pub", "c.pub"]
+    assert not list(coordinator.rglob("*.key")) == [] and sorted(p.name for p in coordinator.rglob("*.key")) == [
+        "node-ca.key", "server.key", "signing.key"]
+    assert sorted(p.name for p in (coordinator / "nodes").iterdir()) == ["a.crt", "a.pub", "b.crt", "b.pub", "c.crt", "c.pub"]
+
+
+def test_each_node_certificate_is_a_client_certificate_for_its_own_key_from_the_node_ca(kits):
+    coordinator = kits["coordinator"]
+    node_ca = x509.load_pem_x509_certificate((coordinator / "node-ca.crt").read_bytes())
+    study_ca = x509.load_pem_x509_certificate((kits["ca"] / "ca.crt").read_bytes())
+    for party in ("a", "b", "c"):
+        cert = x509.load_pem_x509_certificate((kits[party] / "node.crt").read_bytes())
+        assert cert.issuer == node_ca.subject != study_ca.subject
+        cert.verify_directly_issued_by(node_ca)
+        assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == party
+        assert cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value == x509.ExtendedKeyUsage(
+            [ExtendedKeyUsageOID.CLIENT_AUTH])
+        node_public = serialization.load_ssh_public_key((kits[party] / "node.pub").read_bytes())
+        assert cert.public_key() == node_public
+        assert (coordinator / "nodes" / f"{party}.crt").read_bytes() == (kits[party] / "node.crt").read_bytes()
 
 
 def test_server_certificate_is_signed_by_the_study_ca_with_sans(kits):
@@ -98,6 +118,7 @@ def test_distributed_mode_keeps_the_private_key_at_the_hospital(kits, tmp_path):
         node_keygen(site)
     add_node(kits["coordinator"], "d", public, hospital_kit_out=site)
     assert "d" in load_coordinator_kit(kits["coordinator"]).node_keys()
+    assert (site / "node.crt").read_bytes() == (kits["coordinator"] / "nodes" / "d.crt").read_bytes()
     assert load_hospital_kit(site).name == "d"
     with pytest.raises(KitError, match="already registered as 'd'"):
         add_node(kits["coordinator"], "e", public)
