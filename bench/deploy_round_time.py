@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from deploy.approval import app_hash  # noqa: E402
 from deploy.kits import load_coordinator_kit  # noqa: E402
 from deploy.provision import provision  # noqa: E402
 from deploy.flower import free_port  # noqa: E402
@@ -59,6 +60,7 @@ def _variant_app(root: Path, serverapp: str, clientapp: str) -> Path:
     text = (APP_DIR / "pyproject.toml").read_text()
     text = text.replace('serverapp = "server.app:app"', f'serverapp = "{serverapp}"')
     text = text.replace('clientapp = "client.app:app"', f'clientapp = "{clientapp}"')
+    text = text.replace('"studies/*.toml",', '"studies/*.toml", "bench/**/*.py",')  # the variant's components
     (app / "pyproject.toml").write_text(text)
     (app / "README.md").write_text("benchmark variant\n")
     return app
@@ -83,7 +85,14 @@ def main() -> None:
         kits = provision(study_file, ["127.0.0.1"], ["a", "b", "c"], root / "kits", port=free_port())
         write_cohorts(load_study(study_file), root / "sites", 3, seed=42, size_scale=0.3)
         procs.append(_start(["coordinator", "start", "--kit", str(kits["coordinator"]), "--bind", "127.0.0.1"], root / "coord.log"))
-        _wait_for(root / "coord.log", "registered hospitals")
+        eager = _variant_app(root, "server.app:app", "bench.eager_client:app")
+        stock = _variant_app(root, "bench.stock_app:server_app", "bench.stock_app:client_app")
+        # the sites approve the two benchmark variants besides their installed release (deploy/approval.py)
+        approved = ", ".join(f'"{app_hash(app)}"' for app in (eager, stock))
+        for name in ("a", "b", "c"):
+            site = kits[name] / "site.toml"
+            site.write_text(site.read_text() + f"\n[approval]\napps = [{approved}]\n")
+        _wait_for(root / "coord.log", "accepted hospitals")
         for i, name in enumerate(["a", "b", "c"], start=1):
             procs.append(_start(["node", "start", "--kit", str(kits[name]), "--data", str(root / "sites" / f"hospital-{i:02d}")],
                                 root / f"node-{name}.log"))
@@ -100,13 +109,11 @@ def main() -> None:
         kit = load_coordinator_kit(kits["coordinator"])
         cli = FlowerCLI(kit)
         config = {"study": str(kit.study_file), "rounds": args.rounds, "epsilon": 0.0}
-        eager = _variant_app(root, "server.app:app", "bench.eager_client:app")
         t0 = time.monotonic()
         _flower_run(cli, eager, config, root / "eager")
         results["eager-import"] = statistics.median(r["seconds"] for r in RunRecord(root / "eager").rounds()[1:])
         print(f"eager-import   : {results['eager-import']:6.1f} s/round  (whole run {time.monotonic() - t0:.0f} s)", flush=True)
 
-        stock = _variant_app(root, "bench.stock_app:server_app", "bench.stock_app:client_app")
         t0 = time.monotonic()
         _flower_run(cli, stock, {**config, "sim-sites-dir": str(root / "sites")}, root / "stock")
         stamps = [float(line.split()[1]) for line in (root / "stock" / "stock_rounds.txt").read_text().splitlines()]

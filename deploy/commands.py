@@ -76,7 +76,7 @@ def _run(args: argparse.Namespace) -> int:
     from fedcare.study import Overrides
 
     overrides = Overrides(rounds=args.rounds, epsilon=args.epsilon)  # a bad flag is refused before anything else
-    run_dir, report = run_study(load_coordinator_kit(args.kit), overrides, resume=args.resume)
+    run_dir, report = run_study(load_coordinator_kit(args.kit), overrides, resume=args.resume, verbose=args.verbose)
     return print_study_result(run_dir, report)
 
 
@@ -132,6 +132,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--epsilon", type=float, default=None, help="override each site's ε target")
     run.add_argument("--resume", action="store_true",
                      help="take up the latest interrupted run after its last checkpoint (e.g. after a coordinator restart)")
+    run.add_argument("--verbose", action="store_true", help="also show Flower's own log lines")
     run.set_defaults(func=_run)
 
     status = add_command(commands, "status")

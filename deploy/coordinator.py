@@ -96,6 +96,9 @@ class FlowerCLI:
         data = self._run("run", str(app_dir), CONNECTION, "--format", "json", "--run-config", pairs, timeout=180)
         return int(data["run-id"])
 
+    def stop_run(self, run_id: int) -> None:
+        self._run("stop", str(run_id), CONNECTION, "--format", "json")
+
     def stream_log(self, run_id: int, sink) -> None:
         """Follow the run's ServerApp output until the run ends, writing each line to `sink`."""
         cmd = [flower_command("flwr"), "log", str(run_id), CONNECTION, "--stream"]

@@ -15,6 +15,8 @@ FLOWER_QUIET_ENV = {
     "RAY_DISABLE_DOCKER_CPU_WARNING": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    # SuperExec checks for a new task every 1 s by default; a local loopback request, so often is cheap.
+    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
 }
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from deploy.audit import audit
 from deploy.coordinator import FederationError, FlowerCLI, node_names
 from deploy.kits import CoordinatorKit
+from deploy.progress_display import RunDisplay
 from deploy.report import coordinator_report
 from fedcare import APP_DIR
 from fedcare.report import write_report
@@ -34,9 +35,11 @@ def interrupted_run(kit: CoordinatorKit) -> Path:
                           f"(start a new one with `fedcare run --kit {kit.path}`)")
 
 
-def run_study(kit: CoordinatorKit, overrides: Overrides, *, resume: bool = False) -> tuple[Path, dict]:
+def run_study(kit: CoordinatorKit, overrides: Overrides, *, resume: bool = False,
+              verbose: bool = False) -> tuple[Path, dict]:
     """Launch the study on the online nodes (or, with `resume`, take up the latest interrupted run after
-    its last checkpoint, with the overrides it ran with), follow it, write the run folder's report."""
+    its last checkpoint, with the overrides it ran with), follow it (`RunDisplay`; Flower's own log lines
+    with `verbose`), write the run folder's report. Ctrl-C stops the run on the federation."""
     started = time.monotonic()
     run_dir = interrupted_run(kit) if resume else None
     if run_dir is not None:
@@ -57,13 +60,28 @@ def run_study(kit: CoordinatorKit, overrides: Overrides, *, resume: bool = False
         run_dir = kit.state_dir / "runs" / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         run_dir.mkdir(parents=True)
     run_id = cli.start_run(APP_DIR, {"study": str(kit.study_file), "out-dir": str(run_dir), **overrides.run_config(),
-                                     "resume": int(resume)})
+                                     "resume": int(resume), "progress": 1})
     audit(kit, "run resumed" if resume else "run started", run_id=run_id, study_hash=study.hash,
           overrides=overrides.run_config(), folder=str(run_dir))
     print(f"run {run_id}: study {study.name} ({study.hash[:12]}), {study.training.rounds} rounds, "
           f"{len(online)} nodes online; output in {run_dir}{' (resumed)' if resume else ''}", flush=True)
-    cli.stream_log(run_id, lambda line: print(line, flush=True) if line.strip() else None)
-    outcome = _wait_finished(cli, run_id)
+    display = RunDisplay(verbose=verbose)
+    try:
+        cli.stream_log(run_id, display.line)
+        outcome = _wait_finished(cli, run_id)
+    except FederationError as err:
+        raise FederationError(f"lost the coordinator during run {run_id} ({err.line[:300]}); once `fedcare coordinator "
+                              f"start` runs again, `fedcare run --kit {kit.path} --resume` takes the study up after its "
+                              "last checkpoint") from None
+    except KeyboardInterrupt:
+        display.close()
+        print(f"stopping run {run_id} on the federation …", flush=True)
+        cli.stop_run(run_id)
+        audit(kit, "run stopped", run_id=run_id, reason="interrupted by the operator")
+        raise FederationError(f"run {run_id} stopped (interrupted); `fedcare run --kit {kit.path} --resume` takes it "
+                              "up after its last checkpoint") from None
+    finally:
+        display.close()
     audit(kit, "run finished", run_id=run_id, status=outcome.get("status"))
     if outcome.get("status") != "finished:completed":
         raise FederationError(f"run {run_id} ended as {outcome.get('status')}: {outcome.get('status-details', '')}; "

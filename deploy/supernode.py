@@ -10,7 +10,13 @@ controls installed before it connects.
    Fleet connection's TLS context is built here with the node's certificate and key.
 3. **Shorter waits.** The SuperNode sleeps a fixed 3 s between polls when idle and checks for the
    ClientApp's reply every 0.5 s; both are set from `NodeProcessSettings.poll_seconds` (each poll is one
-   HTTPS request to the coordinator: 1 / poll_seconds requests per second per idle node).
+   HTTPS request to the coordinator: 1 / poll_seconds requests per second per idle node). Its heartbeat
+   interval (30 s: the coordinator marks a node offline only after 60 s) is `heartbeat_seconds`, so
+   `fedcare status` shows a lost node within 2 × that (one more request every ~0.8 × (interval - 5) s).
+
+4. **Warm ClientApps.** The SuperNode starts `flower-superexec` by name; here it starts
+   `deploy/superexec.py` instead, Flower's SuperExec with torch and Opacus loaded once and each
+   ClientApp task forked from it (`warm_clientapps`; the App itself still loads from the run's FAB).
 
 Each change replaces one named attribute of Flower's modules in this process only (no installed file
 is edited), and only for the Flower version it was written against: `check_flower_version` refuses any
@@ -45,6 +51,8 @@ class NodeProcessSettings:
     client_certificate: str = ""  # PEM; empty: no client certificate (insecure dev mode)
     client_key: str = ""  # PEM private key file (0600)
     poll_seconds: float = 0.5
+    warm_clientapps: bool = True
+    heartbeat_seconds: float = 10.0  # the SuperLink refuses less (HEARTBEAT_MIN_INTERVAL)
 
     def write(self, path: Path) -> None:
         from fedcare.files import write_secret
@@ -156,10 +164,34 @@ class _Waits:
         return getattr(time, name)
 
 
-def install_waits(poll_seconds: float) -> None:
+def install_waits(poll_seconds: float, heartbeat_seconds: float) -> None:
+    from flwr.supercore import heartbeat
+    from flwr.supernode import fleet_http_connection
     from flwr.supernode import start_client_internal as sci
 
     sci.time = _Waits({IDLE_WAIT: poll_seconds, REPLY_WAIT: min(REPLY_WAIT, poll_seconds / 2)})
+    # the interval the node announces (the coordinator's patience is 2 x it) and the one it keeps
+    fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL = heartbeat_seconds
+    heartbeat.HEARTBEAT_DEFAULT_INTERVAL = heartbeat_seconds
+
+
+def install_warm_superexec() -> None:
+    """Start `deploy/superexec.py` where the SuperNode would start `flower-superexec`."""
+    import subprocess
+
+    from flwr.supernode import start_client_internal as sci
+
+    class _Subprocess:
+        @staticmethod
+        def Popen(args: list[str], **kwargs: Any) -> subprocess.Popen:  # noqa: N802 - subprocess' name
+            if args and args[0] == "flower-superexec":
+                args = [sys.executable, "-m", "deploy.superexec", *args[1:]]
+            return subprocess.Popen(args, **kwargs)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(subprocess, name)
+
+    sci.subprocess = _Subprocess()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -175,7 +207,9 @@ def main(argv: list[str] | None = None) -> None:
     install_app_approval(settings.approved_apps)
     if settings.client_certificate:
         install_client_certificate(settings.client_certificate, settings.client_key)
-    install_waits(settings.poll_seconds)
+    install_waits(settings.poll_seconds, settings.heartbeat_seconds)
+    if settings.warm_clientapps:
+        install_warm_superexec()
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     sys.argv = ["flower-supernode", *flower_args]

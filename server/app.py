@@ -10,6 +10,9 @@ Run config (from `flwr run --run-config` or `fedcare simulate`):
     out-dir          the run folder (`fedcare.run_record`): the study as run, checkpoints, round log
     rounds, epsilon  the run's overrides of the study file (`fedcare.study.Overrides`; 0 = the file's)
     resume           1: take up the interrupted run in out-dir after its last checkpoint (`fedcare run --resume`)
+    progress         1: print a progress event line at each SecAgg+ stage (`fedcare.events`; `fedcare run`)
+
+Replies are collected through `server.grid.PromptGrid` (Flower's Grid, polled every 0.2 s instead of 3 s).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from fedcare.contribution import ContributionFormat, scaling_bytes
 from fedcare.model import build_model, get_weights
 from fedcare.run_record import ResumePoint, RunRecord
 from fedcare.study import Overrides, Study, load_study
+from server.grid import PromptGrid
 from server.progress import RoundLog
 from server.secure_aggregation import secure_aggregation_workflow
 from strategies.fedavg import DeltaFedAvg
@@ -77,6 +81,7 @@ def main(grid: Grid, context: Context) -> None:
         if server_round in training:
             log.lost(strategy.phase(server_round)[1], why)
 
-    workflow = secure_aggregation_workflow(study, training, on_round_lost=round_lost)
-    DefaultWorkflow(fit_workflow=workflow)(grid, legacy)
+    emit = (lambda event: print(event.line(), flush=True)) if int(context.run_config.get("progress", 0) or 0) else None
+    workflow = secure_aggregation_workflow(study, training, on_round_lost=round_lost, on_stage=emit)
+    DefaultWorkflow(fit_workflow=workflow)(PromptGrid(grid), legacy)
     log.finish(workflow.stopped)

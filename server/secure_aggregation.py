@@ -21,6 +21,7 @@ drop out later are still reconstructed exactly as Flower does.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from flwr.common import Context
@@ -29,7 +30,8 @@ from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
 
-from fedcare.protocol import Refusal, RefusalKind
+from fedcare.events import StageEvent
+from fedcare.protocol import Phase, Refusal, RefusalKind
 from fedcare.study import Study
 
 
@@ -57,8 +59,9 @@ class ReportingSecAggPlusWorkflow(SecAggPlusWorkflow):
     once sites that have spent their privacy budget leave too few to aggregate."""
 
     def __init__(self, *, training_rounds: range, on_round_lost: Callable[[int, str], None] | None = None,
-                 **secaggplus: object) -> None:
+                 on_stage: Callable[[StageEvent], None] | None = None, **secaggplus: object) -> None:
         super().__init__(**secaggplus)
+        self.on_stage = on_stage  # progress: each stage's start and end
         self.training_rounds = training_rounds  # server rounds that train (any before them: the statistics round)
         self._no_model = False  # the statistics round failed: no later round can run
         self.on_round_lost = on_round_lost  # (server round, why) of a round without an aggregate
@@ -73,15 +76,31 @@ class ReportingSecAggPlusWorkflow(SecAggPlusWorkflow):
             self._lost(f"skipped: {self.stopped}")
             return
         self._budget_refusals = self._app_refusals = 0
+        phase = getattr(context.strategy, "phase", None)
+        self._phase = phase(self._current) if phase is not None else (Phase.TRAIN, self._current)
+        self._rounds = getattr(context.strategy, "training_rounds", 0)
+        self._round_started = time.monotonic()
+        self._dropped = 0
         super().__call__(grid, context)
 
     def _lost(self, why: str) -> None:
         if self.on_round_lost is not None:
             self.on_round_lost(self._current, why)
 
+    def _event(self, name: str, *, done: bool, sites: int, answered: int = 0) -> None:
+        if self.on_stage is not None:
+            phase, training_round = self._phase
+            self.on_stage(StageEvent(phase=phase, round=training_round, rounds=self._rounds, stage=name, done=done,
+                                     sites=sites, answered=answered, dropped=self._dropped,
+                                     seconds=round(time.monotonic() - self._round_started, 1)))
+
     def _stage(self, name: str, grid: Grid, context: Context, state) -> bool:
         before = len(state.failures)
+        sites = len(state.active_node_ids) if name != "setup" else len(state.sampled_node_ids)
+        self._event(name, done=False, sites=sites)
         ok = getattr(super(), f"{name}_stage")(grid, context, state)
+        self._dropped += len(state.failures) - before
+        self._event(name, done=True, sites=sites or len(state.sampled_node_ids), answered=len(state.active_node_ids))
         # Flower may record one error reply twice (as a failure of two checks): report it once.
         seen: set[int] = set()
         for failure in state.failures[before:]:
@@ -126,12 +145,14 @@ class ReportingSecAggPlusWorkflow(SecAggPlusWorkflow):
 
 
 def secure_aggregation_workflow(study: Study, training_rounds: range, *,
-                                on_round_lost: Callable[[int, str], None] | None = None) -> ReportingSecAggPlusWorkflow:
+                                on_round_lost: Callable[[int, str], None] | None = None,
+                                on_stage: Callable[[StageEvent], None] | None = None) -> ReportingSecAggPlusWorkflow:
     """SecAgg+ with the study's parameters (the timeout is always set)."""
     sa = study.secure_aggregation
     return ReportingSecAggPlusWorkflow(
         training_rounds=training_rounds,
         on_round_lost=on_round_lost,
+        on_stage=on_stage,
         num_shares=sa.num_shares,
         reconstruction_threshold=sa.reconstruction_threshold,
         max_weight=sa.max_weight,

@@ -72,3 +72,28 @@ class Processes:
 
 def fedcare(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def provision_federation(work: Path, study_toml: str, hospitals: list[str], port: int) -> None:
+    """Kits for `hospitals` (coordinator on 127.0.0.1:`port`) under work/kits, the study in work/study.toml."""
+    (work / "study.toml").write_text(study_toml)
+    proc = fedcare("provision", "--study", str(work / "study.toml"), "--coordinator-host", "127.0.0.1,localhost",
+                   "--hospitals", ",".join(hospitals), "--out", str(work / "kits"), "--port", str(port))
+    assert proc.returncode == 0, proc.stderr
+
+
+def start_coordinator(procs: Processes, work: Path, hospitals: list[str], name: str = "coordinator") -> Started:
+    coordinator = procs.start(name, "coordinator", "start", "--kit", str(work / "kits" / "coordinator"), "--bind", "127.0.0.1")
+    assert coordinator.wait_for(f"accepted hospitals: {', '.join(hospitals)}", 120), coordinator.text()
+    return coordinator
+
+
+def start_nodes(procs: Processes, work: Path, hospitals: list[str]) -> dict[str, Started]:
+    """One node per hospital on work/sites/hospital-NN, each connected."""
+    nodes = {}
+    for i, name in enumerate(hospitals, start=1):
+        nodes[name] = procs.start(f"node-{name}", "node", "start", "--kit", str(work / "kits" / name),
+                                  "--data", str(work / "sites" / f"hospital-{i:02d}"))
+    for name, node in nodes.items():
+        assert node.wait_for(f"node '{name}' connected", 120), node.text()
+    return nodes

@@ -28,7 +28,7 @@ from privacy.ledger import PrivacyLedger
 from simulations.cohorts import write_cohorts
 
 from .conftest import DEFAULT_STUDY, ROOT
-from .federation import Processes, fedcare
+from .federation import Processes, fedcare, provision_federation, start_coordinator, start_nodes
 
 HOSPITALS = ["a", "b", "c", "d"]
 
@@ -40,24 +40,14 @@ def federation(tmp_path_factory):
     study = dataclasses.replace(
         base, secure_aggregation=dataclasses.replace(base.secure_aggregation, timeout_seconds=90.0)
     )
-    (work / "study.toml").write_text(study.to_toml())
     port = free_port()
-    proc = fedcare("provision", "--study", str(work / "study.toml"), "--coordinator-host", "127.0.0.1,localhost",
-                   "--hospitals", ",".join(HOSPITALS), "--out", str(work / "kits"), "--port", str(port))
-    assert proc.returncode == 0, proc.stderr
+    provision_federation(work, study.to_toml(), HOSPITALS, port)
     write_cohorts(study, work / "sites", len(HOSPITALS), seed=42, size_scale=0.3)
     procs = Processes(work)
     try:
-        coordinator = procs.start("coordinator", "coordinator", "start", "--kit", str(work / "kits" / "coordinator"),
-                                  "--bind", "127.0.0.1")
-        assert coordinator.wait_for("accepted hospitals: a, b, c, d", 120), coordinator.text()
-        nodes = {}
-        for i, name in enumerate(HOSPITALS, start=1):
-            nodes[name] = procs.start(f"node-{name}", "node", "start", "--kit", str(work / "kits" / name),
-                                      "--data", str(work / "sites" / f"hospital-{i:02d}"))
-        for name, node in nodes.items():
-            assert node.wait_for(f"node '{name}' connected", 120), node.text()
-        yield {"work": work, "port": port, "procs": procs, "nodes": nodes, "study": study}
+        coordinator = start_coordinator(procs, work, HOSPITALS)
+        nodes = start_nodes(procs, work, HOSPITALS)
+        yield {"work": work, "port": port, "procs": procs, "nodes": nodes, "study": study, "coordinator": coordinator}
     finally:
         procs.stop_all()
 
@@ -203,7 +193,7 @@ def test_study_completes_with_tls_auth_secagg_dp_despite_a_killed_node(federatio
     run = procs.start("run", "run", "--kit", str(work / "kits" / "coordinator"), "--rounds", "2")
     # Kill node d (SIGKILL to its whole process group: fedcare, SuperNode, SuperExec, ClientApps)
     # once round 1 is aggregated; the study must go on with the three others.
-    assert run.wait_for("round 1/2", 600), run.text()[-4000:]
+    assert run.wait_for("round 1/2 aggregated", 600), run.text()[-4000:]
     assert (work / "kits" / "d" / "state" / "ledger.jsonl").exists(), "node d trained in round 1"
     nodes["d"].stop(signal.SIGKILL)
     assert run.proc.wait(timeout=900) == 0, run.text()[-4000:]
