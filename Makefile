@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/dp_training.py
 	$(BIN)/python bench/round_time.py
 	$(BIN)/python bench/noise.py
+	$(BIN)/python bench/plan_sigma.py
 	$(BIN)/pip install -q -c requirements.lock -e '.[bench]'  # fhir.resources, the ingest baseline
 	$(BIN)/python bench/fhir_ingest.py
 

@@ -3,12 +3,13 @@
 
     .venv/bin/python bench/deploy_round_time.py [--rounds 3]
 
-Three runs on the same federation and data, one after the other:
-  fedcare         the fedcare App as deployed (`fedcare run`): lean ClientApp import path
-  eager-import    the same App with a ClientApp that imports torch/Opacus at module level
-                  (bench/eager_client.py), i.e. what the lean import path saves
-  stock-fedavg    stock Flower FedAvg, no SecAgg+, no DP (bench/stock_app.py), same federation
-Per-round time is the median over rounds 2..R (round 1 includes installing the FAB).
+Two runs on the same federation and data, one after the other:
+  fedcare         the fedcare App as deployed (`fedcare run`): SecAgg+ (four exchanges per round), DP-SGD,
+                  the site's SuperNode process (0.5 s polls, warm forked ClientApps), PromptGrid
+  stock-fedavg    stock Flower FedAvg, no SecAgg+, no DP (bench/stock_app.py), same federation and nodes
+Per-round time is the median over rounds 2..R of the time from a training round's SecAgg+ setup to the
+end of its unmasking, from the ServerApp's progress events (`fedcare.events`); the breakdown per
+exchange is the median of each stage's duration. The statistics and evaluation rounds are shown too.
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ from deploy.provision import provision  # noqa: E402
 from deploy.flower import free_port  # noqa: E402
 from fedcare import APP_DIR  # noqa: E402
 from fedcare.study import load_study  # noqa: E402
-from deploy.coordinator import FlowerCLI  # noqa: E402
-from fedcare.run_record import RunRecord  # noqa: E402
+from deploy.coordinator import FlowerCLI, flwr_home  # noqa: E402
+from deploy.flower import flower_command, flower_env  # noqa: E402
+from fedcare.events import StageEvent  # noqa: E402
+from fedcare.protocol import Phase  # noqa: E402
 from simulations.cohorts import write_cohorts  # noqa: E402
 
 PACKAGES = ("fedcare", "client", "server", "strategies", "privacy", "export", "inference", "bench", "studies")
@@ -74,6 +77,33 @@ def _flower_run(cli: FlowerCLI, app: Path, config: dict, out_dir: Path) -> None:
         raise RuntimeError(f"run {run_id}: {status}")
 
 
+def _events(cli: FlowerCLI, run_id: int) -> list[StageEvent]:
+    lines: list[str] = []
+    cmd = [flower_command("flwr"), "log", str(run_id), "fedcare", "--show"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=flower_env(flwr_home(cli.kit))).stdout
+    lines = out.splitlines()
+    return [event for event in map(StageEvent.parse, lines) if event is not None]
+
+
+def _round_seconds(events: list[StageEvent]) -> dict[tuple[Phase, int], float]:
+    """(phase, round) -> seconds from its setup's start to its unmasking's end."""
+    return {(e.phase, e.round): e.seconds for e in events if e.done and e.stage == "unmask"}
+
+
+def _stage_seconds(events: list[StageEvent]) -> dict[str, float]:
+    """Median duration of each SecAgg+ exchange over training rounds 2..R."""
+    durations: dict[str, list[float]] = {}
+    started: dict[str, float] = {}
+    for e in events:
+        if e.phase is not Phase.TRAIN or e.round < 2:
+            continue
+        if not e.done:
+            started[e.stage] = e.seconds
+        elif e.stage in started:
+            durations.setdefault(e.stage, []).append(e.seconds - started.pop(e.stage))
+    return {stage: statistics.median(values) for stage, values in durations.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
@@ -85,10 +115,9 @@ def main() -> None:
         kits = provision(study_file, ["127.0.0.1"], ["a", "b", "c"], root / "kits", port=free_port())
         write_cohorts(load_study(study_file), root / "sites", 3, seed=42, size_scale=0.3)
         procs.append(_start(["coordinator", "start", "--kit", str(kits["coordinator"]), "--bind", "127.0.0.1"], root / "coord.log"))
-        eager = _variant_app(root, "server.app:app", "bench.eager_client:app")
         stock = _variant_app(root, "bench.stock_app:server_app", "bench.stock_app:client_app")
-        # the sites approve the two benchmark variants besides their installed release (deploy/approval.py)
-        approved = ", ".join(f'"{app_hash(app)}"' for app in (eager, stock))
+        # the sites approve the benchmark variant besides their installed release (deploy/approval.py)
+        approved = f'"{app_hash(stock)}"'
         for name in ("a", "b", "c"):
             site = kits[name] / "site.toml"
             site.write_text(site.read_text() + f"\n[approval]\napps = [{approved}]\n")
@@ -102,26 +131,27 @@ def main() -> None:
         t0 = time.monotonic()
         subprocess.run([sys.executable, "-m", "cli", "run", "--kit", str(kits["coordinator"]), "--rounds", str(args.rounds)],
                        cwd=APP_DIR, check=True, stdout=subprocess.DEVNULL)
-        run_dir = sorted((kits["coordinator"] / "state" / "runs").iterdir())[-1]
-        results["fedcare"] = statistics.median(r["seconds"] for r in RunRecord(run_dir).rounds()[1:])
-        print(f"fedcare        : {results['fedcare']:6.1f} s/round  (whole run {time.monotonic() - t0:.0f} s)", flush=True)
-
+        whole = time.monotonic() - t0
         kit = load_coordinator_kit(kits["coordinator"])
         cli = FlowerCLI(kit)
-        config = {"study": str(kit.study_file), "rounds": args.rounds, "epsilon": 0.0}
-        t0 = time.monotonic()
-        _flower_run(cli, eager, config, root / "eager")
-        results["eager-import"] = statistics.median(r["seconds"] for r in RunRecord(root / "eager").rounds()[1:])
-        print(f"eager-import   : {results['eager-import']:6.1f} s/round  (whole run {time.monotonic() - t0:.0f} s)", flush=True)
+        events = _events(cli, cli.runs()[0]["run-id"])
+        rounds = _round_seconds(events)
+        stages = _stage_seconds(events)
+        training = [seconds for (phase, number), seconds in rounds.items() if phase is Phase.TRAIN and number > 1]
+        results["fedcare"] = statistics.median(training)
+        print(f"fedcare        : {results['fedcare']:6.1f} s/training round  (whole {args.rounds}-round study {whole:.0f} s)")
+        for (phase, number), seconds in rounds.items():
+            print(f"    {phase.value:<10} {number}: {seconds:5.1f} s")
+        print("    per exchange (median over training rounds 2..R): "
+              + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in stages.items()), flush=True)
 
+        config = {"study": str(kit.study_file), "rounds": args.rounds, "epsilon": 0.0}
         t0 = time.monotonic()
         _flower_run(cli, stock, {**config, "sim-sites-dir": str(root / "sites")}, root / "stock")
         stamps = [float(line.split()[1]) for line in (root / "stock" / "stock_rounds.txt").read_text().splitlines()]
         results["stock-fedavg"] = statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
         print(f"stock-fedavg   : {results['stock-fedavg']:6.1f} s/round  (whole run {time.monotonic() - t0:.0f} s)", flush=True)
-
-        print(f"\nratio eager-import / fedcare : {results['eager-import'] / results['fedcare']:.2f}x")
-        print(f"ratio fedcare / stock-fedavg : {results['fedcare'] / results['stock-fedavg']:.2f}x")
+        print(f"\nratio fedcare / stock-fedavg : {results['fedcare'] / results['stock-fedavg']:.2f}x")
     finally:
         for proc in reversed(procs):
             try:

@@ -13,6 +13,9 @@ def _study_check(args: argparse.Namespace) -> int:
 
     study = load_study(args.study)
     print(f"{args.study}: valid study '{study.name}', {len(study.features)} features, hash {study.hash}")
+    print(f"privacy budget key {study.budget_key} (every run of this study, whatever --rounds/--epsilon, "
+          f"spends from one budget at each site); ε {study.privacy.epsilon:g} over {study.training.rounds} rounds "
+          f"+ {study.privacy.reserve_rounds} reserve")
     return 0
 
 

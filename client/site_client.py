@@ -111,7 +111,7 @@ class SiteClient(NumPyClient):
 
     def _train(self, study: Study, parameters: NDArrays, server_round: int) -> NDArrays:
         from client.training import train_round  # Opacus loads only for training rounds
-        from privacy.accounting import batches_per_epoch, plan_schedule
+        from privacy.accounting import PlanningError, batches_per_epoch, plan_schedule
 
         x = model_inputs(study, self.data.train.features)
         y = self.data.train.labels
@@ -120,7 +120,11 @@ class SiteClient(NumPyClient):
             if abs(schedule.sample_rate * batches_per_epoch(len(y), self.study.training.batch_size) - 1) > 1e-9:
                 raise Refusal(RefusalKind.DATA, "the site's training data changed size since this run's DP schedule was planned")
             # The round's ε is recorded here, before training: a crash from now on never under-counts.
-            charge_round(self.ledger, policy_for_site(self.paths.policy), self.study.hash, schedule, self.run_id, server_round)
+            # Under the study's budget key: every run of the study, whatever its overrides, shares one budget.
+            charge_round(self.ledger, policy_for_site(self.paths.policy), schedule, study_hash=self.study.hash,
+                         budget_key=self.study.budget_key, run_id=self.run_id, server_round=server_round)
+        except PlanningError as err:
+            raise Refusal(RefusalKind.BUDGET, f"privacy budget: {err}; the site trains no round of this study") from None
         except LedgerTampered as err:
             raise Refusal(RefusalKind.LEDGER, str(err)) from None
         except PolicyError as err:

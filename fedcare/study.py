@@ -3,7 +3,8 @@
 `load_study(path)` parses and validates one TOML file into a frozen `Study`. Every
 validation failure raises `StudyConfigError` with one line naming the file and field.
 `Study.hash` is a stable SHA-256 over the parsed values (not the text), so comments and
-key order do not change it; every party compares it before training.
+key order do not change it; every party compares it before training. `Study.budget_key` is the
+same without the run's overrides (rounds, ε): a site's ledger spends one budget per study under it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from fedcare.errors import StudyConfigError
 from fedcare.fields import Fields
 from fedcare.files import read_toml
+from fedcare.study_toml import render_toml
 
 if TYPE_CHECKING:
     from fedcare.mapping import Mapping
@@ -30,6 +32,14 @@ STRATEGIES = ("fedavg",)
 OPTIMIZERS = ("sgd", "adam")
 STANDARDIZATIONS = ("spec", "federated")
 ACCOUNTANTS = ("prv", "rdp")
+# The largest per-site target ε a study (`privacy.epsilon`) or a run (`--epsilon`) may ask for: the
+# accepted range is 0 < ε <= EPSILON_MAX. Each site plans σ for it with the study's accountant
+# before training (`privacy/accounting.py`). Measured on a loaded 2-core machine
+# (`bench/plan_sigma.py`, BENCHMARKS.md): up to 20, at most 0.44 s and 30 MiB for any accepted
+# study (sites up to 1M rows, batch 1, 201 rounds, either accountant), 4.5x under the 2 s goal;
+# above it PRV's grid keeps growing with ε (1.1-1.5 s at ε 30); Opacus' own search grows much
+# faster (7 s at ε 20, 21 s at ε 100, ~10 GB at ε 500). A larger ε is hardly a guarantee anyway.
+EPSILON_MAX = 20.0
 
 
 @dataclass(frozen=True)
@@ -71,12 +81,18 @@ class Training:
 
 @dataclass(frozen=True)
 class PrivacyTargets:
-    """Per-site DP-SGD targets for the whole study."""
+    """Per-site DP-SGD targets for the whole study (all its runs together).
+
+    `reserve_rounds`: rounds beyond `training.rounds` that σ is planned for, so that rounds charged
+    at a site but never aggregated (a crashed coordinator; the study resumed in a new run) still
+    leave room to complete every planned round within ε.
+    """
 
     epsilon: float
     delta: float
     clipping_norm: float
     accountant: str
+    reserve_rounds: int = 1
 
 
 @dataclass(frozen=True)
@@ -112,6 +128,7 @@ class Study:
     standardization: str = "spec"  # "spec": center/scale as written; "federated": from SecAgg+ sums
     mapping_source: dict[str, Any] | None = None  # the [mapping] table as written (FHIR derivation)
     scaled_from: str = ""  # set by with_scaling: the hash of the study as defined (a run's scaling keeps it)
+    scaled_key: str = ""  # set by with_scaling: the budget key of the study as defined
 
     @functools.cached_property
     def mapping(self) -> Mapping | None:
@@ -125,12 +142,22 @@ class Study:
     @property
     def hash(self) -> str:
         """Stable SHA-256 of the study's values (hex). A run's federated scaling does not change it."""
-        if self.scaled_from:
-            return self.scaled_from
+        return self.scaled_from or _digest(self._values())
+
+    @property
+    def budget_key(self) -> str:
+        """SHA-256 (hex) of the study's values without `training.rounds` and `privacy.epsilon`: the same
+        for every run of the study whatever its overrides (and its scaling), so they share one budget."""
+        if self.scaled_key:
+            return self.scaled_key
+        values = self._values()
+        del values["training"]["rounds"], values["privacy"]["epsilon"]
+        return _digest(values)
+
+    def _values(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
-        values.pop("scaled_from")
-        canonical = json.dumps(values, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()
+        del values["scaled_from"], values["scaled_key"]
+        return values
 
     @property
     def input_names(self) -> list[str]:
@@ -157,11 +184,11 @@ class Study:
         if not all(math.isfinite(c) for c in center) or not all(math.isfinite(x) and x > 0 for x in scale):
             raise StudyConfigError("scaling: centers must be finite and scales finite and > 0")
         features = tuple(dataclasses.replace(f, center=float(c), scale=float(x)) for f, c, x in zip(self.features, center, scale))
-        return dataclasses.replace(self, features=features, scaled_from=self.hash)
+        return dataclasses.replace(self, features=features, scaled_from=self.hash, scaled_key=self.budget_key)
 
     def to_toml(self) -> str:
         """Render this study as a TOML file that `load_study` reads back to an equal Study."""
-        return _render_toml(self)
+        return render_toml(self)
 
 
 @dataclass(frozen=True)
@@ -181,6 +208,8 @@ class Overrides:
             raise StudyConfigError(f"--rounds: must be >= 1, got {self.rounds}")
         if self.epsilon is not None and not (self.epsilon > 0 and math.isfinite(self.epsilon)):
             raise StudyConfigError(f"--epsilon: must be a finite number > 0, got {self.epsilon}")
+        if self.epsilon is not None and self.epsilon > EPSILON_MAX:
+            raise StudyConfigError(f"--epsilon: must be in the accepted range 0 < ε <= {EPSILON_MAX:g}, got {self.epsilon}")
 
     def run_config(self) -> dict[str, int | float]:
         """The `rounds` / `epsilon` entries of a run config (0 = the file's value)."""
@@ -256,10 +285,11 @@ def parse_study(raw: dict[str, Any], source: str = "<study>") -> Study:
             momentum=r.number(training, "training.momentum", minimum=0.0, below=1.0),
         ),
         privacy=PrivacyTargets(
-            epsilon=r.number(privacy, "privacy.epsilon", positive=True),
+            epsilon=_epsilon(r, privacy),
             delta=r.number(privacy, "privacy.delta", positive=True, below=1.0),
             clipping_norm=r.number(privacy, "privacy.clipping_norm", positive=True),
             accountant=r.choice(privacy, "privacy.accountant", ACCOUNTANTS),
+            reserve_rounds=r.integer(privacy, "privacy.reserve_rounds", minimum=0, default=1),
         ),
         secure_aggregation=SecureAggregation(
             num_shares=shares,
@@ -288,6 +318,17 @@ def parse_study(raw: dict[str, Any], source: str = "<study>") -> Study:
         parse_mapping(raw["mapping"], names, source)  # every mistake is reported at load, naming the field
         parsed = dataclasses.replace(parsed, mapping_source=raw["mapping"])
     return parsed
+
+
+def _epsilon(r: Fields, privacy: dict[str, Any]) -> float | int:
+    epsilon = r.number(privacy, "privacy.epsilon", positive=True)
+    if epsilon > EPSILON_MAX:
+        raise r.fail("privacy.epsilon", f"must be in the accepted range 0 < ε <= {EPSILON_MAX:g}, got {epsilon}")
+    return epsilon
+
+
+def _digest(values: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(values, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _feature(r: Fields, i: int, raw: dict[str, Any]) -> Feature:
@@ -339,56 +380,3 @@ def _check_shares(source: str, shares: float | int, threshold: float | int) -> N
         raise StudyConfigError(
             f"{at}.reconstruction_threshold: a fraction must be in (0, 1), got {threshold}"
         )
-
-
-def _render_toml(study: Study) -> str:
-    def val(v: Any) -> str:
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, (list, tuple)):
-            return "[" + ", ".join(val(x) for x in v) + "]"
-        if isinstance(v, float):
-            return repr(v)
-        return str(v)
-
-    def section(name: str, obj: Any) -> str:
-        lines = [f"[{name}]"] + [f"{k} = {val(v)}" for k, v in dataclasses.asdict(obj).items()]
-        return "\n".join(lines)
-
-    parts = [
-        "[study]\n" f"name = {val(study.name)}\n" f"description = {val(study.description)}",
-        section("label", study.label),
-    ]
-    for f in study.features:
-        d = dataclasses.asdict(f)
-        d["range"] = [d.pop("low"), d.pop("high")]
-        parts.append("[[features]]\n" + "\n".join(f"{k} = {val(v)}" for k, v in d.items()))
-    parts += [
-        section("model", study.model),
-        section("training", study.training),
-        section("privacy", study.privacy),
-        section("secure_aggregation", study.secure_aggregation),
-        section("strategy", study.strategy),
-    ]
-    if study.standardization != "spec":
-        parts.append(f"[standardization]\nmethod = {val(study.standardization)}")
-    if study.mapping_source is not None:
-        parts += _render_tables("mapping", study.mapping_source, val)
-    return "\n\n".join(parts) + "\n"
-
-
-def _render_tables(name: str, table: dict[str, Any], val: Any) -> list[str]:
-    """A nested TOML table: scalars and arrays (of scalars or inline tables) here, sub-tables after."""
-    def inline(v: Any) -> str:
-        if isinstance(v, dict):
-            return "{" + ", ".join(f"{k} = {inline(x)}" for k, x in v.items()) + "}"
-        if isinstance(v, (list, tuple)):
-            return "[" + ", ".join(inline(x) for x in v) + "]"
-        return val(v)
-
-    here = [f"{k} = {inline(v)}" for k, v in table.items() if not isinstance(v, dict)]
-    parts = [f"[{name}]" + ("\n" + "\n".join(here) if here else "")]
-    for k, v in table.items():
-        if isinstance(v, dict):
-            parts += _render_tables(f"{name}.{k}", v, val)
-    return parts

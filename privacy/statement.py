@@ -1,7 +1,9 @@
 """The hospital's privacy statement: its ledger as a table, verified, against its policy.
 
 `fedcare privacy report --kit DIR` prints `statement_text`; the numbers are recomputed from
-the recorded rounds (σ, sample rate, steps), not read from stored totals.
+the recorded rounds (σ, sample rate, steps), not read from stored totals. A study is named by its
+budget key (`Study.budget_key`: every run of it, whatever its overrides); each round's note holds
+the hash of the run's study.
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ def statement_text(entries: list[LedgerEntry], policy: SitePolicy, ledger_path: 
         f"chain verified: {len(entries)} entries, none altered, removed or reordered",
         f"site policy: {policy.describe()}",
         "",
-        " seq  time (UTC)            study         run    round  sigma    q         steps  ε study   ε lifetime",
+        " seq  time (UTC)            study key     run    round  sigma    q         steps  ε study   ε lifetime",
     ]
     lines += [_entry_row(e) for e in entries] or ["   (no round trained yet)"]
-    lines += ["", "study         runs  rounds  ε spent   δ        policy max  remaining"]
+    lines += ["", "study key     runs  rounds  ε spent   δ        policy max  remaining"]
     for study_hash in studies_of(entries):
         rounds = rounds_of(entries, study_hash)
         eps = study_epsilon(entries, study_hash)

@@ -141,7 +141,7 @@ def evaluate_study(record: RunRecord, cohorts: dict, *, wall_started: float) -> 
         test_y.append(data.test.labels)
         train_x.append(model_inputs(scaled, data.train.features))
         train_y.append(data.train.labels)
-        spent = rounds_of(PrivacyLedger(site_dir / ".fedcare").entries(), study.hash)
+        spent = rounds_of(PrivacyLedger(site_dir / ".fedcare").entries(), study.budget_key)
         if not spent:
             raise SimulationError(f"{site_dir.name}: its privacy ledger records no round; the site never trained")
         sites.append(

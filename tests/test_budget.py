@@ -24,13 +24,18 @@ def _independent(accountant: str, sigma: float, q: float, steps: int, delta: flo
     return acc.get_epsilon(delta)
 
 
+def _round(study, run_id: int, server_round: int) -> dict:
+    """charge_round's keywords for a round of `study` (its hash and its budget key)."""
+    return {"study_hash": study.hash, "budget_key": study.budget_key, "run_id": run_id, "server_round": server_round}
+
+
 @pytest.mark.parametrize("accountant", ["prv", "rdp"])
 def test_ledger_epsilon_equals_an_independent_accountant(study, tmp_path, accountant):
     study = dataclasses.replace(study, privacy=dataclasses.replace(study.privacy, accountant=accountant)).with_overrides(rounds=3)
     schedule = plan_schedule(study, n_train=2400)
     ledger = PrivacyLedger(tmp_path)
     for r in range(1, 4):
-        entry = charge_round(ledger, SitePolicy(), study.hash, schedule, run_id=1, server_round=r)
+        entry = charge_round(ledger, SitePolicy(), schedule, **_round(study, 1, r))
         expected = _independent(accountant, schedule.noise_multiplier, schedule.sample_rate, schedule.steps_per_round * r,
                                 study.privacy.delta)
         assert entry.epsilon_study == pytest.approx(expected, rel=0.02), (r, entry.epsilon_study, expected)
@@ -45,10 +50,10 @@ def test_budget_refusals_spend_nothing(study, tmp_path):
 
     # per study: room for exactly two rounds
     policy = SitePolicy(max_epsilon_per_study=(two + three) / 2, max_epsilon_lifetime=100.0)
-    charge_round(ledger, policy, study.hash, schedule, 1, 1)
-    charge_round(ledger, policy, study.hash, schedule, 1, 2)
+    charge_round(ledger, policy, schedule, **_round(study, 1, 1))
+    charge_round(ledger, policy, schedule, **_round(study, 1, 2))
     with pytest.raises(BudgetRefusal, match=r"privacy budget: this round would bring the study to ε = .* > this site's max_epsilon_per_study") as refused:
-        charge_round(ledger, policy, study.hash, schedule, 1, 3)
+        charge_round(ledger, policy, schedule, **_round(study, 1, 3))
     # what reaches the coordinator: the kind and the policy field, never the site's spent or projected ε
     assert refused.value.kind is RefusalKind.BUDGET
     assert json.loads(refused.value.reason()) == {"refusal": "budget", "message": "privacy budget: this round would "
@@ -56,7 +61,7 @@ def test_budget_refusals_spend_nothing(study, tmp_path):
     assert len(ledger.entries()) == 2
     # a second run of the same study composes with the first
     with pytest.raises(BudgetRefusal, match="max_epsilon_per_study"):
-        charge_round(ledger, policy, study.hash, schedule, 2, 1)
+        charge_round(ledger, policy, schedule, **_round(study, 2, 1))
 
     # lifetime: another study would push the site over its lifetime budget
     spent = lifetime_epsilon(ledger.entries())
@@ -64,7 +69,7 @@ def test_budget_refusals_spend_nothing(study, tmp_path):
     lifetime = SitePolicy(max_epsilon_per_study=(two + three) / 2, max_epsilon_lifetime=spent + one * 0.5)
     other = "cd" * 32
     with pytest.raises(BudgetRefusal, match=r"lifetime ε to .* > its max_epsilon_lifetime"):
-        charge_round(ledger, lifetime, other, schedule, 3, 1)
+        charge_round(ledger, lifetime, schedule, study_hash=other, budget_key=other, run_id=3, server_round=1)
     assert len(ledger.entries()) == 2
 
 
@@ -72,11 +77,11 @@ def test_study_not_accepted_or_delta_too_large_is_refused(study, tmp_path):
     schedule = plan_schedule(study, n_train=2400)
     ledger = PrivacyLedger(tmp_path)
     with pytest.raises(BudgetRefusal, match="not in this site's policy accepted_studies"):
-        charge_round(ledger, SitePolicy(accepted_studies=("0123456789ab",)), study.hash, schedule, 1, 1)
+        charge_round(ledger, SitePolicy(accepted_studies=("0123456789ab",)), schedule, **_round(study, 1, 1))
     with pytest.raises(BudgetRefusal, match="δ = 1e-05 exceeds this site's policy max_delta = 1e-06"):
-        charge_round(ledger, SitePolicy(max_delta=1e-6), study.hash, schedule, 1, 1)
+        charge_round(ledger, SitePolicy(max_delta=1e-6), schedule, **_round(study, 1, 1))
     assert ledger.entries() == []
-    charge_round(ledger, SitePolicy(accepted_studies=(study.hash[:16],)), study.hash, schedule, 1, 1)
+    charge_round(ledger, SitePolicy(accepted_studies=(study.hash[:16],)), schedule, **_round(study, 1, 1))
 
 
 @pytest.mark.parametrize(

@@ -38,6 +38,7 @@ def test_bad_epsilon_override_is_refused(tmp_path):
 def test_run_refuses_zero_rounds_or_epsilon_before_touching_the_federation(tmp_path):
     """`--rounds 0` / `--epsilon 0` used to mean "the study's value" and spent real budget; now they are refused."""
     for flag, value, message in (("--rounds", "0", "--rounds: must be >= 1, got 0"),
-                                 ("--epsilon", "0", "--epsilon: must be a finite number > 0, got 0.0")):
+                                 ("--epsilon", "0", "--epsilon: must be a finite number > 0, got 0.0"),
+                                 ("--epsilon", "500", "--epsilon: must be in the accepted range 0 < ε <= 20, got 500.0")):
         proc = _fedcare("run", "--kit", str(tmp_path / "no-kit"), flag, value)
         assert (proc.returncode, proc.stderr) == (2, f"fedcare: error: {message}\n")

@@ -64,10 +64,11 @@ def test_fit_records_spend_then_returns_one_masked_vector_and_refuses_beyond_pla
     assert read.evaluation.test_rows == len(client.data.test.labels)
     [entry] = PrivacyLedger(client.paths.state_dir).entries()
     assert entry.round == 1 and 0 < entry.epsilon_study <= client.study.privacy.epsilon * 1.001
-    with pytest.raises(Refusal, match="planned 1 rounds are spent") as refused:
+    client.fit(weights, config)  # the round again (charged, never aggregated): the study's reserve round
+    with pytest.raises(Refusal, match="planned 1 rounds and 1 reserve rounds are spent") as refused:
         client.fit(weights, config)
     assert refused.value.kind is RefusalKind.BUDGET  # the coordinator stops the study's training on it
-    assert len(PrivacyLedger(client.paths.state_dir).entries()) == 1  # a refusal spends nothing
+    assert len(PrivacyLedger(client.paths.state_dir).entries()) == 2  # a refusal spends nothing
 
 
 def test_evaluation_only_round_trains_nothing_and_spends_nothing(client):

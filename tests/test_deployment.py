@@ -222,3 +222,27 @@ def test_study_completes_with_tls_auth_secagg_dp_despite_a_killed_node(federatio
     status = fedcare("status", "--kit", str(work / "kits" / "coordinator"))
     assert status.returncode == 0
     assert "a " in status.stdout and "online" in status.stdout and "finished:completed" in status.stdout
+    # the node killed mid-study is shown offline (its heartbeats stopped: 2 x 10 s at most)
+    assert [line.split()[-1] for line in status.stdout.splitlines() if line.startswith("d ")] == ["offline"], status.stdout
+
+
+def test_ctrl_c_stops_a_node_that_has_been_through_runs_with_its_flower_processes(federation):
+    node = federation["nodes"]["a"]
+    assert node.proc.poll() is None
+    os.killpg(node.proc.pid, signal.SIGINT)  # what a terminal does: the whole foreground group
+    assert node.proc.wait(timeout=5) == 0
+    out = node.text()
+    assert "node 'a' stopped" in out and "Traceback" not in out
+    assert _group_members(node.proc.pid) == [], "processes left in node a's process group"
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members

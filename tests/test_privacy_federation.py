@@ -90,7 +90,7 @@ def test_recorded_study_reveals_no_update_or_size_and_a_spent_site_stops(study, 
     assert outcome.completed and outcome.rounds_aggregated == 3
     check_completed({"outcome": dataclasses.asdict(outcome)})  # completed: no error
     assert (tmp_path / "coordinator" / "checkpoints" / "round-003.npz").exists()
-    spent = [len(rounds_of(PrivacyLedger(s / ".fedcare").entries(), study.hash)) for s in sites]
+    spent = [len(rounds_of(PrivacyLedger(s / ".fedcare").entries(), study.budget_key)) for s in sites]
     assert spent == [1, 3, 3]
 
     received = json.loads((tmp_path / "coordinator" / "received.json").read_text())
@@ -136,5 +136,5 @@ def test_study_stops_cleanly_when_spent_sites_leave_too_few(study, tmp_path):
     assert stopped.value.exit_code == 4  # `fedcare simulate` / `fedcare run` exit non-zero
     checkpoints = sorted(p.name for p in (tmp_path / "coordinator" / "checkpoints").iterdir())
     assert checkpoints == ["round-001.npz"]
-    spent = [len(rounds_of(PrivacyLedger(s / ".fedcare").entries(), study.hash)) for s in sites]
+    spent = [len(rounds_of(PrivacyLedger(s / ".fedcare").entries(), study.budget_key)) for s in sites]
     assert spent == [1, 1, 2]  # the third site recorded round 2 before the round halted: never under-counted

@@ -94,7 +94,7 @@ def test_loose_key_permissions_are_refused(kits):
 
 def test_a_tampered_study_file_is_refused(kits):
     study = kits["c"] / "study.toml"
-    study.write_text(study.read_text().replace("epsilon = 3.0", "epsilon = 30.0"))
+    study.write_text(study.read_text().replace("epsilon = 3.0", "epsilon = 13.0"))
     with pytest.raises(KitError, match="does not match the study hash recorded in"):
         load_hospital_kit(kits["c"])
 

@@ -124,3 +124,44 @@ def test_run_overrides_are_part_of_the_hash_every_party_computes(study):
     changed = study_for_run(DEFAULT_STUDY, {"rounds": 2, "epsilon": 1.5})
     assert changed.training.rounds == 2 and changed.privacy.epsilon == 1.5
     assert changed.hash == study.with_overrides(rounds=2, epsilon=1.5).hash != study.hash
+
+
+def test_epsilon_above_the_planned_range_is_refused_at_load_and_as_an_override(study):
+    from fedcare.study import EPSILON_MAX, Overrides
+
+    raw = _raw()
+    raw["privacy"]["epsilon"] = EPSILON_MAX * 1.5
+    assert _error(raw) == f"s.toml: privacy.epsilon: must be in the accepted range 0 < ε <= {EPSILON_MAX:g}, got {EPSILON_MAX * 1.5}"
+    raw["privacy"]["epsilon"] = EPSILON_MAX
+    assert parse_study(raw).privacy.epsilon == EPSILON_MAX
+    with pytest.raises(StudyConfigError, match=f"^--epsilon: must be in the accepted range 0 < ε <= {EPSILON_MAX:g}, got 500"):
+        Overrides(epsilon=500.0)
+    with pytest.raises(StudyConfigError, match="^--epsilon: must be in the accepted range"):
+        study.with_overrides(epsilon=EPSILON_MAX + 0.001)
+    assert study.with_overrides(epsilon=EPSILON_MAX).privacy.epsilon == EPSILON_MAX
+
+
+def test_reserve_rounds_is_validated_hashed_and_rendered(tmp_path, study):
+    assert study.privacy.reserve_rounds == 1
+    raw = _raw()
+    del raw["privacy"]["reserve_rounds"]
+    assert parse_study(raw).privacy.reserve_rounds == 1 and parse_study(raw).hash == study.hash  # the default
+    for value, message in ((-1, "must be >= 0, got -1"), (1.5, "expected an integer, got 1.5"), (True, "expected an integer")):
+        raw["privacy"]["reserve_rounds"] = value
+        assert _error(raw).startswith(f"s.toml: privacy.reserve_rounds: {message}")
+    raw["privacy"]["reserve_rounds"] = 0
+    none = parse_study(raw)
+    assert none.privacy.reserve_rounds == 0 and none.hash != study.hash and none.budget_key != study.budget_key
+    path = tmp_path / "s.toml"
+    path.write_text(none.to_toml())
+    assert "reserve_rounds = 0" in path.read_text() and load_study(path) == none
+
+
+def test_budget_key_is_the_study_whatever_its_overrides_and_scaling(study):
+    variants = [study.with_overrides(rounds=9), study.with_overrides(epsilon=1.0), study.with_overrides(rounds=2, epsilon=7.5)]
+    assert len({v.hash for v in [study, *variants]}) == 4  # the coordinator/site agreement still sees each run's values
+    assert {v.budget_key for v in variants} == {study.budget_key} and study.budget_key != study.hash
+    scaled = study.with_scaling([f.center + 1 for f in study.features], [f.scale * 2 for f in study.features])
+    assert (scaled.hash, scaled.budget_key) == (study.hash, study.budget_key)
+    other = dataclasses.replace(study, privacy=dataclasses.replace(study.privacy, delta=1e-6))
+    assert other.budget_key != study.budget_key  # any other value is another study, with its own budget
