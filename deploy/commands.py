@@ -1,4 +1,5 @@
-"""Deployment commands: `provision`, `node keygen|start`, `coordinator add-node|start`, `run`, `status`."""
+"""Deployment commands: `provision`, `node keygen|app-hash|package-key|start`, `coordinator add-node|remove-node|start`,
+`run`, `status`."""
 
 from __future__ import annotations
 
@@ -31,6 +32,15 @@ def _node_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _node_app_hash(args: argparse.Namespace) -> int:
+    from deploy.approval import app_hash
+    from fedcare import APP_DIR
+
+    folder = args.app or APP_DIR
+    print(f"{app_hash(folder)}  the App (FAB) `flwr run` builds from {folder}; list it in site.toml [approval] apps")
+    return 0
+
+
 def _node_package_key(args: argparse.Namespace) -> int:
     from deploy.kits import load_hospital_kit
     from export.signing import PACKAGE_PUB, ensure_package_key
@@ -52,6 +62,15 @@ def _coordinator_add_node(args: argparse.Namespace) -> int:
     print(f"its TLS client certificate: {target.with_suffix('.crt')} (the hospital saves it as node.crt in its kit)")
     if args.hospital_kit_out:
         print(f"hospital kit files (no private key) for '{args.name}': {args.hospital_kit_out}")
+    return 0
+
+
+def _coordinator_remove_node(args: argparse.Namespace) -> int:
+    from deploy.provision import remove_node
+
+    printed = remove_node(args.kit, args.name)
+    print(f"removed node '{args.name}' ({printed}): the edge no longer admits its certificate and its key is "
+          "unregistered from Flower (now, if the coordinator runs; else at its next start)")
     return 0
 
 
@@ -102,6 +121,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     keygen = node_cmds.add_parser("keygen", help="create this hospital's node key pair (private key stays here)")
     keygen.add_argument("--out", type=Path, required=True, help="folder for node.key and node.pub")
     keygen.set_defaults(func=_node_keygen)
+    ahash = node_cmds.add_parser("app-hash", help="the hash of the App this installation runs (for [approval] apps)")
+    ahash.add_argument("--app", type=Path, default=None, help="an App folder to hash instead (e.g. a release under review)")
+    ahash.set_defaults(func=_node_app_hash)
     pkey = node_cmds.add_parser("package-key", help="create this hospital's key for model packages encrypted at rest for it")
     pkey.add_argument("--kit", type=Path, required=True, help="this hospital's kit folder (package.key, package.pub)")
     pkey.set_defaults(func=_node_package_key)
@@ -119,6 +141,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     add.add_argument("--public-key", type=Path, required=True, help="the hospital's node.pub")
     add.add_argument("--hospital-kit-out", type=Path, default=None, help="also write that hospital's kit files here")
     add.set_defaults(func=_coordinator_add_node)
+    remove = coord_cmds.add_parser("remove-node", help="stop accepting a hospital's node (key and certificate)")
+    remove.add_argument("--kit", type=Path, required=True, help="the coordinator kit folder")
+    remove.add_argument("--name", required=True, help="the hospital's name")
+    remove.set_defaults(func=_coordinator_remove_node)
     cstart = coord_cmds.add_parser("start", help="start the SuperLink (TLS + node authentication) and register the kit's nodes")
     cstart.add_argument("--kit", type=Path, required=True, help="the coordinator kit folder")
     cstart.add_argument("--port", type=int, default=None, help="port (default: the kit's)")

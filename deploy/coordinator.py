@@ -84,6 +84,9 @@ class FlowerCLI:
                 return None
             raise
 
+    def unregister(self, node_id: str) -> None:
+        self._run("supernode", "unregister", node_id, CONNECTION, "--format", "json")
+
     def nodes(self) -> list[dict]:
         return list(self._run("supernode", "ls", CONNECTION, "--format", "json").get("nodes", []))
 
@@ -211,9 +214,15 @@ def register_nodes(kit: CoordinatorKit) -> dict[str, str]:
     """
     known_path = kit.state_dir / "nodes.json"
     known: dict[str, str] = json.loads(known_path.read_text()) if known_path.exists() else {}
-    new = {name: key for name, key in kit.node_keys().items() if name not in known}
-    if new:
+    keys = kit.node_keys()
+    new = {name: key for name, key in keys.items() if name not in known}
+    removed = [name for name in known if name not in keys]  # `coordinator remove-node` took its key away
+    if new or removed:
         cli = FlowerCLI(kit)
+        for name in removed:
+            if known[name].isdigit():
+                cli.unregister(known[name])
+            audit(kit, "node unregistered", name=name, node_id=known.pop(name))
         for name, public_key in new.items():
             known[name] = cli.register(public_key) or "registered earlier"
             audit(kit, "node registered", name=name, node_id=known[name])
@@ -273,7 +282,7 @@ def supervise(kit: CoordinatorKit, *, bind: str, port: int | None, insecure_dev:
                         audit(kit, "node admitted", name=name)
                     print(f"accepted hospitals: {', '.join(names)}", flush=True)
                 except FedcareError as err:
-                    print(f"fedcare: warning: could not admit a new node: {err.line}", file=sys.stderr, flush=True)
+                    print(f"fedcare: warning: could not update the accepted nodes: {err.line}", file=sys.stderr, flush=True)
                     names = sorted(kit.node_certificates())
     finally:
         stop_edge(edge)

@@ -165,3 +165,24 @@ def add_node(kit_path: Path, name: str, public_key: Path, hospital_kit_out: Path
         if not (out / "site.toml").exists():
             (out / "site.toml").write_text(SITE_TEMPLATE.format(data="/path/to/ehr-export"), encoding="utf-8")
     return target
+
+
+def remove_node(kit_path: Path, name: str) -> str:
+    """At the coordinator: stop accepting hospital `name`'s node: its key and certificate leave the kit
+    (the edge refuses the certificate at its next reload; a running coordinator reloads within a second
+    and unregisters the key from Flower, a stopped one does both at its next start). Returns the key's
+    fingerprint."""
+    from deploy.audit import audit
+    from deploy.pki import fingerprint
+
+    kit = load_coordinator_kit(kit_path)
+    check_name(name, "--name")
+    key = kit.nodes_dir / f"{name}.pub"
+    if not key.exists():
+        raise KitError(f"--name: no node named '{name}' in {kit.nodes_dir} (accepted: {', '.join(kit.node_keys()) or 'none'})")
+    printed = fingerprint(key.read_bytes())
+    (kit.nodes_dir / f"{name}.crt").unlink(missing_ok=True)  # first: the edge stops admitting it
+    key.unlink()
+    audit(kit, "node removed", name=name, fingerprint=printed)
+    return printed
+

@@ -192,14 +192,16 @@ def test_study_completes_with_tls_auth_secagg_dp_despite_a_killed_node(federatio
     work, procs, nodes = federation["work"], federation["procs"], federation["nodes"]
     run = procs.start("run", "run", "--kit", str(work / "kits" / "coordinator"), "--rounds", "2")
     # Kill node d (SIGKILL to its whole process group: fedcare, SuperNode, SuperExec, ClientApps)
-    # once round 1 is aggregated; the study must go on with the three others.
+    # in round 2 once the keys are shared, i.e. while it trains and uploads its masked vector: the
+    # round must complete with the three others (SecAgg+ reconstructs d's share of the masks).
     assert run.wait_for("round 1/2 aggregated", 600), run.text()[-4000:]
     assert (work / "kits" / "d" / "state" / "ledger.jsonl").exists(), "node d trained in round 1"
+    assert run.wait_for("round 2/2: sharing keys (4/4 sites answered", 300), run.text()[-4000:]
     nodes["d"].stop(signal.SIGKILL)
     assert run.proc.wait(timeout=900) == 0, run.text()[-4000:]
 
     out = run.text()
-    assert "round 2/2" in out and "report:" in out
+    assert "round 2/2 aggregated (3 sites)" in out and "report:" in out
     report_path = sorted((work / "kits" / "coordinator" / "state" / "runs").glob("*/report.json"))[-1]
     report = json.loads(report_path.read_text())
     assert report["secure_aggregation"] is True
@@ -246,3 +248,18 @@ def _group_members(pgid: int) -> list[int]:
         if int(fields[2]) == pgid and fields[0] != "Z":
             members.append(int(stat.parent.name))
     return members
+
+
+def test_a_removed_node_is_turned_away_at_the_edge_and_unregistered(federation):
+    work = federation["work"]
+    coordinator_kit = work / "kits" / "coordinator"
+    proc = fedcare("coordinator", "remove-node", "--kit", str(coordinator_kit), "--name", "a")
+    assert proc.returncode == 0, proc.stderr
+    coordinator = federation["coordinator"]
+    assert coordinator.wait_for("accepted hospitals: b, c, d\n", 30), coordinator.text()[-2000:]
+    actions = [json.loads(line) for line in (coordinator_kit / "state" / "audit.jsonl").read_text().splitlines()]
+    assert {"node removed", "node unregistered"} <= {a["action"] for a in actions if a.get("name") == "a"}
+    proc = fedcare("node", "start", "--kit", str(work / "kits" / "a"), "--data", str(work / "sites" / "hospital-01"),
+                   timeout=120)
+    assert proc.returncode == 3
+    assert "the coordinator's edge refused this node's TLS client certificate" in proc.stderr

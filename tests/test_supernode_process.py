@@ -81,3 +81,24 @@ def test_the_installed_release_is_approved_by_its_content_hash():
     assert hashlib.sha256(fab).hexdigest() in approval.hashes
     refusal = supernode.app_refusal("ab" * 32)
     assert refusal.kind.value == "app" and "nothing was trained or charged" in refusal.reason()
+
+
+def test_a_site_lists_extra_approved_apps_in_its_site_toml_and_a_bad_entry_is_named(tmp_path):
+    from deploy.kits import KitError, load_hospital_kit
+    from deploy.provision import provision
+    from deploy.approval import site_approval
+
+    from .conftest import DEFAULT_STUDY
+
+    kits = provision(DEFAULT_STUDY, ["127.0.0.1"], ["a", "b", "c"], tmp_path / "kits")
+    site = kits["a"] / "site.toml"
+    base = site.read_text()
+    reviewed = "cd" * 32
+    site.write_text(base + f'\n[approval]\napps = ["{reviewed}"]\ninstalled_release = false\n')
+    assert site_approval(load_hospital_kit(kits["a"])).hashes == {reviewed: "site.toml [approval] apps"}
+    site.write_text(base + '\n[approval]\napps = ["not-a-hash"]\n')
+    with pytest.raises(KitError, match=r"approval.apps: 'not-a-hash' is not a SHA-256 hash"):
+        site_approval(load_hospital_kit(kits["a"]))
+    site.write_text(base + "\n[approval]\ninstalled_release = false\n")
+    with pytest.raises(KitError, match="this node would refuse every run"):
+        site_approval(load_hospital_kit(kits["a"]))
