@@ -81,6 +81,7 @@ class ReportingSecAggPlusWorkflow(SecAggPlusWorkflow):
         self._rounds = getattr(context.strategy, "training_rounds", 0)
         self._round_started = time.monotonic()
         self._dropped = 0
+        self._sampled = 0
         super().__call__(grid, context)
 
     def _lost(self, why: str) -> None:
@@ -99,7 +100,10 @@ class ReportingSecAggPlusWorkflow(SecAggPlusWorkflow):
         sites = len(state.active_node_ids) if name != "setup" else len(state.sampled_node_ids)
         self._event(name, done=False, sites=sites)
         ok = getattr(super(), f"{name}_stage")(grid, context, state)
-        self._dropped += len(state.failures) - before
+        # sites sampled for the round that no longer take part (one lost site may fail two of Flower's checks)
+        if name == "setup":
+            self._sampled = len(state.sampled_node_ids)
+        self._dropped = max(0, self._sampled - len(state.active_node_ids))
         self._event(name, done=True, sites=sites or len(state.sampled_node_ids), answered=len(state.active_node_ids))
         # Flower may record one error reply twice (as a failure of two checks): report it once.
         seen: set[int] = set()
