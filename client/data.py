@@ -24,6 +24,7 @@ __all__ = [
 ]
 
 csv.field_size_limit(1 << 20)
+MIN_LINES_FOR_SHARE = 10  # below this many lines, only "no usable row" is fatal
 
 
 class _RowCollector:
@@ -53,10 +54,16 @@ class _RowCollector:
         self.rows.append(values)
         self.labels.append(int(label_text))
 
-    def table(self, path: Path) -> SiteTable:
+    def table(self, path: Path, *, lines: int | None = None) -> SiteTable:
+        """The loaded split. Fatal: no usable row, or fewer than half of the file's data lines
+        (`lines`, default the records read) loaded: a file that lost most of itself is not used."""
         self.report.rows_loaded = len(self.rows)
         if not self.rows:
             raise SiteDataError(f"{path}: no usable rows\n{self.report.summary()}")
+        total = max(lines or 0, self.report.rows_read)
+        if total >= MIN_LINES_FOR_SHARE and 2 * len(self.rows) < total:
+            raise SiteDataError(f"{path}: only {len(self.rows)} of {total} data lines loaded; the file is not used "
+                                f"(fix it, or remove the bad lines)\n{self.report.summary()}")
         return SiteTable(
             features=np.asarray(self.rows, dtype=np.float64).reshape(len(self.rows), len(self.study.features)),
             labels=np.asarray(self.labels, dtype=np.float32),
@@ -81,9 +88,11 @@ def read_site_csv(study: Study, path: str | Path) -> SiteTable:
     path = Path(path)
     report = LoadReport(path=str(path))
     try:
-        handle = path.open(newline="", encoding="utf-8")
+        handle = path.open(newline="", encoding="utf-8-sig")  # a byte-order mark (spreadsheet exports) is not data
     except FileNotFoundError:
         raise SiteDataError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise SiteDataError(f"{path}: is a directory, expected a CSV file") from None
     collector = _RowCollector(study, report)
     with handle:
         reader = csv.reader(handle)
@@ -108,15 +117,19 @@ def read_site_csv(study: Study, path: str | Path) -> SiteTable:
                 report.rows_read += 1
                 report.quarantine(line, f"unreadable row ({type(err).__name__})")
                 continue
-            line = reader.line_num
+            first, line = line + 1, reader.line_num
             if not cells:
+                continue
+            if line > first and any("\n" in cell or "\r" in cell for cell in cells):
+                report.rows_read += 1
+                report.quarantine(first, f"a quoted field runs from line {first} to line {line}: a quote left open?")
                 continue
             if len(cells) != len(header):
                 report.rows_read += 1
                 report.quarantine(line, f"expected {len(header)} columns, got {len(cells)}")
                 continue
             collector.add(line, cells[label_pos], [cells[p] for p in positions])
-    return collector.table(path)
+    return collector.table(path, lines=max(0, reader.line_num - 1))
 
 
 def _cell_text(value: object) -> str:
@@ -176,6 +189,9 @@ def split_source(site_dir: Path, split: str) -> tuple[str, Path]:
     for fmt, path in (("csv", site_dir / f"{split}.csv"), ("parquet", site_dir / f"{split}.parquet"),
                       ("fhir", site_dir / split)):
         if path.exists():
+            if (fmt == "fhir") != path.is_dir():
+                raise SiteDataError(f"{path}: is a {'file' if fmt == 'fhir' else 'directory'}, expected "
+                                    f"{'a directory of FHIR files' if fmt == 'fhir' else f'a {fmt.upper()} file'}")
             return fmt, path
     raise SiteDataError(f"{site_dir}: no {split} split: expected {split}.csv, {split}.parquet or a {split}/ FHIR directory")
 

@@ -18,7 +18,8 @@ counts and locations only, never a value or a patient id.
 
 Where docs/FHIR.md is silent, this reader decides:
 
-* dates: at least YYYY-MM-DD (a year or year-month is "unparseable"); a dateTime counts on
+* dates: a partial date (YYYY, YYYY-MM: valid FHIR, common in de-identified exports) is the
+  middle of its period, YYYY-07-02 or YYYY-MM-15, for ages and windows alike; a dateTime counts on
   the calendar date as written (no time-zone shift); after `today` is "date in the future";
   a present-but-bad date is quarantined, never replaced by the next fallback field;
 * only records that match a rule are validated (an unrelated Observation with a bad date
@@ -31,7 +32,7 @@ Where docs/FHIR.md is silent, this reader decides:
 * medication supply is [start, end) in days: expectedSupplyDuration in d or wk (no unit =
   days, fractions round up), a Period's end is inclusive, a MedicationStatement without an
   end is ongoing; `any` over medications means a supply overlapping the window;
-* Patient: a birthDate that is not YYYY-MM-DD, or an extension value that is not a number,
+* Patient: a birthDate that is not a FHIR date, or an extension value that is not a number,
   quarantines the patient (like an unreadable CSV cell); an absent one is missing; a second
   Patient with the same id is quarantined ("duplicate patient"); records are not
   de-duplicated; within a Bundle, `urn:uuid:` references resolve through entry fullUrls.

@@ -37,7 +37,7 @@ _TIME_PART = re.compile(r"T([01]\d|2[0-3]):[0-5]\d(?::(?:[0-5]\d|60)(?:\.\d+)?)?
 _DATE = re.compile(f"{_DATE_PART.pattern}(?:{_TIME_PART.pattern})?")
 DATE_PARTS: dict[str, int] = {}  # 'YYYY-MM-DD' seen valid -> day ordinal (bounded cache)
 TIME_PARTS: set[str] = set()  # 'Thh:mm…' suffixes seen valid (bounded cache)
-BIRTH_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")  # Patient.birthDate: a full date only
+_PARTIAL_DATE = re.compile(r"(\d{4})(?:-(0[1-9]|1[0-2]))?")  # FHIR `date` with year or year-month precision
 _SAFE_UNIT = re.compile(r"[\x21-\x7e]{1,24}")
 
 
@@ -70,7 +70,7 @@ def whole_years(born: datetime.date, on: datetime.date) -> int:
 
 
 def parse_day(value: Any) -> int | None:
-    """The day ordinal of a FHIR date/dateTime (YYYY-MM-DD at least), or None.
+    """The day ordinal of a FHIR date/dateTime, or None (a partial date: its middle, `partial_date`).
 
     Fast path: the date part (first 10 characters) and the time part (the rest) are looked
     up separately among the ones already seen valid, so a new timestamp on a known day costs
@@ -82,6 +82,9 @@ def parse_day(value: Any) -> int | None:
     if day is not None and (len(value) == 10 or value[10:] in TIME_PARTS):
         return day
     day = _day_ordinal(value)
+    if day is None and len(value) <= 7:  # year or year-month precision: the period's middle day
+        partial = partial_date(value)
+        return partial.toordinal() if partial is not None else None
     if day is not None and _DATE_PART.fullmatch(value[:10]) and (len(value) == 10 or _TIME_PART.fullmatch(value[10:])):
         # value is exactly date part + time part, so either part with any valid other one gives this answer
         if len(DATE_PARTS) >= 1 << 16:
@@ -92,6 +95,24 @@ def parse_day(value: Any) -> int | None:
                 TIME_PARTS.clear()
             TIME_PARTS.add(value[10:])
     return day
+
+
+def partial_date(value: Any) -> datetime.date | None:
+    """A FHIR `date` of any precision (YYYY, YYYY-MM, YYYY-MM-DD) as one calendar day, or None.
+
+    FHIR reads a partial date as the whole year or month; fedcare takes its middle: YYYY is
+    YYYY-07-02 and YYYY-MM is YYYY-MM-15 (an age from a birth year is then off by at most half a
+    year, and an event dated by month falls in a window by its mid-month day)."""
+    if not isinstance(value, str):
+        return None
+    match = _PARTIAL_DATE.fullmatch(value)
+    if match is None:
+        day = _day_ordinal(value) if len(value) == 10 else None
+        return datetime.date.fromordinal(day) if day is not None else None
+    year, month = int(match[1]), match[2]
+    if year < 1:
+        return None
+    return datetime.date(year, int(month), 15) if month else datetime.date(year, 7, 2)
 
 
 @functools.lru_cache(maxsize=1 << 16)  # exports repeat the same timestamps many times

@@ -10,14 +10,13 @@ resource's age, sex or extension; `checked` applies the CSV cell checks to a der
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import math
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from client.fhir_aggregates import Exists, Latest, accumulator
-from client.fhir_datatypes import BIRTH_DATE, whole_years
+from client.fhir_datatypes import partial_date, whole_years
 from client.tables import parse_value
 from fedcare.mapping import Code, FeatureRule, Mapping, normalize_code
 from fedcare.study import Feature, Study, StudyConfigError
@@ -194,11 +193,8 @@ def patient_value(feature: Feature, rule: FeatureRule, obj: dict, program: Progr
         birth = obj.get("birthDate")
         if birth is None:
             return None
-        if not isinstance(birth, str) or not BIRTH_DATE.fullmatch(birth):
-            return Invalid(f"{feature.name}: unparseable birthDate")
-        try:
-            born = datetime.date.fromisoformat(birth)
-        except ValueError:
+        born = partial_date(birth) if isinstance(birth, str) and len(birth) in (4, 7, 10) else None
+        if born is None:
             return Invalid(f"{feature.name}: unparseable birthDate")
         return float(whole_years(born, program.index_date))
     extensions = obj.get("extension")

@@ -276,11 +276,14 @@ def test_patient_age_sex_and_extension(study, tmp_path):
         patient("d", birth="1990-01-01", gender=None, extension=[{"url": ADI_URL, "valueString": "55"}]),
         patient("e", birth="2015-01-01"),
         patient("f", birth=None),
-        patient("g", birth="1980"),
+        patient("g", birth="1980"),  # partial dates (valid FHIR): the middle of the year / month
+        patient("h", birth="1975-06"),
+        patient("i", birth="1980-13"),
     ])
     table = read(study, tmp_path)
     got = rows(study, table)
     assert [(r["age"], r["sex_female"]) for r in got[:2]] == [(45.0, 1.0), (44.0, 0.0)]
+    assert [r["age"] for r in got[3:]] == [44.0, 50.0]  # 1980 -> 1980-07-02, 1975-06 -> 1975-06-15
     assert got[0]["area_deprivation_index"] == 55.5 and got[1]["area_deprivation_index"] == 7.0
     assert got[2]["age"] == 25.0 and math.isnan(got[2]["sex_female"]) and math.isnan(got[2]["area_deprivation_index"])
     q = table.report.quarantined
@@ -290,7 +293,7 @@ def test_patient_age_sex_and_extension(study, tmp_path):
     assert q["age: unparseable birthDate"] == 1
     assert table.report.examples["age: outside valid range [18, 100] years"] == ["Patient.ndjson:5"]
     assert table.report.missing_by_feature["sex_female"] == 1
-    assert table.report.rows_read == 7 and table.report.rows_loaded == 3
+    assert table.report.rows_read == 9 and table.report.rows_loaded == 5
 
 
 # --- Observation aggregates ------------------------------------------------------------------
