@@ -1,4 +1,4 @@
-"""The study model: a small MLP that outputs one risk logit per patient."""
+"""The study model: a small MLP, or logistic regression (no hidden layer), that outputs one risk logit per patient."""
 
 from __future__ import annotations
 

@@ -62,6 +62,9 @@ class Label:
     description: str
 
 
+MODEL_KINDS = ("mlp", "logistic")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     kind: str
@@ -271,11 +274,7 @@ def parse_study(raw: dict[str, Any], source: str = "<study>") -> Study:
             description=r.string(label, "label.description", default=""),
         ),
         features=features,
-        model=ModelSpec(
-            kind=r.choice(model, "model.kind", ("mlp",)),
-            hidden=tuple(r.int_list(model, "model.hidden", minimum=1)),
-            seed=r.integer(model, "model.seed", minimum=0),
-        ),
+        model=_model(r, model),
         training=Training(
             rounds=r.integer(training, "training.rounds", minimum=1),
             local_epochs=r.integer(training, "training.local_epochs", minimum=1),
@@ -329,6 +328,18 @@ def _epsilon(r: Fields, privacy: dict[str, Any]) -> float | int:
 
 def _digest(values: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _model(r: Fields, model: dict[str, Any]) -> ModelSpec:
+    """`logistic`: logistic regression (no hidden layer, the clinical baseline); `mlp`: at least one."""
+    kind = r.choice(model, "model.kind", MODEL_KINDS)
+    if kind == "logistic":
+        if model.get("hidden", []) != []:
+            raise r.fail("model.hidden", "a logistic model has no hidden layers (remove the field, or use kind = \"mlp\")")
+        hidden: tuple[int, ...] = ()
+    else:
+        hidden = tuple(r.int_list(model, "model.hidden", minimum=1))
+    return ModelSpec(kind=kind, hidden=hidden, seed=r.integer(model, "model.seed", minimum=0))
 
 
 def _feature(r: Fields, i: int, raw: dict[str, Any]) -> Feature:

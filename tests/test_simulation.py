@@ -75,6 +75,32 @@ def test_the_whole_study_runs_through_fhir(tmp_path):
     assert check.returncode == 0 and "[train] fhir" in check.stdout and "unit conversions:" in check.stdout
 
 
+def test_a_logistic_regression_study_runs_through_dp_secagg_and_onnx(tmp_path):
+    """`kind = "logistic"` (no hidden layer, the clinical baseline) goes the whole way: DP-SGD inside
+    SecAgg+, the federated evaluation, fp32 and int8 ONNX."""
+    import onnx
+
+    text = (ROOT / "studies" / "depression-risk.toml").read_text()
+    assert 'kind = "mlp"\nhidden = [32]' in text
+    study = tmp_path / "logistic.toml"
+    study.write_text(text.replace('kind = "mlp"\nhidden = [32]', 'kind = "logistic"'))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "cli", "simulate", "--study", str(study), "--hospitals", "3", "--rounds", "1",
+           "--size-scale", "0.3", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["secure_aggregation"] is True and report["final"]["auc"] > 0.55
+    assert all(0 < s["epsilon"] <= 3.0 for s in report["sites"])
+    assert abs(report["export"]["auc_int8"] - report["export"]["auc_fp32"]) < 0.01
+    graph = onnx.load(report["export"]["onnx"]).graph
+    assert not any(node.op_type == "Relu" for node in graph.node), "a logistic model has no hidden layer"
+    hidden = study.read_text().replace('kind = "logistic"', 'kind = "logistic"\nhidden = [8]')
+    study.write_text(hidden)
+    proc = subprocess.run([sys.executable, "-m", "cli", "study", "check", str(study)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "model.hidden: a logistic model has no hidden layers" in proc.stderr
+
+
 def test_study_file_written_for_every_party_matches_hash(simulated):
     from fedcare.study import load_study
 
