@@ -66,4 +66,9 @@ def check_site_export(study: Study, path: str | Path) -> DataCheck:
                    f"quarantined {sum(report.quarantined.values())}, label prevalence {table.labels.mean():.3f}")
         out += ["  " + line for line in report.summary().splitlines()[1:]]
         out += _missingness(study, table)
+        if split == "train" and len(set(table.labels.tolist())) < 2:
+            only = int(table.labels[0])
+            out.append(f"  WARNING: every training row has {study.label.name} = {only} ("
+                       f"{'no cases' if only == 0 else 'no controls'}): this site's updates cannot teach the model "
+                       "to tell the two apart; it still takes part (and spends budget) if it joins")
     return DataCheck("\n".join(out), fatal)

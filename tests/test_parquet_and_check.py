@@ -103,3 +103,18 @@ def test_data_check_fails_on_fatal_problems(tmp_path):
     assert "FATAL" in proc.stderr and "missing columns required by the study" in proc.stderr
     proc = _check("--data", str(tmp_path / "nowhere"))
     assert proc.returncode == 2 and "not found" in proc.stderr
+
+
+def test_data_check_warns_when_the_training_split_has_one_class(study, cohorts_dir, tmp_path):
+    site = tmp_path / "site"
+    shutil.copytree(cohorts_dir / "hospital-03", site)
+    lines = (site / "train.csv").read_text().splitlines()
+    label = lines[0].split(",").index(study.label.name)
+    rows = [line.split(",") for line in lines[1:]]
+    for cells in rows:
+        cells[label] = "0"
+    (site / "train.csv").write_text("\n".join([lines[0]] + [",".join(cells) for cells in rows]) + "\n")
+    proc = _check("--data", str(site))
+    assert proc.returncode == 0, proc.stderr
+    assert f"WARNING: every training row has {study.label.name} = 0 (no cases)" in proc.stdout
+    assert proc.stdout.count("WARNING") == 1  # the test split is not the model's to learn from
