@@ -20,7 +20,6 @@ is run or stored: a refused App trains nothing and charges nothing.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,20 +39,15 @@ class AppApproval:
 
     def approves(self, fab_content: bytes) -> bool:
         """True if this FAB's content (hashed here, never taken from the coordinator's word) is approved."""
-        return hashlib.sha256(fab_content).hexdigest() in self.hashes
-
-    def to_json(self) -> str:
-        return json.dumps({"hashes": self.hashes}, indent=2, sort_keys=True) + "\n"
-
-    @classmethod
-    def from_json(cls, text: str) -> AppApproval:
-        hashes = json.loads(text)["hashes"]
-        if not isinstance(hashes, dict) or not all(isinstance(h, str) and _is_hash(h) for h in hashes):
-            raise ValueError("approved apps: expected {sha256 hex: reason}")
-        return cls(hashes={str(h): str(why) for h, why in hashes.items()})
+        return fab_hash(fab_content) in self.hashes
 
     def describe(self) -> str:
         return "; ".join(f"{h[:12]}… ({why})" for h, why in sorted(self.hashes.items(), key=lambda kv: kv[1]))
+
+
+def fab_hash(fab_content: bytes) -> str:
+    """The hash a FAB is approved by: SHA-256 of its bytes, hex (what `flwr run` names it by)."""
+    return hashlib.sha256(fab_content).hexdigest()
 
 
 def _is_hash(text: str) -> bool:
@@ -64,7 +58,7 @@ def app_hash(app_dir: Path = APP_DIR) -> str:
     """SHA-256 of the FAB Flower builds from `app_dir` (what `flwr run APP_DIR` ships)."""
     from flwr.cli.build import build_fab_from_disk
 
-    return hashlib.sha256(build_fab_from_disk(Path(app_dir))).hexdigest()
+    return fab_hash(build_fab_from_disk(Path(app_dir)))
 
 
 def site_approval(kit: HospitalKit, *, app_dir: Path = APP_DIR) -> AppApproval:

@@ -272,18 +272,18 @@ def supervise(kit: CoordinatorKit, *, bind: str, port: int | None, insecure_dev:
     try:
         while not stopping and link.poll() is None and edge.poll() is None:
             time.sleep(0.5)
-            if len(kit.node_certificates()) != len(names) or sorted(kit.node_certificates()) != names:
-                try:
-                    register_nodes(kit)
-                    reload_edge(kit, settings, edge)
-                    added = sorted(set(kit.node_certificates()) - set(names))
-                    names = sorted(kit.node_certificates())
-                    for name in added:
-                        audit(kit, "node admitted", name=name)
-                    print(f"accepted hospitals: {', '.join(names)}", flush=True)
-                except FedcareError as err:
-                    print(f"fedcare: warning: could not update the accepted nodes: {err.line}", file=sys.stderr, flush=True)
-                    names = sorted(kit.node_certificates())
+            current = sorted(kit.node_certificates())
+            if current == names:
+                continue
+            try:
+                register_nodes(kit)
+                reload_edge(kit, settings, edge)
+                for name in sorted(set(current) - set(names)):
+                    audit(kit, "node admitted", name=name)
+                print(f"accepted hospitals: {', '.join(current)}", flush=True)
+            except FedcareError as err:
+                print(f"fedcare: warning: could not update the accepted nodes: {err.line}", file=sys.stderr, flush=True)
+            names = current
     finally:
         stop_edge(edge)
         stop_process_group(link)

@@ -26,11 +26,10 @@ def interrupted_run(kit: CoordinatorKit) -> Path:
     """The latest run folder of this kit that did not record an outcome, or stopped early for a reason a
     restart can cure (it was interrupted); what `fedcare run --resume` takes up."""
     runs = sorted((kit.state_dir / "runs").glob("*/run.json"))
-    for run_file in reversed(runs):
-        record = RunRecord(run_file.parent)
-        if record.outcome() is None or not record.outcome().completed:
-            return run_file.parent
-        break
+    if runs:
+        outcome = RunRecord(runs[-1].parent).outcome()
+        if outcome is None or not outcome.completed:
+            return runs[-1].parent
     raise FederationError(f"no interrupted run to resume in {kit.state_dir / 'runs'}: the latest run completed "
                           f"(start a new one with `fedcare run --kit {kit.path}`)")
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from client.check import check_site_export
 from deploy.approval import AppApproval, site_approval
-from deploy.flower import flower_command, flower_env, free_port, warn_insecure
+from deploy.flower import flower_env, free_port, warn_insecure
 from deploy.kits import HospitalKit, read_site_settings
 from deploy.pki import node_tls_key
 from deploy.supernode import NodeProcessSettings
@@ -201,7 +201,6 @@ def run_node(settings: NodeSettings, process_settings: Path) -> int:
     """Start the SuperNode in the foreground; returns its exit status (0 after a clean stop)."""
     if settings.insecure_dev:
         warn_insecure(f"node '{settings.kit.name}' started with --insecure-dev")
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
     log_path = settings.state_dir / "supernode.log"
     home = settings.state_dir / "flwr-home"
     home.mkdir(exist_ok=True)

@@ -41,6 +41,25 @@ def _pem_cert(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
+def _common_name(text: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
+
+
+def _builder(subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey, *,
+             days: int) -> x509.CertificateBuilder:
+    """What every certificate here starts with: names, key, a random serial, valid from 5 minutes ago."""
+    now = dt.datetime.now(dt.timezone.utc)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+    )
+
+
 @dataclass(frozen=True)
 class CertificateAuthority:
     key: ec.EllipticCurvePrivateKey
@@ -49,16 +68,9 @@ class CertificateAuthority:
     @classmethod
     def create(cls, study_name: str, *, purpose: str = "study CA") -> CertificateAuthority:
         key = ec.generate_private_key(CURVE)
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"fedcare {purpose} ({study_name})")])
-        now = dt.datetime.now(dt.timezone.utc)
+        name = _common_name(f"fedcare {purpose} ({study_name})")
         cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=CA_DAYS))
+            _builder(name, name, key.public_key(), days=CA_DAYS)
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(
                 x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
@@ -87,15 +99,8 @@ class CertificateAuthority:
         public_key = serialization.load_ssh_public_key(public_key_line.strip())
         if not isinstance(public_key, ec.EllipticCurvePublicKey):
             raise KeyMaterialError(f"node '{name}': a client certificate needs an ECDSA public key")
-        now = dt.datetime.now(dt.timezone.utc)
         cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-            .issuer_name(self.cert.subject)
-            .public_key(public_key)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=SERVER_DAYS))
+            _builder(_common_name(name), self.cert.subject, public_key, days=SERVER_DAYS)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
             .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
@@ -115,15 +120,8 @@ class CertificateAuthority:
                 sans.append(x509.IPAddress(ipaddress.ip_address(host)))
             except ValueError:
                 sans.append(x509.DNSName(host))
-        now = dt.datetime.now(dt.timezone.utc)
         cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-            .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=SERVER_DAYS))
+            _builder(_common_name(hosts[0]), self.cert.subject, key.public_key(), days=SERVER_DAYS)
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
@@ -139,16 +137,9 @@ def loopback_certificate() -> tuple[bytes, bytes]:
     """(certificate PEM, key PEM): a self-signed certificate for 127.0.0.1 / localhost only, made at each
     coordinator start for the SuperLink behind the edge (trusted by the edge and the operator's `flwr`)."""
     key = ec.generate_private_key(CURVE)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedcare SuperLink (loopback)")])
-    now = dt.datetime.now(dt.timezone.utc)
+    name = _common_name("fedcare SuperLink (loopback)")
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=SERVER_DAYS))
+        _builder(name, name, key.public_key(), days=SERVER_DAYS)
         .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
                        critical=False)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)

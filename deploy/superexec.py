@@ -56,7 +56,6 @@ def install_forking_launch() -> None:
     """Make the subprocess executor fork a warm child per ClientApp task instead of a new interpreter."""
     import subprocess
 
-    from flwr.supercore.constant import TaskType
     from flwr.supercore.superexec.executor import subprocess_executor
 
     original_popen = subprocess.Popen
@@ -75,13 +74,11 @@ def install_forking_launch() -> None:
 
     class _Subprocess:
         Popen = _ForkingPopen
-        DEVNULL = subprocess.DEVNULL
 
         def __getattr__(self, name: str) -> object:
             return getattr(subprocess, name)
 
     subprocess_executor.subprocess = _Subprocess()
-    assert TaskType.CLIENT_APP in subprocess_executor.TASK_TYPE_TO_COMMAND
 
 
 def main() -> None:

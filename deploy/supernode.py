@@ -29,7 +29,6 @@ Run as `python -m deploy.supernode --fedcare-settings FILE -- <flower-supernode 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import ssl
 import sys
@@ -101,6 +100,7 @@ def install_app_approval(approved: dict[str, str]) -> None:
     from flwr.supercore import log
     from flwr.supernode import start_client_internal as sci
 
+    from deploy.approval import fab_hash
     from fedcare.protocol import REFUSAL_CODE
 
     original = sci._pull_and_store_message
@@ -116,7 +116,7 @@ def install_app_approval(approved: dict[str, str]) -> None:
 
         def approved_fab(fab_hash: str, run_id: int):
             fab = get_fab(fab_hash, run_id)
-            content_hash = hashlib.sha256(fab.content).hexdigest()  # never the coordinator's word for it
+            content_hash = fab_hash(fab.content)  # never the coordinator's word for it
             if content_hash not in approved:
                 raise _AppNotApproved(content_hash, run_id)
             return fab

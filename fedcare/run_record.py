@@ -108,9 +108,7 @@ class RunRecord:
         A folder that already holds another study is refused."""
         self.path.mkdir(parents=True, exist_ok=True)
         if self.study_file.exists():
-            recorded = load_study(self.study_file)
-            if recorded.hash != study.hash:
-                raise RunRecordError(f"{self.study_file}: holds study {recorded.hash[:12]}…, not this run's {study.hash[:12]}…")
+            self._check_recorded_study(study)
         else:
             atomic_write_bytes(self.study_file, study.to_toml().encode("utf-8"))
             if load_study(self.study_file).hash != study.hash:
@@ -119,14 +117,17 @@ class RunRecord:
                "started": utc_now()}
         atomic_write_bytes(self.path / RUN_FILE, _json_bytes(run))
 
+    def _check_recorded_study(self, study: Study) -> None:
+        recorded = load_study(self.study_file)
+        if recorded.hash != study.hash:
+            raise RunRecordError(f"{self.study_file}: holds study {recorded.hash[:12]}…, not this run's {study.hash[:12]}…")
+
     def resume(self, study: Study) -> ResumePoint:
         """Take up this interrupted run again with `study` (which must be the study it ran): note the
         resumption in run.json (its outcome, if any, is cleared) and return where it goes on."""
         if not self.study_file.is_file():
             raise RunRecordError(f"{self.study_file}: not found; is {self.path} a fedcare run folder?")
-        recorded = load_study(self.study_file)
-        if recorded.hash != study.hash:
-            raise RunRecordError(f"{self.study_file}: holds study {recorded.hash[:12]}…, not this run's {study.hash[:12]}…")
+        self._check_recorded_study(study)
         path = self.path / RUN_FILE
         run = json.loads(path.read_text(encoding="utf-8"))
         run.pop("outcome", None)

@@ -4,7 +4,8 @@ Flower 1.42's deployed Grid (`HttpGrid.send_and_receive`) pushes a stage's messa
 replies every 3 s: a SecAgg+ round of four exchanges loses up to 12 s to it. `PromptGrid` wraps the
 run's Grid and does the same loop through its public `push_messages` / `pull_messages` every
 `interval` seconds (default 0.2: five requests per second to the loopback SuperLink while a stage
-waits). Everything else is the wrapped Grid's. Flower's workflows call only `send_and_receive`,
+waits; a wrapped Grid that polls faster, as simulation's in-memory one does, keeps its pace).
+Everything else is the wrapped Grid's. Flower's workflows call only `send_and_receive`,
 `get_node_ids` and `run` (flwr 1.42.0; `tests/test_supernode_process.py` pins the version).
 """
 
@@ -24,7 +25,8 @@ class PromptGrid(Grid):
 
     def __init__(self, grid: Grid, *, interval: float = REPLY_POLL_SECONDS) -> None:
         self._grid = grid
-        self.interval = interval
+        # never slower than the wrapped Grid's own loop (simulation's in-memory Grid polls every 0.1 s)
+        self.interval = min(interval, getattr(grid, "pull_interval", interval))
 
     def set_run(self, run) -> None:
         self._grid.set_run(run)
