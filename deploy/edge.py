@@ -40,6 +40,7 @@ FLEET_CALLS = (
 )
 MAX_BODY = "256m"  # one masked update of the largest model the study allows, with room
 READY_TIMEOUT = 15.0
+NGINX_PATHS = ("/usr/sbin/nginx", "/usr/local/sbin/nginx")  # Debian's, and a source build's (often not on PATH)
 
 
 class EdgeError(FedcareError, RuntimeError):
@@ -62,7 +63,7 @@ def edge_dir(kit: CoordinatorKit) -> Path:
 
 
 def nginx_binary() -> str:
-    found = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).exists()), None)
+    found = shutil.which("nginx") or next((p for p in NGINX_PATHS if Path(p).exists()), None)
     if found is None:
         raise EdgeError("nginx not found: the coordinator's network edge needs it (Debian: `apt-get install nginx`); "
                         "only `--insecure-dev` runs without it")

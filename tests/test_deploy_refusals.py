@@ -55,3 +55,28 @@ def test_insecure_dev_coordinator_warns_loudly_and_serves_plain_http(kits):
             assert sock.recv(16).startswith(b"HTTP/1.")  # plain HTTP: no TLS
     finally:
         procs.stop_all()
+
+
+def test_a_node_without_its_client_certificate_says_where_to_get_it(kits):
+    made, _, tmp = kits
+    (made["a"] / "node.crt").unlink()
+    proc = fedcare("node", "start", "--kit", str(made["a"]), "--data", str(tmp / "sites" / "hospital-01"))
+    assert proc.returncode == 2
+    assert f"{made['a'] / 'node.crt'}: missing. The coordinator's edge admits only nodes with a TLS client certificate" \
+        in proc.stderr
+
+
+def test_resume_without_an_interrupted_run_is_refused_before_touching_the_federation(kits):
+    made, _, _ = kits
+    proc = fedcare("run", "--kit", str(made["coordinator"]), "--resume")
+    assert proc.returncode == 2
+    assert "no interrupted run to resume in" in proc.stderr and "start a new one with `fedcare run --kit" in proc.stderr
+
+
+def test_the_coordinator_without_nginx_names_the_package(monkeypatch):
+    from deploy import edge
+
+    monkeypatch.setattr(edge.shutil, "which", lambda name: None)
+    monkeypatch.setattr(edge, "NGINX_PATHS", ())
+    with pytest.raises(edge.EdgeError, match=r"nginx not found: .*`apt-get install nginx`"):
+        edge.nginx_binary()

@@ -124,3 +124,15 @@ def test_distributed_mode_keeps_the_private_key_at_the_hospital(kits, tmp_path):
         add_node(kits["coordinator"], "e", public)
     with pytest.raises(KeyMaterialError, match="not an OpenSSH public key"):
         add_node(kits["coordinator"], "f", private)
+
+
+def test_remove_node_takes_key_and_certificate_away_and_names_an_unknown_node(kits):
+    from deploy.provision import remove_node
+
+    coordinator = kits["coordinator"]
+    remove_node(coordinator, "b")
+    assert set(load_coordinator_kit(coordinator).node_keys()) == {"a", "c"}
+    assert not (coordinator / "nodes" / "b.crt").exists()
+    with pytest.raises(KitError, match=r"--name: no node named 'b' in .* \(accepted: a, c\)"):
+        remove_node(coordinator, "b")
+
