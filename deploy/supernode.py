@@ -114,8 +114,8 @@ def install_app_approval(approved: dict[str, str]) -> None:
             received[:] = [got[0]] if got is not None else []
             return got
 
-        def approved_fab(fab_hash: str, run_id: int):
-            fab = get_fab(fab_hash, run_id)
+        def approved_fab(announced_hash: str, run_id: int):
+            fab = get_fab(announced_hash, run_id)
             content_hash = fab_hash(fab.content)  # never the coordinator's word for it
             if content_hash not in approved:
                 raise _AppNotApproved(content_hash, run_id)
