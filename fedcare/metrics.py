@@ -53,3 +53,70 @@ def log_loss(y_true: np.ndarray, probs: np.ndarray) -> float:
 
 def accuracy(y_true: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> float:
     return float(((np.asarray(probs) >= threshold) == np.asarray(y_true).astype(bool)).mean())
+
+
+CALIBRATION_BINS = 10
+
+
+def balanced_accuracy(y_true: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> float:
+    """Mean of sensitivity and specificity at `threshold` (NaN when one class is absent)."""
+    y = np.asarray(y_true).astype(bool)
+    predicted = np.asarray(probs) >= threshold
+    if y.all() or not y.any():
+        return float("nan")
+    return float((predicted[y].mean() + (~predicted[~y]).mean()) / 2)
+
+
+def brier_score(y_true: np.ndarray, probs: np.ndarray) -> float:
+    """Mean squared error of the predicted probability (0 is perfect; 0.25 is a constant 0.5)."""
+    return float(((np.asarray(probs, dtype=np.float64) - np.asarray(y_true, dtype=np.float64)) ** 2).mean())
+
+
+def roc_curve(y_true: np.ndarray, probs: np.ndarray) -> dict[str, list[float]]:
+    """ROC points from (0, 0) to (1, 1): one per distinct threshold, highest first."""
+    return roc_from_histogram(score_histogram(y_true, probs))
+
+
+def roc_from_histogram(hist: np.ndarray) -> dict[str, list[float]]:
+    """ROC points of binned scores (thresholds at the bin edges, highest first); the curve of the
+    union of sites from their summed histograms. Empty lists when one class is absent."""
+    neg, pos = hist[0][::-1].astype(np.float64), hist[1][::-1].astype(np.float64)
+    if neg.sum() == 0 or pos.sum() == 0:
+        return {"fpr": [], "tpr": []}
+    keep = (neg + pos) > 0
+    fpr = np.concatenate([[0.0], np.cumsum(neg)[keep] / neg.sum()])
+    tpr = np.concatenate([[0.0], np.cumsum(pos)[keep] / pos.sum()])
+    return {"fpr": [round(float(v), 5) for v in fpr], "tpr": [round(float(v), 5) for v in tpr]}
+
+
+def calibration_table(y_true: np.ndarray, probs: np.ndarray, bins: int = CALIBRATION_BINS) -> list[dict]:
+    """Reliability diagram: per probability bin that holds rows, the mean predicted risk, the observed
+    rate and the row count."""
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(y_true, dtype=np.float64)
+    idx = np.clip((p * bins).astype(np.int64), 0, bins - 1)
+    table = []
+    for b in range(bins):
+        rows = idx == b
+        if rows.any():
+            table.append({"predicted": round(float(p[rows].mean()), 5), "observed": round(float(y[rows].mean()), 5),
+                          "rows": int(rows.sum())})
+    return table
+
+
+def calibration_from_histogram(hist: np.ndarray, bins: int = CALIBRATION_BINS) -> list[dict]:
+    """The reliability diagram of summed score histograms (`score_histogram`): the predicted risk of a
+    row is taken as its fine bin's midpoint, so it is exact to 1 / AUC_BINS."""
+    fine = hist.shape[1]
+    if fine % bins:
+        raise ValueError(f"{fine} histogram bins do not group into {bins} calibration bins")
+    neg = hist[0].astype(np.float64).reshape(bins, -1)
+    pos = hist[1].astype(np.float64).reshape(bins, -1)
+    mids = ((np.arange(fine) + 0.5) / fine).reshape(bins, -1)
+    table = []
+    for b in range(bins):
+        rows = neg[b].sum() + pos[b].sum()
+        if rows:
+            table.append({"predicted": round(float(((neg[b] + pos[b]) * mids[b]).sum() / rows), 5),
+                          "observed": round(float(pos[b].sum() / rows), 5), "rows": int(rows)})
+    return table

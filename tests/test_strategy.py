@@ -169,3 +169,34 @@ def test_round_config_and_no_plaintext_evaluation():
     assert strategy.on_fit_config_fn(2) == {"study_hash": "h", "phase": "train", "round": 2}
     assert strategy.on_fit_config_fn(3) == {"study_hash": "h", "phase": "evaluate", "round": 2}
     assert strategy.configure_evaluate(1, None, None) == []
+
+
+def test_roc_and_calibration_from_summed_histograms_equal_the_pooled_ones():
+    """What the coordinator derives from the sites' summed histograms is what the pooled rows give."""
+    from fedcare.metrics import calibration_from_histogram, calibration_table, roc_auc, roc_curve, roc_from_histogram
+
+    rng = np.random.default_rng(3)
+    sites = []
+    for n in (300, 500, 200):
+        labels = rng.random(n) < 0.25
+        sites.append((labels, np.clip(rng.beta(2, 5, n) + 0.25 * labels, 0, 1)))
+    summed = sum(score_histogram(y, p) for y, p in sites)
+    y_all = np.concatenate([y for y, _ in sites])
+    p_all = np.concatenate([p for _, p in sites])
+    assert roc_from_histogram(summed) == roc_curve(y_all, p_all)
+    curve = roc_from_histogram(summed)
+    assert np.trapezoid(curve["tpr"], curve["fpr"]) == pytest.approx(roc_auc(y_all, p_all), abs=2e-3)
+    pooled, federated = calibration_table(y_all, p_all), calibration_from_histogram(summed)
+    assert [b["rows"] for b in pooled] == [b["rows"] for b in federated]
+    assert [b["observed"] for b in pooled] == [b["observed"] for b in federated]
+    assert all(abs(a["predicted"] - b["predicted"]) <= 1e-3 for a, b in zip(pooled, federated))
+
+
+def test_balanced_accuracy_and_brier_score_by_hand():
+    from fedcare.metrics import balanced_accuracy, brier_score
+
+    y = np.array([1, 1, 0, 0, 0, 0])
+    p = np.array([0.9, 0.2, 0.1, 0.6, 0.3, 0.0])
+    assert balanced_accuracy(y, p) == pytest.approx((1 / 2 + 3 / 4) / 2)
+    assert brier_score(y, p) == pytest.approx((0.01 + 0.64 + 0.01 + 0.36 + 0.09 + 0) / 6)
+    assert np.isnan(balanced_accuracy(np.zeros(3), p[:3]))
