@@ -3,7 +3,8 @@
 The ServerApp's output reaches the coordinator's operator only as text (`flwr log --stream`), so each
 event is one line: `PREFIX` and a JSON object. `fedcare run` reads them back into `StageEvent`s for
 its progress display and hides them (and Flower's own log lines, unless `--verbose`). Events are
-emitted only when the run config asks for them (`progress = 1`); a simulation prints none.
+emitted only when the run config asks for them (`progress = 1`); `fedcare simulate` asks too and
+follows its in-process ServerApp through the same display.
 """
 
 from __future__ import annotations

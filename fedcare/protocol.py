@@ -55,21 +55,38 @@ class RefusalKind(enum.Enum):
     APP = "app"  # the run's App (its code) is not one the site approved: none of it was run
 
 
+# Refusals a site repeats for every later round of the run: its budget, its policy, its copy of the
+# study, its approval of the App, its ledger and its data do not change between rounds.
+PERMANENT_REFUSALS = frozenset({RefusalKind.BUDGET, RefusalKind.POLICY, RefusalKind.STUDY, RefusalKind.APP,
+                                RefusalKind.LEDGER, RefusalKind.DATA})
+
+
 class Refusal(FedcareError, RuntimeError):
     """A site declines a request; `kind` says why in a machine-readable way, the message in words.
 
     `shared` is what the coordinator may read: the message without any per-site value (default:
-    the message itself, for refusals that hold none).
+    the message itself, for refusals that hold none). `site` is the refusing site's name as the site
+    itself states it (its kit's name; its folder's in simulation), so the coordinator's operator can
+    tell who declined and why in one line.
     """
 
-    def __init__(self, kind: RefusalKind, message: str, *, shared: str | None = None) -> None:
+    def __init__(self, kind: RefusalKind, message: str, *, shared: str | None = None, site: str = "") -> None:
         super().__init__(message)
         self.kind = kind
         self.shared = message if shared is None else shared
+        self.site = site
+
+    @property
+    def permanent(self) -> bool:
+        """Whether the site will refuse every later round of this run for the same reason."""
+        return self.kind in PERMANENT_REFUSALS
 
     def reason(self) -> str:
-        """The error reason of the reply that carries this refusal (kind and the shared message only)."""
-        return json.dumps({"refusal": self.kind.value, "message": self.shared})
+        """The error reason of the reply that carries this refusal (kind, the shared message, the site's name)."""
+        fields = {"refusal": self.kind.value, "message": self.shared}
+        if self.site:
+            fields["site"] = self.site
+        return json.dumps(fields)
 
     @classmethod
     def from_reply(cls, code: int, reason: str) -> Refusal | None:
@@ -78,7 +95,7 @@ class Refusal(FedcareError, RuntimeError):
             return None
         try:
             fields = json.loads(reason)
-            return cls(RefusalKind(fields["refusal"]), str(fields["message"]))
+            return cls(RefusalKind(fields["refusal"]), str(fields["message"]), site=str(fields.get("site", ""))[:80])
         except (ValueError, KeyError, TypeError):
             return cls(RefusalKind.PROTOCOL, f"unreadable refusal: {reason[:200]}")
 

@@ -11,8 +11,10 @@ number of examples other than the round's constant). A refusal is an exception, 
 coordinator receives an error reply whose reason says why, and nothing else.
 
 The guard is also where every refusal of this site becomes its reply: a `fedcare.protocol.Refusal`
-raised here or by the client below becomes an error with `REFUSAL_CODE` and the refusal's kind and
-message as structured fields (logged at the site too); the coordinator never parses text.
+raised here or by the client below becomes an error with `REFUSAL_CODE` and the refusal's kind,
+message and the site's name as structured fields (logged at the site too); the coordinator never
+parses text. A user-facing error of the site's own inputs (`FedcareError`: an unreadable data file,
+an invalid study copy) is a refusal too (kind `data` / `study`), one line naming the file and reason.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from flwr.app.message_type import MessageType
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
 
+from fedcare.errors import FedcareError, StudyConfigError
 from fedcare.protocol import REFUSAL_CODE, Refusal, RefusalKind
-from fedcare.site import site_paths
-from privacy.policy import policy_for_site
+from fedcare.site import site_name, site_paths
+from privacy.policy import PolicyError, policy_for_site
 
 SECAGG_STAGES = (Stage.SETUP, Stage.SHARE_KEYS, Stage.COLLECT_MASKED_VECTORS, Stage.UNMASK)
 logger = logging.getLogger(__name__)
@@ -47,8 +50,18 @@ def _carries_arrays(reply: Message) -> bool:
 def masked_only_guard(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
     """The guard (see the module docstring); a refusal becomes the structured error reply."""
     try:
-        return _guarded(msg, ctxt, call_next)
+        try:
+            return _guarded(msg, ctxt, call_next)
+        except Refusal:
+            raise
+        except StudyConfigError as err:  # the site's copy of the study cannot be used: one line, not a traceback
+            raise Refusal(RefusalKind.STUDY, err.line) from None
+        except PolicyError as err:
+            raise Refusal(RefusalKind.POLICY, err.line) from None
+        except FedcareError as err:  # the site's data (or another input it owns) cannot take part
+            raise Refusal(RefusalKind.DATA, err.line) from None
     except Refusal as refusal:
+        refusal.site = refusal.site or site_name(dict(ctxt.node_config), dict(ctxt.run_config))
         logger.warning("site refused a '%s' message (%s): %s", msg.metadata.message_type, refusal.kind.value, refusal)
         return Message(Error(code=REFUSAL_CODE, reason=refusal.reason()), reply_to=msg)
 

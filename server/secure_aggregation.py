@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from flwr.common import Context
 from flwr.server import Grid
@@ -31,21 +32,51 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
 
 from fedcare.events import StageEvent
-from fedcare.protocol import Phase, Refusal, RefusalKind
+from fedcare.protocol import PERMANENT_REFUSALS, Phase, Refusal, RefusalKind
 from fedcare.study import Study
 
 
-def _failure(failure: BaseException) -> tuple[RefusalKind | None, str]:
-    """(refusal kind or None, one line) of a failed site reply: a site's refusal is read from its
-    structured fields; any other error (a crash, a timeout) is shown as Flower reports it."""
+@dataclass(frozen=True)
+class FailedReply:
+    """One failed site reply as the coordinator reads it."""
+
+    kind: RefusalKind | None  # a refusal's kind; None for any other error (a crash, a timeout)
+    what: str  # "refused (kind): message", or the error's last line
+    site: str = ""  # the refusing site's own name, when it gave one
+
+    @property
+    def permanent(self) -> bool:
+        return self.kind in PERMANENT_REFUSALS
+
+
+def _failure(failure: BaseException) -> FailedReply:
+    """A failed site reply: a site's refusal is read from its structured fields; any other error
+    (a crash, a timeout) is shown as Flower reports it."""
     error = failure.args[0] if failure.args else None
     code, reason = getattr(error, "code", None), getattr(error, "reason", None)
     if isinstance(code, int) and isinstance(reason, str):
         refusal = Refusal.from_reply(code, reason)
         if refusal is not None:
-            return refusal.kind, f"refused ({refusal.kind.value}): {refusal.line}"[:400]
-        return None, _last_line(reason)
-    return None, _last_line(str(failure))
+            return FailedReply(refusal.kind, f"refused ({refusal.kind.value}): {refusal.line}"[:400], refusal.site)
+        return FailedReply(None, _last_line(reason))
+    return FailedReply(None, _last_line(str(failure)))
+
+
+def failure_lines(failed: list[FailedReply]) -> list[str]:
+    """One line per distinct failure, naming the sites that gave it (or how many, when unnamed)."""
+    groups: dict[tuple[RefusalKind | None, str], list[str]] = {}
+    for reply in failed:
+        groups.setdefault((reply.kind, reply.what), []).append(reply.site)
+    lines = []
+    for (_, what), sites in groups.items():
+        named = sorted(s for s in sites if s)
+        unnamed = len(sites) - len(named)
+        if named:
+            verb = what if what.startswith("refused") else f"failed: {what}"
+            lines.append(f"{'site' if len(named) == 1 else 'sites'} {', '.join(named)} {verb}")
+        if unnamed:
+            lines.append(f"{'a site' if unnamed == 1 else f'{unnamed} sites'} failed: {what}")
+    return lines
 
 
 def _last_line(text: str) -> str:
@@ -66,8 +97,8 @@ class ReportingSecAggPlusWorkflow(SecAggPlusWorkflow):
         self._no_model = False  # the statistics round failed: no later round can run
         self.on_round_lost = on_round_lost  # (server round, why) of a round without an aggregate
         self.stopped = ""
-        self._budget_refusals = 0
-        self._app_refusals = 0
+        self._refusals: list[FailedReply] = []  # this round's permanent refusals
+        self._shown: set[tuple[str, str]] = set()  # (site, failure) already shown in this run
         self._current = 0
 
     def __call__(self, grid: Grid, context: LegacyContext) -> None:
@@ -75,7 +106,7 @@ class ReportingSecAggPlusWorkflow(SecAggPlusWorkflow):
         if self.stopped and (self._current in self.training_rounds or self._no_model):
             self._lost(f"skipped: {self.stopped}")
             return
-        self._budget_refusals = self._app_refusals = 0
+        self._refusals = []
         phase = getattr(context.strategy, "phase", None)
         self._phase = phase(self._current) if phase is not None else (Phase.TRAIN, self._current)
         self._rounds = getattr(context.strategy, "training_rounds", 0)
@@ -107,30 +138,50 @@ class ReportingSecAggPlusWorkflow(SecAggPlusWorkflow):
         self._event(name, done=True, sites=sites or len(state.sampled_node_ids), answered=len(state.active_node_ids))
         # Flower may record one error reply twice (as a failure of two checks): report it once.
         seen: set[int] = set()
+        failed = []
         for failure in state.failures[before:]:
             key = id(failure.args[0]) if failure.args else id(failure)
             if key not in seen:
                 seen.add(key)
-                kind, reason = _failure(failure)
-                self._budget_refusals += kind is RefusalKind.BUDGET
-                self._app_refusals += kind is RefusalKind.APP
-                print(f"  secure aggregation ({name}): a site failed: {reason}", flush=True)
+                failed.append(_failure(failure))
+        self._refusals += [f for f in failed if f.permanent]
+        # A named site's repeated failure is shown once per run (it refuses every round for one reason).
+        fresh = [f for f in failed if not f.site or (f.site, f.what) not in self._shown]
+        self._shown |= {(f.site, f.what) for f in failed if f.site}
+        for line in failure_lines(fresh):
+            print(f"  secure aggregation ({name}): {line}", flush=True)
         if not ok:
             print(f"  secure aggregation halted at stage '{name}': this round has no aggregate", flush=True)
             self._lost(f"secure aggregation halted at stage '{name}'")
             if self._current < self.training_rounds.start:
                 self._no_model = True
                 self.stopped = self.stopped or "the statistics round (federated standardization) has no aggregate"
-            if self._app_refusals:
-                self.stopped = ("sites refused this run's App: its code is not a release they approved, and too few "
-                                "remain to aggregate")
-            elif self._budget_refusals:
-                self.stopped = "sites have spent their privacy budget and too few remain to aggregate"
+            self.stopped = self._permanent_stop() or self.stopped
             if self.stopped:
                 then = "every later round skipped" if self._no_model else \
                     "remaining training rounds skipped, the model is evaluated"
                 print(f"study stopped: {self.stopped}; {then}", flush=True)
         return ok
+
+    def _permanent_stop(self) -> str:
+        """Why the study stops when this round's permanent refusals left too few sites ("" if none did)."""
+        kinds = {f.kind for f in self._refusals}
+        if not kinds:
+            return ""
+        if RefusalKind.APP in kinds:
+            return ("sites refused this run's App: its code is not a release they approved, and too few "
+                    "remain to aggregate")
+        if kinds == {RefusalKind.BUDGET}:
+            return "sites have spent their privacy budget and too few remain to aggregate"
+        first = self._refusals[0]
+        named = sorted({f.site for f in self._refusals if f.site})
+        who = f"{'site' if len(named) == 1 else 'sites'} {', '.join(named)}" if named else f"{len(self._refusals)} site(s)"
+        return f"{who} {first.what}; too few sites remain to aggregate"
+
+    def _check_threshold(self, state) -> bool:
+        """Flower's check, without its bare ERROR line: the halted stage is reported with its reasons."""
+        return all(len(state.nid_to_neighbours[node] & state.active_node_ids) >= state.threshold
+                   for node in state.sampled_node_ids)
 
     def setup_stage(self, grid: Grid, context: Context, state) -> bool:
         return self._stage("setup", grid, context, state)

@@ -17,6 +17,14 @@ from deploy.flower import quiet_flower_environment
 from fedcare import APP_DIR
 
 
+def _quiet_site_tracebacks(record: logging.LogRecord) -> bool:
+    """Drop the ERROR records in which Flower's simulation engine (its Ray transport and virtual Fleet)
+    logs a virtual node's exception with Ray's traceback: the coordinator already prints each failure
+    as one line naming the site and the reason. `--verbose` keeps them."""
+    engine = "ray_transport" in record.pathname or f"{os.sep}vce{os.sep}" in record.pathname
+    return not (record.levelno >= logging.ERROR and engine)
+
+
 def run_flower_simulation(
     num_sites: int,
     run_config: dict[str, str | int | float],
@@ -56,6 +64,7 @@ def run_flower_simulation(
     logging.getLogger("flwr").propagate = False
     if not verbose:
         update_console_handler(level=logging.WARNING, timestamps=False, colored=True)
+        logging.getLogger("flwr").addFilter(_quiet_site_tracebacks)
     _run_simulation(
         num_supernodes=num_sites,
         exit_event=EventType.FLWR_SIMULATION_RUN_LEAVE,

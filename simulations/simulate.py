@@ -1,44 +1,42 @@
-"""`fedcare simulate`: one whole study on one machine, from synthetic hospitals to quantized ONNX.
+"""`fedcare simulate`: one whole study on one machine, from site data to quantized ONNX.
 
-1. Write N synthetic hospitals' files under `<out>/sites/`.
+1. The sites: N synthetic hospitals written under `<out>/sites/` (`--hospitals`), or the evaluator's
+   own folders (`--sites DIR`: every sub-folder is one site, CSV, Parquet or FHIR, with its optional
+   `site.toml` policy), each checked as `fedcare data check` does before anything starts.
 2. Run the fedcare ServerApp/ClientApp in Flower's simulation engine (SecAgg+ + DP-SGD), with the
    study file and the overrides exactly as `fedcare run` passes them: the ServerApp writes the run
-   folder (`fedcare.run_record`) into `<out>/` itself, the same folder a deployed run writes.
-3. As the evaluator (who, in simulation only, may read every site's files): score the final
-   global model on the union of the sites' test splits, read each site's privacy spend,
-   train the non-private centralized baseline, export and quantize the model.
+   folder (`fedcare.run_record`) into `<out>/` itself, the same folder a deployed run writes. With
+   `--sites`, the sites' ledgers are kept under `<out>/state/<site>`: the data folders are only read.
+3. As the evaluator (who, in simulation only, may read every site's files): `simulations.evaluation`.
 4. Write `report.json` and `summary.txt` (`fedcare.report`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from client.data import load_site
-from client.training import train_plain
-from export.onnx_export import run_onnx
-from export.pipeline import export_models
+from client.check import check_site_export
+from deploy.progress_display import DisplayedLines, RunDisplay
+from client.data import read_site_csv
 from fedcare import DEFAULT_STUDY
 from fedcare.errors import FedcareError
-from fedcare.features import model_inputs
-from fedcare.metrics import accuracy, log_loss, roc_auc
-from fedcare.model import build_model, predict_proba, set_weights
-from fedcare.report import build_report, write_report
+from fedcare.report import write_report
 from fedcare.run_record import RunRecord
+from fedcare.site import simulated_site_folders
 from fedcare.study import Overrides, Study, StudyConfigError, load_study
-from privacy.ledger import PrivacyLedger, rounds_of
 from simulations.cohorts import write_cohorts
 from simulations.engine import run_flower_simulation
-
-CALIBRATION_ROWS = 2048
+from simulations.evaluation import evaluate_study
 
 
 @dataclass(frozen=True)
 class SimulationOptions:
+    """What `fedcare simulate` runs. `sites` (the evaluator's own site folders) or `hospitals`
+    (synthetic ones, with `seed`, `size_scale` and `data_format`)."""
+
     hospitals: int = 5
     rounds: int | None = None
     epsilon: float | None = None
@@ -48,6 +46,7 @@ class SimulationOptions:
     size_scale: float = 1.0
     verbose: bool = False
     data_format: str = "csv"  # how each synthetic site exports its data: csv | parquet | fhir
+    sites: Path | None = None
 
 
 class SimulationError(FedcareError, RuntimeError):
@@ -56,11 +55,31 @@ class SimulationError(FedcareError, RuntimeError):
 
 def prepare_study(opts: SimulationOptions) -> Study:
     study = load_study(opts.study).with_overrides(Overrides(rounds=opts.rounds, epsilon=opts.epsilon))
-    if opts.hospitals < study.strategy.min_sites:
+    if opts.sites is None and opts.hospitals < study.strategy.min_sites:
         raise StudyConfigError(
             f"--hospitals: {opts.hospitals} is fewer than the study's strategy.min_sites ({study.strategy.min_sites})"
         )
     return study
+
+
+def check_site_folders(study: Study, sites_dir: Path) -> list[Path]:
+    """The evaluator's site folders, each read as `fedcare data check` reads it; one line naming the
+    folder, file and reason for the first that cannot take part."""
+    if not sites_dir.is_dir():
+        raise SimulationError(f"--sites: {sites_dir} is not a directory of site folders")
+    folders = simulated_site_folders(sites_dir)
+    if len(folders) < study.strategy.min_sites:
+        raise SimulationError(f"--sites: {sites_dir} has {len(folders)} site folder(s), fewer than the study's "
+                              f"strategy.min_sites ({study.strategy.min_sites})")
+    for folder in folders:
+        check = check_site_export(study, folder)
+        if check.fatal:
+            reasons = [line.strip() for line in check.text.splitlines() if "FATAL" in line or "data check:" in line]
+            raise SimulationError(f"--sites: site {folder.name}: " + "; ".join(reasons or [check.text.splitlines()[-1]]))
+        for line in check.text.splitlines():
+            if "WARNING" in line:
+                print(f"site {folder.name}: {line.strip()}", flush=True)
+    return folders
 
 
 def simulate(opts: SimulationOptions) -> dict:
@@ -71,21 +90,42 @@ def simulate(opts: SimulationOptions) -> dict:
     out = Path(opts.out).resolve()
     if (out / "study.toml").exists() or (out / "sites").exists():
         raise SimulationError(f"--out: {out} already holds a study run; choose an empty directory")
-    out.mkdir(parents=True, exist_ok=True)
-
-    print(f"writing {opts.hospitals} synthetic hospitals (seed {opts.seed}) to {out / 'sites'}", flush=True)
-    cohorts = write_cohorts(study, out / "sites", opts.hospitals, opts.seed, opts.size_scale)
-    render_sites(study, out / "sites", opts.data_format)
-    run_flower_simulation(
-        opts.hospitals,
-        {"study": str(Path(opts.study).resolve()), "out-dir": str(out), "sim-sites-dir": str(out / "sites"),
-         **overrides.run_config()},
-        verbose=opts.verbose,
-    )
+    ground_truth = None
+    if opts.sites is not None:
+        sites_dir = Path(opts.sites).resolve()
+        if sites_dir == out or out in sites_dir.parents or sites_dir in out.parents:
+            raise SimulationError(f"--out: {out} must not be inside --sites {sites_dir} (or hold it)")
+        folders = check_site_folders(study, sites_dir)
+        state_root: Path | None = out / "state"
+        print(f"{len(folders)} sites from {sites_dir}: {', '.join(f.name for f in folders)}", flush=True)
+        out.mkdir(parents=True, exist_ok=True)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        sites_dir, state_root = out / "sites", None
+        print(f"writing {opts.hospitals} synthetic hospitals (seed {opts.seed}) to {sites_dir}", flush=True)
+        cohorts = write_cohorts(study, sites_dir, opts.hospitals, opts.seed, opts.size_scale)
+        render_sites(study, sites_dir, opts.data_format)
+        folders, ground_truth = simulated_site_folders(sites_dir), cohorts["ground_truth_auc"]
+    # The ServerApp runs in this process: its output goes through the same display as `fedcare run`'s
+    # (a live status line of round, SecAgg+ stage and sites answered on a terminal).
+    display = RunDisplay(verbose=opts.verbose)
+    try:
+        with contextlib.redirect_stdout(DisplayedLines(display)):
+            run_flower_simulation(
+                len(folders),
+                {"study": str(Path(opts.study).resolve()), "out-dir": str(out), "sim-sites-dir": str(sites_dir),
+                 "sim-state-dir": str(state_root or ""), "progress": 1, **overrides.run_config()},
+                verbose=opts.verbose,
+            )
+    finally:
+        display.close()
     record = RunRecord(out)
     if record.latest_checkpoint() is None:
-        raise SimulationError("no round was securely aggregated; see the log above for the SecAgg+ failure")
-    report = evaluate_study(record, cohorts, wall_started=started)
+        outcome = record.outcome()
+        why = f": {outcome.stopped}" if outcome is not None and outcome.stopped else "; see the log above for the SecAgg+ failure"
+        raise SimulationError(f"no round was securely aggregated{why}")
+    report = evaluate_study(record, sites_dir, state_root=state_root, wall_started=started,
+                            ground_truth_auc=ground_truth)
     write_report(record, report)
     return report
 
@@ -115,87 +155,8 @@ def write_parquet_splits(study: Study, site: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from client.data import read_site_csv
-
     for split in ("train", "test"):
         table = read_site_csv(study, site / f"{split}.csv")
         columns = {f.name: pa.array(table.features[:, i]) for i, f in enumerate(study.features)}
         columns[study.label.name] = pa.array(table.labels.astype("int64"))
         pq.write_table(pa.table(columns), site / f"{split}.parquet")
-
-
-def evaluate_study(record: RunRecord, cohorts: dict, *, wall_started: float) -> dict:
-    """The evaluator's view: final metrics, per-site ε and AUC, baseline, export."""
-    scaled = record.study()  # the study as run, with the scaling the sites trained with
-    study = load_study(record.study_file)  # as agreed (the spec's scaling: the sites' files are raw)
-    weights, _ = record.final_weights(study.hash)
-    model = build_model(study)
-    set_weights(model, weights)
-    out = record.path
-    site_dirs = [out / "sites" / s["name"] for s in cohorts["sites"]]
-    sites, test_x, test_y, train_x, train_y = [], [], [], [], []
-    for site_dir in site_dirs:
-        data = load_site(study, site_dir)
-        x_test = model_inputs(scaled, data.test.features)
-        test_x.append(x_test)
-        test_y.append(data.test.labels)
-        train_x.append(model_inputs(scaled, data.train.features))
-        train_y.append(data.train.labels)
-        spent = rounds_of(PrivacyLedger(site_dir / ".fedcare").entries(), study.budget_key)
-        if not spent:
-            raise SimulationError(f"{site_dir.name}: its privacy ledger records no round; the site never trained")
-        sites.append(
-            {
-                "name": site_dir.name,
-                "epsilon": round(spent[-1].epsilon_study, 4),
-                "delta": study.privacy.delta,
-                "noise_multiplier": round(spent[-1].noise_multiplier, 4),
-                "rounds_trained": len(spent),
-                "train_rows": int(len(data.train.labels)),
-                "test_rows": int(len(data.test.labels)),
-                "auc": round(roc_auc(data.test.labels, predict_proba(model, x_test)), 4),
-            }
-        )
-    x_all, y_all = np.concatenate(test_x), np.concatenate(test_y)
-    probs = predict_proba(model, x_all)
-
-    baseline = build_model(study)
-    baseline_epochs = study.training.rounds * study.training.local_epochs
-    train_plain(study, baseline, np.concatenate(train_x), np.concatenate(train_y), baseline_epochs)
-
-    calibration = _calibration_sample(np.concatenate(train_x), study.model.seed)
-    exported = export_models(scaled, weights, out / "export", calibration=calibration)
-    auc_fp32 = roc_auc(y_all, run_onnx(exported.fp32.path, x_all))
-    auc_int8 = roc_auc(y_all, run_onnx(exported.int8.path, x_all))
-    return build_report(
-        record,
-        sites=sites,
-        final={
-            "auc": round(roc_auc(y_all, probs), 4),
-            "accuracy": round(accuracy(y_all, probs), 4),
-            "loss": round(log_loss(y_all, probs), 4),
-            "test_rows": int(len(y_all)),
-            "prevalence": round(float(y_all.mean()), 4),
-        },
-        baseline={
-            "auc": round(roc_auc(y_all, predict_proba(baseline, x_all)), 4),
-            "epochs": baseline_epochs,
-            "private": False,
-        },
-        ground_truth_auc=cohorts["ground_truth_auc"],
-        export={
-            "onnx": str(exported.fp32.path),
-            "onnx_int8": str(exported.int8.path),
-            "auc_fp32": round(auc_fp32, 5),
-            "auc_int8": round(auc_int8, 5),
-            "bytes_fp32": exported.fp32.bytes,
-            "bytes_int8": exported.int8.bytes,
-            "calibration": f"{len(calibration)} rows sampled from the sites' training splits (simulation only)",
-        },
-        wall_seconds=time.monotonic() - wall_started,
-    )
-
-
-def _calibration_sample(x: np.ndarray, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return x[rng.permutation(len(x))[:CALIBRATION_ROWS]]

@@ -109,3 +109,18 @@ def test_simulated_site_policy_comes_from_its_directory(study, tmp_path, cohorts
     context = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 1}, state=RecordDict(),
                       run_config={"study": str(path), "sim-sites-dir": str(sites)})
     assert "below this site's policy min_cohort = 6" in _call(_setup(5, 3), context)
+
+
+def test_a_refusal_names_the_site_and_a_broken_input_is_a_one_line_refusal(site, tmp_path):
+    """The coordinator's operator reads who declined and why: the site's name travels with the refusal;
+    a site's own unusable input (here an invalid site.toml) is a structured refusal, not a crash."""
+    study_path, data = site
+    refusal = _refusal(_setup(2, 2), _context(tmp_path, study_path, data))
+    assert refusal.site == data.name  # no `site` in the node config: the data folder's name (simulation)
+    named = Context(run_id=1, node_id=7, state=RecordDict(), run_config={},
+                    node_config={"data": str(data), "study": str(study_path), "site": "st-marys"})
+    assert _refusal(_setup(2, 2), named).site == "st-marys"  # `fedcare node start` sets the kit's name
+    policy = tmp_path / "site.toml"
+    policy.write_text("[policy]\nmin_cohort = 'three'\n")
+    broken = _refusal(_setup(4, 3), _context(tmp_path, study_path, data, policy=policy))
+    assert broken.kind is RefusalKind.POLICY and "min_cohort" in str(broken) and "\n" not in str(broken)
