@@ -29,7 +29,7 @@ def _split_paths(path: Path) -> list[tuple[str, str, Path]]:
         return [(path.stem, fmt, path)]
     if not path.is_dir():
         raise SiteDataError(f"{path}: site data directory not found")
-    if any(path.glob("*.ndjson")) or any(path.glob("*.json")):
+    if any(path.glob("*.ndjson")) or any(path.glob("*.ndjson.gz")) or any(path.glob("*.json")):
         return [(path.name, "fhir", path)]
     return [(split, *split_source(path, split)) for split in ("train", "test")]
 

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import gzip
 import json
 import math
 import re
@@ -61,6 +62,7 @@ try:  # a declared dependency; the stdlib decoder stays the reference and the fa
 except ImportError:  # pragma: no cover
     _fast_loads = None
 
+from client.fhir_bulk import ExpectedFile, check_delivery, expected_files, is_manifest, is_ndjson
 from client.fhir_datatypes import Reject, bundle_patient_urls
 from client.fhir_report import FhirLoadReport, printable_file
 from client.fhir_resources import HANDLERS, FactCollector, Location, PatientState
@@ -86,9 +88,9 @@ def read_site_fhir(study: Study, mapping: Mapping, path: str | Path, *, today: d
     if not path.is_dir():
         raise SiteDataError(f"{path}: FHIR split directory not found")
     entries = sorted((p for p in path.iterdir() if p.is_file()), key=lambda p: p.name)
-    files = [p for p in entries if p.suffix.lower() in (".ndjson", ".json")]
+    files = [p for p in entries if is_ndjson(p) or p.suffix.lower() == ".json"]
     if not files:
-        raise SiteDataError(f"{path}: no .ndjson or .json files in the FHIR split directory")
+        raise SiteDataError(f"{path}: no .ndjson, .ndjson.gz or .json files in the FHIR split directory")
     report = FhirLoadReport(path=str(path), files=[p.name for p in files])
     report.ignored_files = [p.name for p in entries if p not in files]
     reader = _Reader(Program(study, mapping), report, (today or datetime.date.today()).toordinal())
@@ -99,16 +101,24 @@ def read_site_fhir(study: Study, mapping: Mapping, path: str | Path, *, today: d
     gc.disable()
     try:
         for number, file in enumerate(files):
-            if file.suffix.lower() == ".ndjson":
+            if is_ndjson(file):
                 reader.read_ndjson(file, number)
             else:
                 reader.read_bundle(file, number)
     finally:
         if collecting:
             gc.enable()
+    for file in files:
+        lines, unparsed = reader.resources_per_file.get(file.name, 0), reader.unparsed_per_file.get(file.name, 0)
+        if lines >= MIN_LINES_FOR_LOSS_CHECK and unparsed > lines / 2:
+            raise SiteDataError(f"{file}: {unparsed} of {lines} lines are not readable JSON (damaged, or not NDJSON); "
+                                "a file that lost most of itself is not used")
+    for manifest, expected in reader.manifests:
+        check_delivery(manifest, expected, reader.resources_per_file)
     return reader.table(path)
 
 
+MIN_LINES_FOR_LOSS_CHECK = 10  # as for tables (client/data.py): a file of 10+ lines that lost most of them is fatal
 _UNPARSED = object()  # `_Reader._parse` failed (the line or file is quarantined)
 _NO_ALIASES: dict[str, str] = {}  # NDJSON has no Bundle fullUrls (never written to)
 
@@ -120,40 +130,55 @@ class _Reader:
         self.program, self.report = program, report
         self.collector = FactCollector(program, report, today)
         self.bundles: set[int] = set()
+        self.manifests: list[tuple[Path, list[ExpectedFile]]] = []  # bulk-data completion manifests read
+        self.resources_per_file: dict[str, int] = {}  # non-blank NDJSON lines per file name
+        self.unparsed_per_file: dict[str, int] = {}  # of them, lines that are not JSON (or too long)
 
     # files
 
     def read_ndjson(self, path: Path, number: int) -> None:
-        """One resource per line, streamed; blank lines are skipped."""
-        content = False
-        ingest, fast = self._ingest, _fast_loads
-        with path.open("rb") as handle:
-            readline = handle.readline
-            line = 0
-            while raw := readline(MAX_LINE_BYTES + 1):
-                line += 1
-                if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
-                    _skip_rest_of_line(handle)
-                    content = True
-                    self._quarantine((number, line), f"line longer than {MAX_LINE_BYTES >> 20} MB (not parsed)")
-                    continue
-                if fast is not None:
-                    try:
-                        obj = fast(raw)
-                    except ValueError:
-                        pass  # the stdlib decoder below classifies the line exactly
-                    else:
-                        content = True
-                        ingest(obj, (number, line), _NO_ALIASES)
-                        continue
-                if not raw.strip():
-                    continue
-                content = True
-                obj = self._parse((number, line), raw, truncated=not raw.endswith(b"\n"))
-                if obj is not _UNPARSED:
-                    ingest(obj, (number, line), _NO_ALIASES)
-        if not content:
+        """One resource per line, streamed (gzip-compressed too: `*.ndjson.gz`); blank lines are skipped."""
+        counts = [0, 0, 0]  # lines, blank lines, unparsed lines (kept when a damaged stream stops the read)
+        try:
+            with (gzip.open(path, "rb") if path.name.lower().endswith(".gz") else path.open("rb")) as handle:
+                self._ndjson_lines(handle, number, counts)
+        except (OSError, EOFError) as err:  # a damaged or truncated gzip stream: what follows cannot be read
+            self._quarantine((number, counts[0] + 1),
+                             f"unreadable from here on ({type(err).__name__}: truncated or damaged file)")
+            counts[0] += 1
+        self.resources_per_file[path.name] = counts[0] - counts[1]
+        self.unparsed_per_file[path.name] = counts[2]
+        if counts[0] == counts[1]:
             self._quarantine((number, None), "empty file")
+
+    def _ndjson_lines(self, handle: Any, number: int, counts: list[int]) -> None:
+        """Ingest every line of an open NDJSON stream, counting lines and blank lines in `counts`."""
+        ingest, fast = self._ingest, _fast_loads
+        readline = handle.readline
+        while raw := readline(MAX_LINE_BYTES + 1):
+            counts[0] += 1
+            line = counts[0]
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                _skip_rest_of_line(handle)
+                counts[2] += 1
+                self._quarantine((number, line), f"line longer than {MAX_LINE_BYTES >> 20} MB (not parsed)")
+                continue
+            if fast is not None:
+                try:
+                    obj = fast(raw)
+                except ValueError:
+                    pass  # the stdlib decoder below classifies the line exactly
+                else:
+                    ingest(obj, (number, line), _NO_ALIASES)
+                    continue
+            if not raw.strip():
+                counts[1] += 1
+                continue
+            obj = self._parse((number, line), raw, truncated=not raw.endswith(b"\n"))
+            if obj is _UNPARSED:
+                counts[2] += 1
+            else:
+                ingest(obj, (number, line), _NO_ALIASES)
 
     def read_bundle(self, path: Path, number: int) -> None:
         """A whole Bundle (entries[].resource); refused above MAX_BUNDLE_BYTES."""
@@ -167,6 +192,9 @@ class _Reader:
             return
         doc = self._parse((number, None), data, truncated=False)
         if doc is _UNPARSED:
+            return
+        if is_manifest(doc):  # a bulk-data export's completion manifest: checked once every file is read
+            self.manifests.append((path, expected_files(doc, path)))
             return
         entries = doc.get("entry", []) if isinstance(doc, dict) else None
         if not isinstance(doc, dict) or doc.get("resourceType") != "Bundle" or not isinstance(entries, list):

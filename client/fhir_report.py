@@ -16,7 +16,7 @@ from client.tables import MAX_EXAMPLES_PER_REASON, LoadReport
 # File names printed as they are: a resource type or another single word, optionally numbered
 # (Patient.ndjson, Observation.2.ndjson, 1.Condition.ndjson, export.json). Anything else, e.g.
 # a Synthea Bundle named after its patient (First123_Last456_<uuid>.json), prints as `file #k`.
-_PRINTABLE_FILE = re.compile(r"(?:[0-9]{1,9}[._-])?[A-Za-z]{1,64}(?:[._-][0-9]{1,9})?\.(?:ndjson|json|NDJSON|JSON)")
+_PRINTABLE_FILE = re.compile(r"(?:[0-9]{1,9}[._-])?[A-Za-z]{1,64}(?:[._-][0-9]{1,9})?\.(?:ndjson|json|NDJSON|JSON)(?:\.gz)?")
 
 
 @dataclass

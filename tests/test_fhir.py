@@ -677,7 +677,7 @@ def test_unusable_directories_are_fatal(study, tmp_path):
     with pytest.raises(SiteDataError, match="FHIR split directory not found"):
         read(study, tmp_path / "nope")
     (tmp_path / "readme.txt").write_text("hi")
-    with pytest.raises(SiteDataError, match="no .ndjson or .json files"):
+    with pytest.raises(SiteDataError, match="no .ndjson, .ndjson.gz or .json files"):
         read(study, tmp_path)
     write_ndjson(tmp_path, "a.ndjson", [patient("kid", birth="2015-01-01"), obs("x", "44261-6", -3, 1, "{score}")])
     with pytest.raises(SiteDataError, match="no usable patients") as err:
