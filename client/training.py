@@ -4,6 +4,14 @@
 with the schedule's noise multiplier, drawing the noise from a cryptographic source
 (`privacy/noise.py`). What the round costs is charged before, by the site's ledger
 (`privacy/budget.py`), from the same schedule.
+
+FedProx (`strategy.proximal_mu` = μ > 0) adds the proximal term μ/2 ‖w − w_global‖² to the local
+objective, w_global being the model the round started from. Its gradient μ (w − w_global) does not
+depend on the data, so it is added to each step's gradient *after* Opacus clipped, noised and
+averaged the data term (`DPOptimizer.pre_step`, which also records the step with the accountant,
+once), then the original optimizer steps: the privacy cost, ε and the ledger are those of plain
+DP-SGD. Clipping it with the data gradients instead would make the term compete for the clipping
+norm and bias it for nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 from opacus import PrivacyEngine
+from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -101,6 +110,8 @@ def train_round(
     source = CryptoGaussian()  # fresh key from os.urandom: noise and sampling nobody can predict
     use_crypto_noise(optimizer, source)
     private_model.train()
+    mu = float(study.strategy.proximal_mu or 0.0)
+    anchors = [p.detach().clone() for p in optimizer.params] if mu > 0 else []  # w_global, this round's start
     rows: BatchIndexedRows = loader.dataset
     steps = 0
     # Poisson sampling as Opacus' sampler does it (rate q = 1 / batches per epoch, 1 / q steps per
@@ -115,9 +126,24 @@ def train_round(
         optimizer.zero_grad(set_to_none=True)
         loss = criterion(private_model(xb), yb)  # logits and labels are both [B]
         loss.backward()
-        optimizer.step()
+        if mu > 0:
+            _proximal_step(optimizer, anchors, mu)
+        else:
+            optimizer.step()
         steps += 1
     return steps
+
+
+@torch.no_grad()
+def _proximal_step(optimizer: DPOptimizer, anchors: list[torch.Tensor], mu: float) -> None:
+    """`DPOptimizer.step` with μ (w − w_global) added to the privatized gradient: `pre_step` clips,
+    noises and scales the data gradient and calls the accountant's hook (once per step, as `step`
+    would); then the proximal gradient, which touches no data, and the original optimizer's step."""
+    if not optimizer.pre_step():
+        return  # a skipped step (gradient accumulation): `step` would not step either
+    for p, anchor in zip(optimizer.params, anchors, strict=True):
+        p.grad.add_(p.detach() - anchor, alpha=mu)
+    optimizer.original_optimizer.step()
 
 
 def train_plain(study: Study, model: RiskMLP, x: np.ndarray, y: np.ndarray, epochs: int, seed: int = 0) -> None:

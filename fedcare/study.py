@@ -28,7 +28,20 @@ if TYPE_CHECKING:
 
 FEATURE_TYPES = ("numeric", "count", "binary")
 MISSING_POLICIES = ("impute", "indicator", "reject")
-STRATEGIES = ("fedavg",)
+STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadagrad", "fedadam", "fedyogi")
+# Each optional [strategy] field: the strategies that use it and its default for each (what a study
+# that leaves the field out gets). Flower 1.42's own defaults for FedAvgM, FedAdagrad, FedAdam, FedYogi,
+# except FedAvgM's momentum (Flower's 0.0 would make it FedAvg; 0.9 as in Hsu et al. 2019) and FedProx's
+# μ (Flower has none). A field a strategy does not use is None in `Strategy`, and an error in the file.
+STRATEGY_DEFAULTS: dict[str, dict[str, float]] = {
+    "server_learning_rate": {"fedavg": 1.0, "fedavgm": 1.0, "fedprox": 1.0,
+                             "fedadagrad": 0.1, "fedadam": 0.1, "fedyogi": 0.01},
+    "server_momentum": {"fedavgm": 0.9},
+    "proximal_mu": {"fedprox": 0.01},
+    "beta1": {"fedadagrad": 0.0, "fedadam": 0.9, "fedyogi": 0.9},
+    "beta2": {"fedadam": 0.99, "fedyogi": 0.99},
+    "tau": {"fedadagrad": 1e-9, "fedadam": 1e-9, "fedyogi": 1e-3},
+}
 OPTIMIZERS = ("sgd", "adam")
 STANDARDIZATIONS = ("spec", "federated")
 ACCOUNTANTS = ("prv", "rdp")
@@ -112,9 +125,19 @@ class SecureAggregation:
 
 @dataclass(frozen=True)
 class Strategy:
+    """How the coordinator turns each round's secure aggregate into the next global model (`strategies/`,
+    README "Strategies"). The optional fields are None where the strategy does not use them
+    (`STRATEGY_DEFAULTS`); None fields are neither hashed nor rendered, so adding a field never
+    changes the hash of a study that does not use it."""
+
     name: str
-    server_learning_rate: float
+    server_learning_rate: float  # η on the aggregate delta (every strategy)
     min_sites: int
+    server_momentum: float | None = None  # fedavgm: β of v_t = β v_{t-1} + Δ_t
+    proximal_mu: float | None = None  # fedprox: μ of the sites' proximal term μ/2 ‖w − w_global‖²
+    beta1: float | None = None  # fedadagrad, fedadam, fedyogi: decay of the first moment
+    beta2: float | None = None  # fedadam, fedyogi: decay of the second moment
+    tau: float | None = None  # fedadagrad, fedadam, fedyogi: adaptivity (added to √v)
 
 
 @dataclass(frozen=True)
@@ -160,6 +183,9 @@ class Study:
     def _values(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
         del values["scaled_from"], values["scaled_key"]
+        # a strategy's unused fields (None) are not part of the study: studies written before they
+        # existed keep their hash
+        values["strategy"] = {k: v for k, v in values["strategy"].items() if v is not None}
         return values
 
     @property
@@ -298,11 +324,7 @@ def parse_study(raw: dict[str, Any], source: str = "<study>") -> Study:
             quantization_range=r.integer(secagg, "secure_aggregation.quantization_range", minimum=2),
             timeout_seconds=r.number(secagg, "secure_aggregation.timeout_seconds", positive=True),
         ),
-        strategy=Strategy(
-            name=r.choice(strategy, "strategy.name", STRATEGIES),
-            server_learning_rate=r.number(strategy, "strategy.server_learning_rate", positive=True),
-            min_sites=r.integer(strategy, "strategy.min_sites", minimum=3),
-        ),
+        strategy=_strategy(r, strategy),
     )
     if parsed.label.name in names:
         raise StudyConfigError(f"{source}: label.name: '{parsed.label.name}' is also a feature name")
@@ -317,6 +339,44 @@ def parse_study(raw: dict[str, Any], source: str = "<study>") -> Study:
         parse_mapping(raw["mapping"], names, source)  # every mistake is reported at load, naming the field
         parsed = dataclasses.replace(parsed, mapping_source=raw["mapping"])
     return parsed
+
+
+def _strategy(r: Fields, raw: dict[str, Any]) -> Strategy:
+    """[strategy]: the name, then each optional field the strategy uses (its default when absent);
+    a field the strategy does not use, or an unknown key, is an error naming it."""
+    name = r.choice(raw, "strategy.name", STRATEGIES)
+    r.no_unknown_keys(raw, "strategy", ("name", "min_sites", *STRATEGY_DEFAULTS))
+    for field, users in STRATEGY_DEFAULTS.items():
+        if field in raw and name not in users:
+            who = ", ".join(users)
+            raise r.fail(f"strategy.{field}", f"only {who} use{'s' if len(users) == 1 else ''} it "
+                                              f"(this study's strategy is {name})")
+
+    def unit_interval(field: str) -> float | None:
+        if name not in STRATEGY_DEFAULTS[field]:
+            return None
+        value = r.number(raw, f"strategy.{field}", default=STRATEGY_DEFAULTS[field][name])
+        if not 0 <= value < 1:
+            raise r.fail(f"strategy.{field}", f"must be in [0, 1), got {value}")
+        return float(value)
+
+    def positive(field: str) -> float | None:
+        if name not in STRATEGY_DEFAULTS[field]:
+            return None
+        return float(r.number(raw, f"strategy.{field}", positive=True, default=STRATEGY_DEFAULTS[field][name]))
+
+    return Strategy(
+        name=name,
+        # as written (an integer stays one: older studies keep their hash)
+        server_learning_rate=r.number(raw, "strategy.server_learning_rate", positive=True,
+                                      default=STRATEGY_DEFAULTS["server_learning_rate"][name]),
+        min_sites=r.integer(raw, "strategy.min_sites", minimum=3),
+        server_momentum=unit_interval("server_momentum"),
+        proximal_mu=positive("proximal_mu"),
+        beta1=unit_interval("beta1"),
+        beta2=unit_interval("beta2"),
+        tau=positive("tau"),
+    )
 
 
 def _epsilon(r: Fields, privacy: dict[str, Any]) -> float | int:

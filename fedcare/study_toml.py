@@ -19,7 +19,8 @@ def render_toml(study: Any) -> str:
         return str(v)
 
     def section(name: str, obj: Any) -> str:
-        lines = [f"[{name}]"] + [f"{k} = {val(v)}" for k, v in dataclasses.asdict(obj).items()]
+        # None: a field the section does not use (a strategy's unused options), left out as in the file
+        lines = [f"[{name}]"] + [f"{k} = {val(v)}" for k, v in dataclasses.asdict(obj).items() if v is not None]
         return "\n".join(lines)
 
     parts = [

@@ -21,33 +21,32 @@ from flwr.common import Context
 from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
 from flwr.server.workflow import DefaultWorkflow
 
-from fedcare.contribution import ContributionFormat, scaling_bytes
+from fedcare.contribution import scaling_bytes
 from fedcare.model import build_model, get_weights
 from fedcare.run_record import ResumePoint, RunRecord
 from fedcare.study import Overrides, Study, load_study
 from server.grid import PromptGrid
 from server.progress import RoundLog
 from server.secure_aggregation import secure_aggregation_workflow
+from strategies.catalog import strategy_for_study
 from strategies.fedavg import DeltaFedAvg
 
 app = ServerApp()
 
 
 def build_strategy(study: Study, log: RoundLog, point: ResumePoint | None = None) -> DeltaFedAvg:
-    """The study's strategy; from `point`, it goes on after an interrupted run's last checkpoint."""
+    """The study's strategy (`strategies.catalog`); from `point`, it goes on after an interrupted run's last
+    checkpoint, with the server optimizer's state (momentum, Adam's m and v, ...) saved beside it."""
     weights = point.weights if point is not None and point.weights is not None else get_weights(build_model(study))
     scaling = point.scaling if point is not None else None
-    return DeltaFedAvg(
+    return strategy_for_study(
+        study,
         initial_weights=weights,
         first_round=point.last_round + 1 if point is not None else 1,
         scaling=scaling_bytes(scaling["center"], scaling["scale"]) if scaling else None,
-        server_learning_rate=study.strategy.server_learning_rate,
-        min_sites=study.strategy.min_sites,
-        training_rounds=study.training.rounds,
-        contribution=ContributionFormat.for_study(study),
-        study_hash=study.hash,
-        federated_standardization=study.standardization == "federated",
+        optimizer_state=point.optimizer_state if point is not None else None,
         on_aggregated=log.aggregated_round,
+        on_optimizer_state=lambda round_, state: log.record.save_optimizer_state(round_, state, study.hash),
         on_evaluated=log.evaluated,
         on_standardized=log.standardized,
     )

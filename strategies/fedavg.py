@@ -3,9 +3,13 @@
 Each site's masked vector holds its size-weighted delta, its size and its evaluation of the
 model the round started from (`fedcare.contribution`). Flower's SecAgg+ workflow unmasks
 only the mean of those vectors and hands that single aggregate to the strategy, attached to
-every result. `DeltaFedAvg` reads it and applies
+every result. `DeltaFedAvg` reads the example-weighted mean delta Δ_t from it and hands it to its
+server optimizer (`strategies.server_optimizers`), which alone decides the next global model:
 
-    global <- global + server_learning_rate * (example-weighted mean delta)
+    FedAvg / FedProx   global <- global + server_learning_rate * Δ_t
+    FedAvgM            server momentum on Δ_t;   FedAdagrad / FedAdam / FedYogi: adaptive steps on Δ_t
+
+(`strategies.catalog` builds the study's). Nothing else of the sites reaches the optimizer.
 
 It refuses results that are not the SecAgg+ aggregate (distinct per-site parameter
 objects), so no code path can average plaintext updates.
@@ -38,6 +42,7 @@ from flwr.server.strategy import FedAvg
 
 from fedcare.contribution import ContributionFormat, Evaluation, Standardization, scaling_bytes
 from fedcare.protocol import Phase, RoundConfig
+from strategies.server_optimizers import ServerOptimizer, ServerSGD
 
 
 class PlaintextUpdateError(RuntimeError):
@@ -45,19 +50,25 @@ class PlaintextUpdateError(RuntimeError):
 
 
 RoundCallback = Callable[[int, NDArrays, int], None]  # (training round, new global weights, sites aggregated)
+StateCallback = Callable[[int, dict[str, np.ndarray]], None]  # (training round, server optimizer state after it)
 EvaluationCallback = Callable[[int, Evaluation], None]
 StandardizationCallback = Callable[[Standardization], None]
 
 
 class DeltaFedAvg(FedAvg):
-    """FedAvg on SecAgg+-aggregated deltas with a server learning rate.
+    """FedAvg aggregation (the SecAgg+ example-weighted mean delta) followed by a server optimizer.
 
     Parameters
     ----------
     initial_weights : NDArrays
         The study model's initial global weights.
-    server_learning_rate : float
-        Step applied to the aggregated delta (1.0 is plain FedAvg).
+    server_optimizer : ServerOptimizer, optional
+        Turns each round's aggregate delta into the next global weights (`strategies.server_optimizers`;
+        `strategies.catalog.server_optimizer_for` gives the study's). Defaults to
+        `ServerSGD(learning_rate=server_learning_rate)`. A resumed run passes one whose state was
+        restored from its last checkpoint.
+    server_learning_rate : float, optional
+        Only without `server_optimizer`: the step applied to the aggregated delta (default 1.0, plain FedAvg).
     min_sites : int
         Minimum number of sites sampled in a round.
     training_rounds : int
@@ -71,6 +82,9 @@ class DeltaFedAvg(FedAvg):
         round and, once known, the federated scaling).
     on_aggregated : callable(round, weights, sites), optional
         Called with each new global model (checkpointing) and how many sites' vectors made it.
+    on_optimizer_state : callable(round, state), optional
+        Called with the server optimizer's state after each aggregated round, before `on_aggregated`
+        (so a checkpoint never exists without it); not called while the state is empty (FedAvg).
     on_evaluated : callable(model_round, evaluation), optional
         Called with the federated evaluation of the model after `model_round` (0 = initial).
     on_standardized : callable(standardization), optional
@@ -86,20 +100,24 @@ class DeltaFedAvg(FedAvg):
         self,
         *,
         initial_weights: NDArrays,
-        server_learning_rate: float,
         min_sites: int,
         training_rounds: int,
         contribution: ContributionFormat,
         study_hash: str,
         federated_standardization: bool = False,
         on_aggregated: RoundCallback | None = None,
+        on_optimizer_state: StateCallback | None = None,
         on_evaluated: EvaluationCallback | None = None,
         on_standardized: StandardizationCallback | None = None,
         first_round: int = 1,
         scaling: bytes | None = None,
+        server_optimizer: ServerOptimizer | None = None,
+        server_learning_rate: float | None = None,
     ) -> None:
         if not 1 <= first_round <= training_rounds:
             raise ValueError(f"first_round must be in 1..{training_rounds}, got {first_round}")
+        if server_optimizer is not None and server_learning_rate is not None:
+            raise ValueError("give server_optimizer or server_learning_rate, not both")
         super().__init__(
             fraction_fit=1.0,
             fraction_evaluate=0.0,
@@ -115,10 +133,13 @@ class DeltaFedAvg(FedAvg):
         self.offset = 1 if federated_standardization and scaling is None else 0
         self.scaling: bytes | None = scaling
         self.global_weights: NDArrays = [np.asarray(w, dtype=np.float32) for w in initial_weights]
-        self.server_learning_rate = server_learning_rate
+        if server_optimizer is None:
+            server_optimizer = ServerSGD(learning_rate=1.0 if server_learning_rate is None else server_learning_rate)
+        self.server_optimizer: ServerOptimizer = server_optimizer
         self.training_rounds = training_rounds
         self.contribution = contribution
         self.on_aggregated = on_aggregated
+        self.on_optimizer_state = on_optimizer_state
         self.on_evaluated = on_evaluated
         self.on_standardized = on_standardized
 
@@ -151,7 +172,7 @@ class DeltaFedAvg(FedAvg):
         return RoundConfig(study_hash=self.study_hash, phase=phase, round=training_round, scaling=self.scaling).to_config()
 
     def __repr__(self) -> str:
-        return f"DeltaFedAvg(server_learning_rate={self.server_learning_rate})"
+        return f"DeltaFedAvg(server_optimizer={self.server_optimizer!r})"
 
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
@@ -194,11 +215,12 @@ class DeltaFedAvg(FedAvg):
             self.on_evaluated(training_round - 1 if phase is Phase.TRAIN else self.last_aggregated, read.evaluation)
         if phase is not Phase.TRAIN or read.mean_delta is None:
             return None, {}
-        self.global_weights = [
-            (w + self.server_learning_rate * d.astype(np.float64)).astype(np.float32)
-            for w, d in zip(self.global_weights, read.mean_delta)
-        ]
+        stepped = self.server_optimizer.step(self.global_weights, read.mean_delta)
+        self.global_weights = [np.asarray(w, dtype=np.float32) for w in stepped]
         self.last_aggregated = training_round
+        state = self.server_optimizer.state()
+        if state and self.on_optimizer_state:
+            self.on_optimizer_state(training_round, state)
         if self.on_aggregated:
             self.on_aggregated(training_round, self.global_weights, len(results))
         return ndarrays_to_parameters(self.global_weights), {}

@@ -165,3 +165,86 @@ def test_budget_key_is_the_study_whatever_its_overrides_and_scaling(study):
     assert (scaled.hash, scaled.budget_key) == (study.hash, study.budget_key)
     other = dataclasses.replace(study, privacy=dataclasses.replace(study.privacy, delta=1e-6))
     assert other.budget_key != study.budget_key  # any other value is another study, with its own budget
+
+
+def _strategy_raw(name, **fields):
+    raw = _raw()
+    raw["strategy"] = {"name": name, "min_sites": 3, **fields}
+    return raw
+
+
+def test_fedavg_studies_keep_their_hash_the_new_strategy_fields_are_left_out(study):
+    from fedcare.study import _digest
+
+    assert study.strategy.name == "fedavg" and study.strategy.beta1 is None and study.strategy.proximal_mu is None
+    # the hash is over exactly the values a study had before the optional strategy fields existed
+    values = dataclasses.asdict(study)
+    del values["scaled_from"], values["scaled_key"]
+    values["strategy"] = {k: values["strategy"][k] for k in ("name", "server_learning_rate", "min_sites")}
+    assert study.hash == _digest(values)
+    assert "beta1" not in study.to_toml() and "proximal_mu" not in study.to_toml()
+    # an absent server_learning_rate is fedavg's 1.0, the default study's value
+    raw = _raw()
+    del raw["strategy"]["server_learning_rate"]
+    assert parse_study(raw).hash == study.hash
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("fedavg", {"server_learning_rate": 1.0}),
+    ("fedprox", {"server_learning_rate": 1.0, "proximal_mu": 0.01}),
+    ("fedavgm", {"server_learning_rate": 1.0, "server_momentum": 0.9}),
+    ("fedadagrad", {"server_learning_rate": 0.1, "beta1": 0.0, "tau": 1e-9}),
+    ("fedadam", {"server_learning_rate": 0.1, "beta1": 0.9, "beta2": 0.99, "tau": 1e-9}),
+    ("fedyogi", {"server_learning_rate": 0.01, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3}),
+])
+def test_each_strategy_takes_its_defaults_hashes_them_and_round_trips(tmp_path, study, name, expected):
+    parsed = parse_study(_strategy_raw(name))
+    options = {k: v for k, v in dataclasses.asdict(parsed.strategy).items() if v is not None}
+    assert options == {"name": name, "min_sites": 3, **expected}
+    path = tmp_path / "s.toml"
+    path.write_text(parsed.to_toml())
+    assert load_study(path) == parsed and load_study(path).hash == parsed.hash
+    if name != "fedavg":
+        assert parsed.hash != study.hash
+        written = parse_study(_strategy_raw(name, **expected))  # the defaults written out: the same study
+        assert written.hash == parsed.hash
+    changed = parse_study(_strategy_raw(name, server_learning_rate=0.37))
+    assert changed.hash != parsed.hash and changed.strategy.server_learning_rate == 0.37
+
+
+@pytest.mark.parametrize("name, field, value, message", [
+    ("fedadam", "beta1", 1.2, "must be in [0, 1), got 1.2"),
+    ("fedyogi", "beta1", -0.1, "must be in [0, 1), got -0.1"),
+    ("fedadam", "beta2", 1.0, "must be in [0, 1), got 1.0"),
+    ("fedyogi", "beta2", "0.9", "expected a number, got '0.9'"),
+    ("fedavgm", "server_momentum", 1, "must be in [0, 1), got 1"),
+    ("fedavgm", "server_momentum", -0.5, "must be in [0, 1), got -0.5"),
+    ("fedadagrad", "tau", 0.0, "must be > 0, got 0.0"),
+    ("fedadam", "tau", float("inf"), "must be finite, got inf"),
+    ("fedprox", "proximal_mu", 0, "must be > 0, got 0"),
+    ("fedprox", "proximal_mu", -1.0, "must be > 0, got -1.0"),
+    ("fedadam", "server_learning_rate", 0, "must be > 0, got 0"),
+])
+def test_strategy_fields_are_validated_naming_the_field(name, field, value, message):
+    assert _error(_strategy_raw(name, **{field: value})) == f"s.toml: strategy.{field}: {message}"
+
+
+@pytest.mark.parametrize("name, field, users", [
+    ("fedavg", "proximal_mu", "only fedprox uses it"),
+    ("fedadam", "proximal_mu", "only fedprox uses it"),
+    ("fedavg", "server_momentum", "only fedavgm uses it"),
+    ("fedadagrad", "beta2", "only fedadam, fedyogi use it"),
+    ("fedprox", "beta1", "only fedadagrad, fedadam, fedyogi use it"),
+    ("fedavgm", "tau", "only fedadagrad, fedadam, fedyogi use it"),
+])
+def test_a_field_the_strategy_does_not_use_is_an_error_naming_who_uses_it(name, field, users):
+    assert _error(_strategy_raw(name, **{field: 0.5})) == (
+        f"s.toml: strategy.{field}: {users} (this study's strategy is {name})")
+
+
+def test_unknown_strategy_and_unknown_strategy_keys():
+    assert _error(_strategy_raw("scaffold")) == (
+        "s.toml: strategy.name: unknown value 'scaffold' (expected one of: fedavg, fedavgm, fedprox, fedadagrad, "
+        "fedadam, fedyogi)")
+    assert _error(_strategy_raw("fedadam", beta_1=0.9)).startswith(
+        "s.toml: strategy.beta_1: unknown key (expected: name, min_sites, server_learning_rate, server_momentum,")
