@@ -24,7 +24,8 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {
-    "simulate": Command("simulations.commands", "run a whole study with synthetic hospitals on this machine"),
+    "simulate": Command("simulations.commands", "run a whole study on this machine: synthetic hospitals, or your own site folders"),
+    "example": Command("simulations.commands", "write an example federation of real data (breast-cancer: 4 hospitals) to simulate"),
     "study": Command("cli.study", "study file tools"),
     "data": Command("client.commands", "site data tools"),
     "privacy": Command("privacy.commands", "the site's privacy ledger"),
@@ -37,6 +38,7 @@ COMMANDS: dict[str, Command] = {
     "verify": Command("export.commands", "check a model package's signature and files"),
     "quantize": Command("export.commands", "on site: calibrate the package's int8 model from local training data"),
     "serve": Command("inference.commands", "serve a signed model package over HTTPS (FastAPI + ONNX Runtime); token management"),
+    "report": Command("inference.commands", "at a hospital: its own report of a study (local model scores, its ε); sent nowhere"),
 }
 
 

@@ -7,6 +7,7 @@ Fields the coordinator cannot know are `null` with a `*_note` saying why.
 from __future__ import annotations
 
 from export.pipeline import export_models
+from fedcare.metrics import calibration_from_histogram, roc_from_histogram
 from fedcare.report import build_report
 from fedcare.run_record import RunRecord
 
@@ -32,9 +33,23 @@ def export_global_model(record: RunRecord) -> dict:
     }
 
 
+def final_model_metrics(record: RunRecord) -> dict:
+    """The final model's federated evaluation: AUC and loss from the round log; its pooled ROC and
+    reliability table from the summed score histograms of that same evaluation (an aggregate over all
+    sites, never one site's), when the run recorded them."""
+    last = record.final_evaluation()
+    final = {"auc": last.get("auc"), "loss": last.get("loss"), "accuracy": None,
+             "source": "federated evaluation of the final global model (sum of the sites' score histograms)"}
+    recorded = record.evaluation_histogram()
+    if recorded is not None and last and recorded[0] == last.get("round"):
+        histogram = recorded[1]
+        final.update({"test_rows": int(histogram.sum()), "roc": roc_from_histogram(histogram),
+                      "calibration": calibration_from_histogram(histogram)})
+    return final
+
+
 def coordinator_report(record: RunRecord, site_names: list[str], wall_seconds: float) -> dict:
     study = record.study()
-    last = record.final_evaluation()
     return build_report(
         record,
         sites=[
@@ -42,8 +57,7 @@ def coordinator_report(record: RunRecord, site_names: list[str], wall_seconds: f
             for name in site_names
         ],
         sites_note="per-site ε and metrics stay at the sites (each site's accountant); the coordinator sees aggregates only",
-        final={"auc": last.get("auc"), "loss": last.get("loss"), "accuracy": None,
-               "source": "federated evaluation of the final global model (sum of the sites' score histograms)"},
+        final=final_model_metrics(record),
         baseline={"auc": None, "note": NO_DATA},
         export=export_global_model(record) if record.latest_checkpoint() is not None
         else {"note": "no round was securely aggregated: there is no global model to export"},

@@ -29,7 +29,7 @@ SecAgg+ gives the coordinator the mean of the m sites' vectors. From it:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -50,6 +50,9 @@ class Evaluation:
     loss: float
     test_rows: int
     sites: int
+    # the summed score histograms [negatives, positives] per score bin (int64 [2, AUC_BINS]): an aggregate
+    # over every site that reported, the same the AUC is computed from (the report's pooled ROC and calibration)
+    histogram: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -143,7 +146,8 @@ class ContributionFormat:
         histogram = np.rint(total[: 2 * self.bins]).clip(min=0).astype(np.int64).reshape(2, self.bins)
         test_rows = int(histogram.sum())
         loss = float(total[2 * self.bins]) * LOSS_CAP / max(test_rows, 1)
-        evaluation = Evaluation(auc=auc_from_histogram(histogram), loss=loss, test_rows=test_rows, sites=sites)
+        evaluation = Evaluation(auc=auc_from_histogram(histogram), loss=loss, test_rows=test_rows, sites=sites,
+                                histogram=histogram)
         standardization = self._standardization(np.asarray(stats, dtype=np.float64) * sites * self.eval_scale)
         train_rows = int(round(float(w_mean[0]) * sites * self.max_weight))
         if train_rows == 0:

@@ -2,8 +2,8 @@
 
 `build_report` takes what only the caller knows (the evaluator's view in simulation, the
 coordinator's aggregates in deployment) and reads everything else from the run record, so both
-paths write the same keys. `write_report` writes `report.json`, `summary.txt` and the run's
-privacy summary (`privacy.json`).
+paths write the same keys. `write_report` writes `report.json`, the self-contained `report.html`
+people read (`fedcare.report_html`), `summary.txt` and the run's privacy summary (`privacy.json`).
 """
 
 from __future__ import annotations
@@ -69,6 +69,9 @@ def build_report(
         "study": study.name,
         "study_hash": study.hash,
         "secure_aggregation": True,  # there is no other path: the strategy refuses anything but a SecAgg+ sum
+        "secure_aggregation_parameters": asdict(study.secure_aggregation),
+        "model": asdict(study.model),
+        "strategy": asdict(study.strategy),
         "outcome": asdict(outcome) if (outcome := record.outcome()) is not None else None,
         "rounds": record.rounds(),
         "sites": sites,
@@ -88,8 +91,12 @@ def build_report(
 
 
 def write_report(record: RunRecord, report: dict) -> None:
-    """`report.json`, the readable `summary.txt`, and `privacy.json` (targets and per-site spend where known)."""
+    """`report.json`, `report.html` (self-contained: opens from an email attachment), the readable
+    `summary.txt`, and `privacy.json` (targets and per-site spend where known)."""
+    from fedcare.report_html import render_report
+
     (record.path / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (record.path / "report.html").write_text(render_report(report), encoding="utf-8")
     (record.path / "summary.txt").write_text(summary_text(report), encoding="utf-8")
     spent = [{"name": s["name"], "epsilon": s.get("epsilon"), "delta": s.get("delta")} for s in report["sites"]]
     record.write_privacy({**report["privacy"], "sites": spent, "note": report.get("sites_note", "")})
@@ -126,8 +133,13 @@ def summary_text(report: dict) -> str:
         f"final global model: AUC {_fmt(final['auc'], '.4f')}, accuracy {_fmt(final.get('accuracy'), '.4f')}"
         + (f" on {final['test_rows']} test rows" if final.get("test_rows") else ""),
         f"centralized non-private baseline: AUC {_fmt(report['baseline_centralized']['auc'], '.4f')}"
+        + (f" ({baseline['epochs']} epochs); trained to convergence: AUC {_fmt(baseline['converged_auc'], '.4f')}"
+           if "converged_auc" in (baseline := report["baseline_centralized"]) else "")
         + (f"; ground-truth ceiling: AUC {report['ground_truth_auc']:.4f}" if "ground_truth_auc" in report else ""),
     ]
+    if mean := report.get("site_mean"):
+        lines.insert(-2, f"mean over {mean['sites']} sites: AUC {_fmt(mean['auc'], '.4f')}, balanced accuracy "
+                         f"{_fmt(mean['balanced_accuracy'], '.4f')}, Brier {_fmt(mean['brier'], '.4f')}")
     if "onnx" in export:
         lines += [
             f"ONNX fp32: {export['onnx']} ({export['bytes_fp32']} bytes, AUC {_fmt(export['auc_fp32'], '.4f')})",

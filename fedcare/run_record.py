@@ -10,8 +10,14 @@
     scaling.json               the federated standardization (pooled per-feature counts, center, scale),
                                when the study asks for one: `RunRecord.study()` applies it
     checkpoints/round-NNN.npz  the global weights after each aggregated training round (with the study hash)
+    checkpoints/server-optimizer-NNN.npz
+                               beside it, for a strategy with state (FedAvgM's momentum, FedAdam's m and v,
+                               ...): the server optimizer's state after that round, so a resumed run goes on
+                               exactly as an uninterrupted one would (written before the round's checkpoint)
     rounds.jsonl               one line per training round: UTC time, aggregated or not (by how many sites,
                                or why not), the federated evaluation of the model after it, seconds
+    evaluation.json            the summed score histograms of the latest federated evaluation (an aggregate
+                               over the sites) and the round of the model it scored: the report's ROC and calibration
     privacy.json               the study's privacy targets (and, in simulation only, each site's spent ε)
     report.json, summary.txt   the study report (`fedcare.report`)
     export/                    the final model as fp32 and int8 ONNX
@@ -40,7 +46,10 @@ SCALING_FILE = "scaling.json"
 ROUNDS_FILE = "rounds.jsonl"
 PRIVACY_FILE = "privacy.json"
 REPORT_FILE = "report.json"
+EVALUATION_FILE = "evaluation.json"
 CHECKPOINTS = "checkpoints"
+OPTIMIZER_STATE = "server-optimizer"  # checkpoints/server-optimizer-NNN.npz (not matched by round-*.npz)
+STATE_PREFIX = "state:"
 
 
 class RunRecordError(FedcareError, ValueError):
@@ -70,6 +79,7 @@ class ResumePoint:
     weights: list[np.ndarray] | None  # that round's checkpoint (None with last_round 0)
     scaling: dict | None  # the federated scaling already computed, if any
     entries: list[RoundEntry]  # the round log so far
+    optimizer_state: dict[str, np.ndarray] | None = None  # the server optimizer's state after last_round, if saved
 
 
 @dataclass(frozen=True)
@@ -137,7 +147,8 @@ class RunRecord:
         last = int(checkpoint.stem.split("-")[1]) if checkpoint is not None else 0
         entries = [RoundEntry(**entry) for entry in self.rounds()]
         return ResumePoint(last_round=last, weights=load_checkpoint(checkpoint, study.hash) if checkpoint else None,
-                           scaling=self.scaling(), entries=entries)
+                           scaling=self.scaling(), entries=entries,
+                           optimizer_state=self.optimizer_state(last, study.hash) if last else None)
 
     def overrides(self) -> Overrides:
         """The run's overrides of the study file (what a site applies to its own copy to get the run's hash)."""
@@ -189,6 +200,30 @@ class RunRecord:
         atomic_write_bytes(path, buffer.getvalue())
         return path
 
+    def optimizer_state_path(self, training_round: int) -> Path:
+        return self.path / CHECKPOINTS / f"{OPTIMIZER_STATE}-{training_round:03d}.npz"
+
+    def save_optimizer_state(self, training_round: int, state: dict[str, np.ndarray], study_hash: str) -> Path:
+        """The server optimizer's state after `training_round` (`strategies.server_optimizers`), saved
+        before that round's checkpoint: a checkpoint never exists without the state it needs."""
+        path = self.optimizer_state_path(training_round)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        np.savez(buffer, **{f"{STATE_PREFIX}{k}": np.asarray(v) for k, v in state.items()}, study_hash=np.array(study_hash))
+        atomic_write_bytes(path, buffer.getvalue())
+        return path
+
+    def optimizer_state(self, training_round: int, study_hash: str) -> dict[str, np.ndarray] | None:
+        """The server optimizer's state saved with round `training_round`'s checkpoint, or None if none was
+        (a stateless strategy); refused if it belongs to another study."""
+        path = self.optimizer_state_path(training_round)
+        if not path.exists():
+            return None
+        with np.load(path, allow_pickle=False) as data:
+            if str(data["study_hash"]) != study_hash:
+                raise RunRecordError(f"{path}: optimizer state belongs to another study (hash {str(data['study_hash'])[:12]}…)")
+            return {k[len(STATE_PREFIX):]: data[k] for k in data.files if k.startswith(STATE_PREFIX)}
+
     def latest_checkpoint(self) -> Path | None:
         found = sorted((self.path / CHECKPOINTS).glob("round-*.npz"))
         return found[-1] if found else None
@@ -236,6 +271,26 @@ class RunRecord:
         (after an early stop, the last aggregated round's, not the skipped rounds'); {} if none."""
         evaluated = [entry for entry in self.rounds() if entry.get("auc") is not None]
         return evaluated[-1] if evaluated else {}
+
+    def save_evaluation(self, model_round: int, histogram: np.ndarray) -> None:
+        """The summed score histograms ([negatives, positives] per bin, all sites together) of the federated
+        evaluation of the model after `model_round`."""
+        counts = np.asarray(histogram, dtype=np.int64)
+        payload = {"model_round": int(model_round), "negatives": [int(v) for v in counts[0]],
+                   "positives": [int(v) for v in counts[1]]}
+        atomic_write_bytes(self.path / EVALUATION_FILE, _json_bytes(payload))
+
+    def evaluation_histogram(self) -> tuple[int, np.ndarray] | None:
+        """(model round, int64 [2, bins] summed histograms) of the latest federated evaluation, or None."""
+        path = self.path / EVALUATION_FILE
+        try:
+            recorded = json.loads(path.read_text(encoding="utf-8"))
+            histogram = np.array([recorded["negatives"], recorded["positives"]], dtype=np.int64)
+            return int(recorded["model_round"]), histogram
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError) as err:
+            raise RunRecordError(f"{path}: unreadable ({err})") from None
 
     def write_privacy(self, summary: dict) -> None:
         atomic_write_bytes(self.path / PRIVACY_FILE, _json_bytes(summary))

@@ -1,10 +1,11 @@
-"""`fedcare serve` and its token management (issue 6).
+"""`fedcare serve` and its token management (issue 6); `fedcare report`, the site's own study report.
 
     fedcare serve --package PKG --kit DIR [--host 127.0.0.1] [--port 8443] [--tls-cert F --tls-key F]
                   [--provider NAME]
     fedcare serve token add --kit DIR --name NAME [--scope analyze] [--scope models]
     fedcare serve token revoke --kit DIR --name NAME
     fedcare serve token list --kit DIR
+    fedcare report --package PKG --kit DIR --out DIR [--data D] [--state-dir D] [--policy site.toml]
 
 Kits are handled here (the commands layer): the service itself (`inference.service`) takes a
 verified package and a state directory. Every refusal is a `FedcareError`: `cli.main` prints it as
@@ -193,9 +194,62 @@ def _token_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _site_report(args: argparse.Namespace) -> int:
+    """`fedcare report`: this hospital's own report of a study (computed here, written to --out only)."""
+    from client.data import load_site
+    from deploy.kits import load_hospital_kit, read_site_settings
+    from inference.site_report import SiteReportError, site_report, write_site_report
+    from privacy.ledger import PrivacyLedger
+    from privacy.policy import policy_for_site
+
+    if not args.package.is_dir():
+        raise SiteReportError(f"--package: {args.package} is not a package directory")
+    kit = load_hospital_kit(args.kit, need_keys=False)
+    package, _ = verify_for_kit(args.package, kit)
+    settings = read_site_settings(kit)
+    data_dir = args.data or settings.get("data")
+    if data_dir is None:
+        raise SiteReportError(f"--data: not given and {kit.site_file} names no [site] data directory")
+    state = args.state_dir or Path(settings["state_dir"])
+    if args.state_dir is not None and not state.is_dir():
+        raise SiteReportError(f"--state-dir: {state} is not a directory")
+    policy_file = args.policy or (kit.site_file if kit.site_file.exists() else None)
+    policy = policy_for_site(policy_file)
+    ledger = PrivacyLedger(state)
+    entries = ledger.entries()  # verified; a tampered ledger is LedgerTampered (exit 3)
+    data = load_site(package.study, data_dir)
+    report = site_report(package, data, site=kit.name, data_source=data_dir, entries=entries,
+                         ledger_path=ledger.path, policy=policy)
+    json_path, html_path = write_site_report(report, args.out)
+    final, row = report["final"], report["sites"][0]
+    print(f"{kit.name}: study {report['study']} ({report['study_hash'][:12]}…) on {final['test_rows']} local test rows: "
+          f"AUC {final['auc']:.4f}, accuracy {final['accuracy']:.4f}, balanced accuracy "
+          f"{final['balanced_accuracy']:.4f}, Brier {final['brier']:.4f}")
+    print(f"privacy: ε {row['epsilon']:.4f} spent on this study in {row['rounds_trained']} rounds "
+          f"(policy ≤ {policy.max_epsilon_per_study:g} per study; study target {row['epsilon_target']:g})")
+    print(f"report: {html_path} and {json_path} (computed here; nothing was sent)")
+    return 0
+
+
 def register(commands: argparse._SubParsersAction) -> None:
     """Add this package's subcommands to the `fedcare` parser."""
     from inference.tokens import SCOPES
+
+    report = add_command(
+        commands, "report",
+        description="At a hospital: score the verified model package on this site's own test split and set its "
+                    "privacy ledger against its policy; writes report.json and report.html to --out, sends nothing.",
+    )
+    report.add_argument("--package", type=Path, required=True, help="the model package directory this site serves")
+    report.add_argument("--kit", type=Path, required=True,
+                        help="this hospital's kit (coordinator-signing.pub, study.toml, site.toml)")
+    report.add_argument("--data", type=Path, default=None, help="the site's export directory (default: site.toml)")
+    report.add_argument("--state-dir", type=Path, default=None,
+                        help="the site state directory holding the ledger (default: site.toml's state_dir)")
+    report.add_argument("--policy", type=Path, default=None,
+                        help="the site.toml holding [policy] (default: the kit's site.toml)")
+    report.add_argument("--out", type=Path, required=True, help="local folder for report.json and report.html")
+    report.set_defaults(func=_site_report)
 
     serve = add_command(
         commands, "serve",

@@ -67,6 +67,8 @@ class RoundLog:
         if model_round:
             self._update(model_round, auc=round(evaluation.auc, 5), loss=round(evaluation.loss, 5),
                          sites_evaluated=evaluation.sites)
+            if evaluation.histogram is not None:  # the sum over the sites: the report's pooled ROC and calibration
+                self.record.save_evaluation(model_round, evaluation.histogram)
 
     def finish(self, stopped: str) -> Outcome:
         """Record how the study ended: completed (every planned round ran) or stopped early, and why."""
