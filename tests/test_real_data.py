@@ -134,3 +134,42 @@ def test_sites_folder_problems_are_one_line_before_anything_runs(breast_cancer, 
     assert proc.returncode == 2 and "--sites: site rural: " in proc.stderr and "no test split" in proc.stderr
     both = _simulate("--sites", sites, "--hospitals", 3, timeout=120)
     assert both.returncode == 2 and "not allowed with argument" in both.stderr
+
+
+def test_the_logistic_model_is_packaged_and_served_by_v1_analyze(breast_cancer, tmp_path):
+    """`kind = "logistic"` the rest of the way: the signed package of the run, `fedcare serve` over real
+    HTTP, each model's risk equal to ONNX Runtime on the run's scaled inputs."""
+    import httpx
+
+    from client.data import load_site
+    from deploy.provision import provision
+    from export.onnx_export import run_onnx
+    from fedcare.features import model_inputs
+    from fedcare.run_record import RunRecord
+
+    from .test_serve import ServerProcess, add_token, fedcare_main, sigmoid64
+
+    sites, run, manifest, _, _ = breast_cancer
+    names = [s["name"] for s in manifest["sites"]]
+    kits = provision(STUDY_FILE, ["127.0.0.1"], names, tmp_path / "kits")
+    status, _, err = fedcare_main("export", "--run", str(run), "--kit", str(kits["coordinator"]), "--out",
+                                  str(tmp_path / "pkg"))
+    assert status == 0, err
+    token = add_token(kits["rural"], "clinic", "analyze", "models")
+    study = RunRecord(run).study()
+    test = load_site(study, sites / "rural").test
+    server = ServerProcess(tmp_path / "pkg", kits["rural"], tmp_path / "logs")
+    try:
+        server.wait_ready()
+        with httpx.Client(base_url=server.base_url, timeout=10, headers={"Authorization": f"Bearer {token}"}) as c:
+            models = json.loads((tmp_path / "pkg" / "manifest.json").read_text())["models"]
+            for kind in ("fp32", "int8"):
+                expected = sigmoid64(run_onnx(tmp_path / "pkg" / models[kind]["file"], model_inputs(study, test.features)))
+                for i, row in enumerate(test.features[:8]):
+                    r = c.post("/v1/analyze", json={"patient_id": f"p-{i}", "model": kind,
+                                                    "feature_vector": [float(v) for v in row]})
+                    assert r.status_code == 200, r.text
+                    assert r.json()["risk"] == pytest.approx(expected[i], rel=1e-9)
+                    assert r.json()["label"] == "malignant"
+    finally:
+        server.stop()

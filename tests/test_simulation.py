@@ -132,7 +132,9 @@ def test_a_delta_secaggplus_would_clip_is_refused_loudly(tmp_path):
            "--rounds", "1", "--size-scale", "0.3", "--out", str(tmp_path / "run")]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert proc.stdout.count("exceeds secure_aggregation.clipping_range (1e-09); SecAgg+ would clip it silently") == 3
+    # the three sites' identical refusals are one line naming them
+    assert proc.stdout.count("exceeds secure_aggregation.clipping_range (1e-09); SecAgg+ would clip it silently") == 1
+    assert "sites hospital-01, hospital-02, hospital-03 refused (clipping): model delta exceeds" in proc.stdout
     assert "secure aggregation halted at stage 'collect_masked_vectors'" in proc.stdout
     assert "no round was securely aggregated" in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
