@@ -32,6 +32,9 @@ bench: $(STAMP)
 	$(BIN)/python bench/round_time.py
 	$(BIN)/python bench/noise.py
 	$(BIN)/python bench/plan_sigma.py
+	$(BIN)/python bench/strategies.py --repeats 2
+	test -d runs/bench-breast-cancer-sites || $(BIN)/fedcare example breast-cancer --out runs/bench-breast-cancer-sites
+	$(BIN)/python bench/strategies.py --repeats 2 --sites runs/bench-breast-cancer-sites --study studies/breast-cancer.toml --epsilon 1
 	$(BIN)/pip install -q -c requirements.lock -e '.[bench]'  # fhir.resources, the ingest baseline
 	$(BIN)/python bench/fhir_ingest.py
 

@@ -111,7 +111,9 @@ def main() -> None:
                 baselines.append({**report["baseline_centralized"], "ceiling": report.get("ground_truth_auc")})
                 print(f"{name}: AUC {report['final']['auc']:.4f}, {wall:.1f} s", flush=True)
 
-    print(f"\nhospitals={args.hospitals} seed={args.seed} size_scale={args.size_scale} rounds={args.rounds or 'study'} "
+    where = f"sites={args.sites}" if args.sites is not None else \
+        f"hospitals={args.hospitals} seed={args.seed} size_scale={args.size_scale}"
+    print(f"\n{where} rounds={args.rounds or 'study'} "
           f"epsilon={args.epsilon or 'study'} repeats={args.repeats} ({args.study.name}); DP noise is drawn fresh "
           "(os.urandom) in every run, so the seed fixes the cohorts, not the noise")
     converged = statistics.fmean(b["converged_auc"] for b in baselines)

@@ -34,6 +34,31 @@ def verify_for_kit(pkg_dir: Path, kit: CoordinatorKit | HospitalKit) -> tuple[Ve
     return verify_package(pkg_dir, key, study=load_study(kit.study_file)), source
 
 
+SIMULATION_FILE = "simulation.json"  # written by `fedcare simulate` into its run folder: the sites' names
+SIMULATION_KITS = "kits"
+
+
+def simulation_kit(run: Path) -> Path:
+    """The coordinator kit that signs a simulation's package: `<run>/kits/coordinator`, provisioned on
+    first use for the simulation's sites (its hospital kits serve the package on this machine). A
+    deployed run has no such kit: `--kit` names the coordinator's."""
+    import json
+
+    from deploy.provision import provision
+    from export.package import PackageError
+
+    kits = run / SIMULATION_KITS
+    if not (kits / "coordinator").is_dir():
+        try:
+            sites = json.loads((run / SIMULATION_FILE).read_text(encoding="utf-8"))["sites"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise PackageError(f"--kit: required for {run}: it is not a `fedcare simulate` run folder (no readable "
+                               f"{SIMULATION_FILE}); give the coordinator kit that holds signing.key") from None
+        provision(run / "study.toml", ["127.0.0.1"], [str(s) for s in sites], kits)
+        print(f"created the simulation's kits in {kits} (a study CA, the coordinator's and one per site, loopback only)")
+    return kits / "coordinator"
+
+
 def _export(args: argparse.Namespace) -> int:
     from deploy.kits import coordinator_signing_key, load_coordinator_kit
     from export.build import build_package
@@ -43,7 +68,7 @@ def _export(args: argparse.Namespace) -> int:
     from fedcare.run_record import RunRecord
     from fedcare.study import load_study
 
-    kit = load_coordinator_kit(args.kit)
+    kit = load_coordinator_kit(args.kit if args.kit is not None else simulation_kit(args.run))
     site_key = None
     if args.encrypt_for is not None:  # checked before the build
         site_key = load_package_public_key(args.encrypt_for)
@@ -70,6 +95,10 @@ def _export(args: argparse.Namespace) -> int:
     fp32, int8 = models["fp32"]["bytes"], models["int8"]["bytes"]
     print(f"fp32/int8 size ratio {fp32 / int8:.2f}; int8 and a16w8 calibrated on {models['int8']['calibration']}")
     print(f"signed with Ed25519 key {signing_fingerprint(key.public_key())}")
+    if args.kit is None:
+        site = sorted(p.name for p in (args.run / SIMULATION_KITS).iterdir() if p.is_dir() and p.name not in ("ca", "coordinator"))[0]
+        print(f"serve it on this machine: fedcare serve token add --kit {args.run / SIMULATION_KITS / site} --name me; "
+              f"fedcare serve --package {pkg} --kit {args.run / SIMULATION_KITS / site}")
     if site_key is not None:
         enc = encrypt_package(pkg, encrypted_path(pkg), site_key)
         print(f"encrypted for {args.encrypt_for}: {enc} ({enc.stat().st_size} bytes); the site opens it with "
@@ -161,7 +190,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     export = add_command(commands, "export")
     export.add_argument("--run", type=Path, required=True,
                         help="the run folder (a simulation's --out, or the coordinator's state/runs/<time>)")
-    export.add_argument("--kit", type=Path, required=True, help="the coordinator kit (holds signing.key)")
+    export.add_argument("--kit", type=Path, default=None,
+                        help="the coordinator kit (holds signing.key); for a `fedcare simulate` run folder, leave it "
+                             "out: the run's own kits (RUN/kits/, made on first export) sign it")
     export.add_argument("--out", type=Path, required=True, help="new package directory")
     export.add_argument("--encrypt-for", type=Path, default=None, metavar="SITE_PACKAGE_PUB",
                         help="also write PKG.enc beside the package, encrypted for this site's package.pub (X25519)")

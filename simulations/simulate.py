@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +121,9 @@ def simulate(opts: SimulationOptions) -> dict:
     finally:
         display.close()
     record = RunRecord(out)
+    # which sites took part, for `fedcare export --run OUT` (it signs with kits made for them)
+    (out / "simulation.json").write_text(json.dumps({"sites": [f.name for f in folders], "sites_dir": str(sites_dir)},
+                                                    indent=2) + "\n", encoding="utf-8")
     if record.latest_checkpoint() is None:
         outcome = record.outcome()
         why = f": {outcome.stopped}" if outcome is not None and outcome.stopped else "; see the log above for the SecAgg+ failure"

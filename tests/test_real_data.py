@@ -137,12 +137,12 @@ def test_sites_folder_problems_are_one_line_before_anything_runs(breast_cancer, 
 
 
 def test_the_logistic_model_is_packaged_and_served_by_v1_analyze(breast_cancer, tmp_path):
-    """`kind = "logistic"` the rest of the way: the signed package of the run, `fedcare serve` over real
-    HTTP, each model's risk equal to ONNX Runtime on the run's scaled inputs."""
+    """`kind = "logistic"` the rest of the way: the signed package of the run (`fedcare export --run` on
+    the simulation's folder, no kit: the run's own kits sign it), `fedcare serve` over real HTTP, each
+    model's risk equal to ONNX Runtime on the run's scaled inputs."""
     import httpx
 
     from client.data import load_site
-    from deploy.provision import provision
     from export.onnx_export import run_onnx
     from fedcare.features import model_inputs
     from fedcare.run_record import RunRecord
@@ -150,11 +150,16 @@ def test_the_logistic_model_is_packaged_and_served_by_v1_analyze(breast_cancer, 
     from .test_serve import ServerProcess, add_token, fedcare_main, sigmoid64
 
     sites, run, manifest, _, _ = breast_cancer
-    names = [s["name"] for s in manifest["sites"]]
-    kits = provision(STUDY_FILE, ["127.0.0.1"], names, tmp_path / "kits")
-    status, _, err = fedcare_main("export", "--run", str(run), "--kit", str(kits["coordinator"]), "--out",
-                                  str(tmp_path / "pkg"))
+    status, out, err = fedcare_main("export", "--run", str(run), "--out", str(tmp_path / "pkg"))
     assert status == 0, err
+    assert f"created the simulation's kits in {run / 'kits'}" in out
+    assert sorted(p.name for p in (run / "kits").iterdir()) == sorted(["ca", "coordinator", *(s["name"] for s in manifest["sites"])])
+    kits = {p.name: p for p in (run / "kits").iterdir()}
+    status, out, err = fedcare_main("export", "--run", str(run), "--out", str(tmp_path / "pkg-again"))
+    assert status == 0 and "created the simulation's kits" not in out  # made once, then reused
+    status, _, err = fedcare_main("export", "--run", str(tmp_path), "--out", str(tmp_path / "pkg-x"))
+    assert status == 2 and err.startswith(f"fedcare: error: --kit: required for {tmp_path}: it is not a `fedcare "
+                                          "simulate` run folder") and err.count("\n") == 1
     token = add_token(kits["rural"], "clinic", "analyze", "models")
     study = RunRecord(run).study()
     test = load_site(study, sites / "rural").test
