@@ -215,7 +215,7 @@ async def open_loop(port: int, requests: list[bytes], seconds: float, rate: floa
 
 def model_call_us(package: Path, kit: Path, run_dir: Path, repeats: int = 20000) -> dict:
     from deploy.kits import load_kit
-from export.commands import verify_for_kit
+    from export.commands import verify_for_kit
     from inference.model import InputSpec, ModelSet
 
     verified, _ = verify_for_kit(package, load_kit(kit))

@@ -3,14 +3,19 @@
     POST /v1/analyze   {patient_id, features: {name: value|null} | feature_vector: [...], model}
                        -> {risk, label, model, model_version, study_hash}       scope "analyze"
     GET  /v1/models    the served models, execution provider, inputs and ranges  scope "models"
-    GET  /healthz      liveness (no token)
-    GET  /metrics      Prometheus text format (no token; counts and latencies only)
-    GET  /openapi.json the OpenAPI document, with this package's features and ranges
+    GET  /healthz      health (no token): 200 ok, or 503 with the reason (the audit log cannot be written)
+    GET  /metrics      Prometheus text format 0.0.4 (no token; counts and latencies only)
+    GET  /openapi.json the OpenAPI document, with this package's features and ranges; it documents
+                       every status code and content type each operation answers with
 
 Errors are JSON `{"detail": "...", ...}`: 401 missing/invalid token, 403 missing scope, 404 unknown
 model or path, 413 body over 64 KiB (Content-Length and the streamed length are both checked),
-422 anything wrong with the body (naming the feature). The request path is: bearer token
-(constant-time), pydantic (`model_validate_json`, strict), numpy scaling, one ONNX Runtime `run`.
+415 a POST body not declared `application/json` (optionally `charset=utf-8`), 422 anything wrong
+with the body (naming the feature, or the key given twice), 503 with Retry-After when the audit
+log cannot be written (no answer without its audit line). The request path is: bearer token
+(constant-time), media type, pydantic (`model_validate_json`, strict), a duplicate-key check
+(`bytes.count` of the colons against the keys pydantic saw; the json module only on a mismatch),
+numpy scaling, one ONNX Runtime `run`.
 """
 
 from __future__ import annotations
@@ -26,14 +31,19 @@ from pydantic import ValidationError
 
 from inference.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from inference.metrics import Metrics
-from inference.middleware import CONTEXT, MAX_BODY, ServeMiddleware
+from inference.middleware import CONTEXT, MAX_BODY, RETRY_AFTER, ServeMiddleware, audit_reason
 from inference.model import DEFAULT_MODEL, InputError, sigmoid
 from inference.schemas import (
+    ACCEPTED_MEDIA_TYPES,
     AnalyzeRequest,
     AnalyzeResponse,
     Answer,
     ApiError,
     ErrorResponse,
+    Health,
+    ModelsResponse,
+    check_media_type,
+    duplicate_keys,
     error_answer,
     request_schema,
     shown,
@@ -61,7 +71,7 @@ def create_app(service: Service, *, max_body: int = MAX_BODY) -> FastAPI:
         "model_version": service.model_version,
         "study": service.study_name,
         "study_hash": service.study_hash,
-    })
+    }, audit=service.audit)
     app = FastAPI(
         title="fedcare prediction service",
         version=service.model_version,
@@ -87,14 +97,25 @@ def create_app(service: Service, *, max_body: int = MAX_BODY) -> FastAPI:
             raise ApiError(403, f"token '{entry.name}' does not have the '{scope}' scope", reason="scope")
         return entry
 
-    def run_analyze(header: str | None, raw_body: bytes, ctx: dict[str, Any]) -> Answer:
+    def run_analyze(header: str | None, content_type: str | None, raw_body: bytes, ctx: dict[str, Any]) -> Answer:
         """POST /v1/analyze, whichever way the request arrives (fast path or FastAPI route)."""
         try:
             authorize(header, "analyze", ctx)
+            check_media_type(content_type)
             try:
                 body = AnalyzeRequest.model_validate_json(raw_body)
             except ValidationError as err:
-                raise validation_errors(err, service) from None
+                raise (duplicate_keys(raw_body, service) or validation_errors(err, service)) from None
+            # Duplicate keys: every member of a JSON object has one colon outside strings, so with no key
+            # twice the colons are the keys pydantic kept plus those inside strings (exact when that is
+            # all); anything else is looked at by the json module, which sees every pair.
+            colons = raw_body.count(b":")
+            features = body.features
+            keys = len(body.model_fields_set) + (len(features) if features is not None else 0)
+            if colons != keys and (b"\\" in raw_body or colons - body.patient_id.count(":") - body.model.count(":") != keys):
+                duplicate = duplicate_keys(raw_body, service)
+                if duplicate is not None:
+                    raise duplicate
             ctx["patient"] = audit.pseudonym(body.patient_id)
             model = models.get(body.model)
             if model is None:
@@ -130,11 +151,31 @@ def create_app(service: Service, *, max_body: int = MAX_BODY) -> FastAPI:
             "study_hash": service.study_hash,
         }), []
 
-    error_responses = {
-        401: {"model": ErrorResponse, "description": "Missing, malformed, invalid or revoked token"},
-        403: {"model": ErrorResponse, "description": "The token lacks the endpoint's scope"},
-        413: {"model": ErrorResponse, "description": f"Body larger than {max_body} bytes"},
-    }
+    def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+        """The documented error responses: each code with its description and the ErrorResponse schema."""
+        text = {
+            401: "Missing, malformed, invalid or revoked token (with `WWW-Authenticate: Bearer`)",
+            403: "The token lacks the endpoint's scope",
+            404: "Unknown model",
+            413: f"Body larger than {max_body} bytes (any method)",
+            415: f"POST body not declared as {ACCEPTED_MEDIA_TYPES}",
+            422: "Invalid body: `detail` says what, `feature` names the study feature concerned, `errors` lists "
+                 "several problems; a key given twice in one object is refused",
+            503: "The audit log cannot be written (`reason` says why; Retry-After), or the model gave no valid risk; "
+                 "nothing was answered",
+        }
+        out: dict[int | str, dict[str, Any]] = {}
+        for code in codes:
+            entry: dict[str, Any] = {"model": ErrorResponse, "description": text[code]}
+            if code == 401:
+                entry["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}, "description": 'Bearer realm="fedcare"'}}
+            if code == 503:
+                entry["headers"] = {"Retry-After": {"schema": {"type": "string"},
+                                                    "description": "seconds (when the audit log cannot be written)"}}
+            out[code] = entry
+        return out
+
+    security = {"security": [{"bearerAuth": []}]}
 
     @app.post(
         "/v1/analyze",
@@ -142,22 +183,23 @@ def create_app(service: Service, *, max_body: int = MAX_BODY) -> FastAPI:
         response_model=None,
         responses={
             200: {"model": AnalyzeResponse, "description": "The predicted risk"},
-            **error_responses,
-            404: {"model": ErrorResponse, "description": "Unknown model"},
-            422: {"model": ErrorResponse, "description": "Invalid body; `feature` names the offending feature"},
+            **errors(401, 403, 404, 413, 415, 422, 503),
         },
         openapi_extra={
             "requestBody": {"required": True, "content": {"application/json": {"schema": request_schema(service)}}},
-            "security": [{"bearerAuth": []}],
+            **security,
         },
     )
     async def analyze(request: Request) -> Response:
         # Served by ServeMiddleware's fast path in practice; this route is the same function for
         # any other ASGI stack (and declares the endpoint in the OpenAPI document).
-        return _response(run_analyze(request.headers.get("authorization"), await request.body(), request.scope[CONTEXT]))
+        return _response(run_analyze(request.headers.get("authorization"), request.headers.get("content-type"),
+                                     await request.body(), request.scope[CONTEXT]))
 
-    @app.get("/v1/models", summary="Served models, execution provider and inputs", responses=error_responses,
-             openapi_extra={"security": [{"bearerAuth": []}]})
+    @app.get("/v1/models", summary="Served models, execution provider and inputs", response_model=None,
+             responses={200: {"model": ModelsResponse, "description": "The package's models and inputs"},
+                        **errors(401, 403, 413, 503)},
+             openapi_extra=security)
     async def list_models(request: Request) -> Response:
         try:
             authorize(request.headers.get("authorization"), "models", request.scope[CONTEXT])
@@ -181,12 +223,25 @@ def create_app(service: Service, *, max_body: int = MAX_BODY) -> FastAPI:
             "created": manifest.get("created"),
         })
 
-    @app.get("/healthz", summary="Liveness")
+    @app.get("/healthz", summary="Health: 200 when requests can be answered, 503 with the reason when not",
+             response_model=None,
+             responses={200: {"model": Health, "description": "Healthy"},
+                        503: {"model": Health, "description": "Unhealthy: `reason` says why (e.g. the audit log "
+                                                              "cannot be written); take the instance out of rotation",
+                              "headers": {"Retry-After": {"schema": {"type": "string"}}}},
+                        **errors(413)})
     async def healthz() -> Response:
+        failure = audit.check()  # retries a failed audit log (recovers by itself)
+        if failure is not None:
+            return _json({"status": "unhealthy", "reason": audit_reason(failure),
+                          "model_version": service.model_version, "provider": service.provider},
+                         503, headers={"Retry-After": RETRY_AFTER.decode()})
         return _json({"status": "ok", "model_version": service.model_version, "provider": service.provider})
 
-    @app.get("/metrics", summary="Prometheus metrics (text format 0.0.4)")
+    @app.get("/metrics", summary="Prometheus metrics (text exposition format 0.0.4)", response_model=None,
+             responses={200: {"description": "Prometheus text exposition format 0.0.4"}, **errors(413)})
     async def prometheus() -> Response:
+        audit.tick()
         return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     def openapi() -> dict[str, Any]:
@@ -194,6 +249,9 @@ def create_app(service: Service, *, max_body: int = MAX_BODY) -> FastAPI:
             schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearerAuth"] = {
                 "type": "http", "scheme": "bearer", "description": "a token from `fedcare serve token add`"}
+            # the Prometheus text format, not JSON (the route answers with a plain Response)
+            schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"] = {
+                METRICS_CONTENT_TYPE.removesuffix("; charset=utf-8"): {"schema": {"type": "string"}}}
             app.openapi_schema = schema
         return app.openapi_schema
 

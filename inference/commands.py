@@ -1,7 +1,8 @@
 """`fedcare serve` and its token management (issue 6); `fedcare report`, the site's own study report.
 
     fedcare serve --package PKG --kit DIR [--host 127.0.0.1] [--port 8443] [--tls-cert F --tls-key F]
-                  [--provider NAME]
+                  [--provider NAME] [--max-connections N] [--header-timeout S] [--body-timeout S]
+                  [--keep-alive-timeout S]
     fedcare serve token add --kit DIR --name NAME [--scope analyze] [--scope models]
     fedcare serve token revoke --kit DIR --name NAME
     fedcare serve token list --kit DIR
@@ -105,8 +106,10 @@ def _serve(args: argparse.Namespace) -> int:
         raise _serve_error(f"--host {args.host}: refusing to serve patient data over plain HTTP on a network interface; "
                            "give --tls-cert and --tls-key, or bind 127.0.0.1 behind a TLS proxy")
 
+    from inference.server import serve_limits
     from inference.tokens import read_tokens
 
+    limits = serve_limits(args.max_connections, args.header_timeout, args.body_timeout, args.keep_alive_timeout)
     sock = _bind(args.host, args.port)
     try:
         service = load_service(args.package, args.kit, provider=args.provider)
@@ -115,9 +118,8 @@ def _serve(args: argparse.Namespace) -> int:
         sock.close()
         raise
 
-    import uvicorn
-
     from inference.app import create_app
+    from inference.server import run_server
 
     app = create_app(service)
     for note in service.models.notes:
@@ -128,23 +130,13 @@ def _serve(args: argparse.Namespace) -> int:
               flush=True)
     scheme = "https" if args.tls_cert else "http"
     shown_host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"fedcare serve: limits: {limits.describe()}", flush=True)
     print(f"fedcare serve: listening on {scheme}://{shown_host}:{args.port} "
-          f"(audit log {service.audit.path}); Ctrl-C stops", flush=True)
-    config = uvicorn.Config(
-        app,
-        loop=_best("uvloop", "auto"),
-        http=_best("httptools", "h11"),
-        lifespan="off",
-        access_log=False,  # the audit log records every API request, without patient ids
-        log_level="warning",
-        server_header=False,
-        ssl_certfile=str(args.tls_cert) if args.tls_cert else None,
-        ssl_keyfile=str(args.tls_key) if args.tls_key else None,
-        timeout_keep_alive=30,
-    )
+          f"(audit log {service.audit.path}); Ctrl-C or SIGTERM stops", flush=True)
     try:
-        uvicorn.Server(config).run(sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn shut down gracefully, then re-raised Ctrl-C
+        run_server(app, sock, limits, tls_cert=str(args.tls_cert) if args.tls_cert else None,
+                   tls_key=str(args.tls_key) if args.tls_key else None)
+    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
         pass
     finally:
         service.audit.close()
@@ -231,6 +223,19 @@ def _site_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_audited(args: argparse.Namespace) -> int:
+    """`fedcare serve` with its --audit-* settings (over FEDCARE_SERVE_AUDIT_*) in force while the service is built."""
+    from inference.audit import COMMAND_SETTINGS, AuditSettings
+
+    settings = AuditSettings.resolve({"max_bytes": args.audit_max_size, "max_age": args.audit_max_age,
+                                      "keep": args.audit_keep, "max_total_bytes": args.audit_max_total})
+    reset = COMMAND_SETTINGS.set(settings)
+    try:
+        return _serve(args)
+    finally:
+        COMMAND_SETTINGS.reset(reset)
+
+
 def register(commands: argparse._SubParsersAction) -> None:
     """Add this package's subcommands to the `fedcare` parser."""
     from inference.tokens import SCOPES
@@ -264,7 +269,25 @@ def register(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--provider", default=None,
                        help="ONNX Runtime execution provider (default: the best available of QNN, OpenVINO, "
                             "CoreML, DirectML, CPU)")
-    serve.set_defaults(func=_serve)
+    serve.add_argument("--max-connections", type=int, default=None,
+                       help="open connections at most (default 4096, and always below the open-file limit); past it "
+                            "idle connections are closed first, then new ones get 503 with Retry-After")
+    serve.add_argument("--header-timeout", type=float, default=None, metavar="SECONDS",
+                       help="a request head must arrive within this (default 10); slower or silent connections close")
+    serve.add_argument("--body-timeout", type=float, default=None, metavar="SECONDS",
+                       help="a request body must arrive within this after its head (default 10)")
+    serve.add_argument("--keep-alive-timeout", type=float, default=None, metavar="SECONDS",
+                       help="an idle keep-alive connection closes after this (default 10)")
+    serve.add_argument("--audit-max-size", default=None, metavar="SIZE",
+                       help="rotate the audit log at this size (K, M, G; default 64M; env FEDCARE_SERVE_AUDIT_MAX_SIZE)")
+    serve.add_argument("--audit-max-age", default=None, metavar="AGE",
+                       help="... or when its first line is this old (s, m, h, d; default 24h; env FEDCARE_SERVE_AUDIT_MAX_AGE)")
+    serve.add_argument("--audit-keep", default=None, metavar="N",
+                       help="rotated audit files kept, .1 to .N (default 30; env FEDCARE_SERVE_AUDIT_KEEP)")
+    serve.add_argument("--audit-max-total", default=None, metavar="SIZE",
+                       help="cap on the audit log on disk, oldest rotated files deleted first (default 2G; "
+                            "env FEDCARE_SERVE_AUDIT_MAX_TOTAL)")
+    serve.set_defaults(func=_serve_audited)
 
     serve_cmds = serve.add_subparsers(dest="serve_command", required=False, metavar="{token}")
     token = serve_cmds.add_parser("token", help="API tokens of the service")

@@ -1,9 +1,15 @@
-"""Hand-written Prometheus metrics (text exposition format 0.0.4) for the prediction service."""
+"""Hand-written Prometheus metrics (text exposition format 0.0.4) for the prediction service,
+including the audit log's state: whether it can be written (and why not), failed writes, requests
+refused for it, rotations, its size on disk, and the unauthenticated requests it summarizes."""
 
 from __future__ import annotations
 
 import bisect
 from collections import defaultdict
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from inference.audit import AuditLog
 
 # Request latency buckets (seconds), around the service's 2 ms goal.
 BUCKETS = (0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -15,8 +21,9 @@ def _label(value: str) -> str:
 
 
 class Metrics:
-    def __init__(self, info: dict[str, str]) -> None:
+    def __init__(self, info: dict[str, str], audit: AuditLog | None = None) -> None:
         self.info = info
+        self.audit = audit
         self.requests: defaultdict[tuple[str, str, int], int] = defaultdict(int)
         self.predictions: defaultdict[str, int] = defaultdict(int)
         self.buckets: defaultdict[str, list[int]] = defaultdict(lambda: [0] * (len(BUCKETS) + 1))
@@ -61,4 +68,45 @@ class Metrics:
             "# TYPE fedcare_serve_unhandled_errors_total counter",
             f"fedcare_serve_unhandled_errors_total {self.unhandled}",
         ]
+        if self.audit is not None:
+            lines += self._audit_lines(self.audit)
         return "\n".join(lines) + "\n"
+
+    @staticmethod
+    def _audit_lines(audit: AuditLog) -> list[str]:
+        failure = audit.failure
+        lines = [
+            "# HELP fedcare_serve_audit_writable 1 when the audit log can be written; 0 when it cannot (audited requests get 503).",
+            "# TYPE fedcare_serve_audit_writable gauge",
+            f"fedcare_serve_audit_writable {0 if failure is not None else 1}",
+            "# HELP fedcare_serve_audit_failure Why the audit log cannot be written now (present only while it cannot).",
+            "# TYPE fedcare_serve_audit_failure gauge",
+        ]
+        if failure is not None:
+            lines.append(f'fedcare_serve_audit_failure{{reason="{_label(failure)}"}} 1')
+        lines += [
+            "# HELP fedcare_serve_audit_write_failures_total Audit log writes that failed.",
+            "# TYPE fedcare_serve_audit_write_failures_total counter",
+            f"fedcare_serve_audit_write_failures_total {audit.write_failures}",
+            "# HELP fedcare_serve_audit_refused_total Requests answered 503 because their audit line could not be written.",
+            "# TYPE fedcare_serve_audit_refused_total counter",
+            f"fedcare_serve_audit_refused_total {audit.refused}",
+            "# HELP fedcare_serve_audit_rotations_total Audit log rotations.",
+            "# TYPE fedcare_serve_audit_rotations_total counter",
+            f"fedcare_serve_audit_rotations_total {audit.rotations}",
+            "# HELP fedcare_serve_audit_deleted_files_total Rotated audit files deleted (keep or the disk cap).",
+            "# TYPE fedcare_serve_audit_deleted_files_total counter",
+            f"fedcare_serve_audit_deleted_files_total {audit.deleted}",
+            "# HELP fedcare_serve_audit_bytes The audit log on disk: the current file and the rotated ones.",
+            "# TYPE fedcare_serve_audit_bytes gauge",
+            f"fedcare_serve_audit_bytes {audit.disk_bytes()}",
+            "# HELP fedcare_serve_audit_max_bytes The cap on fedcare_serve_audit_bytes.",
+            "# TYPE fedcare_serve_audit_max_bytes gauge",
+            f"fedcare_serve_audit_max_bytes {audit.settings.max_total_bytes}",
+            "# HELP fedcare_serve_unauthenticated_total Audited-endpoint requests without a valid token, by reason "
+            "(summarized in the audit log, at most one line per second).",
+            "# TYPE fedcare_serve_unauthenticated_total counter",
+        ]
+        for reason, n in sorted(audit.unauthenticated_total.items()):
+            lines.append(f'fedcare_serve_unauthenticated_total{{reason="{_label(reason)}"}} {n}')
+        return lines

@@ -4,11 +4,14 @@
 errors into one clear line each, naming the study feature concerned; `request_schema` is the
 AnalyzeRequest schema published at /openapi.json, with this package's features, ranges and
 missing-value policies. An `ApiError` becomes an `Answer` (status, JSON body, extra headers).
+`check_media_type` refuses a POST body that is not declared JSON (415); `duplicate_keys` finds a
+key given twice in one JSON object (pydantic, like orjson, would keep the last one silently).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import json
+from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -27,10 +30,11 @@ class AnalyzeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     patient_id: str = Field(min_length=1, max_length=256, description="Pseudonymized in the audit log; never stored raw")
-    features: dict[str, float | None] | None = Field(
-        None, description="Raw values by feature name; null or absent = missing")
-    feature_vector: list[float | None] | None = Field(
-        None, description="Raw values in the order of inputs.features (GET /v1/models); null = missing")
+    # Absent = not given (exactly one of the two); `null` is refused, as the published schema says.
+    features: dict[str, float | None] = Field(
+        None, description="Raw values by feature name; a null value or an absent name = missing")  # type: ignore[assignment]
+    feature_vector: list[float | None] = Field(
+        None, description="Raw values in the order of inputs.features (GET /v1/models); null = missing")  # type: ignore[assignment]
     model: str = Field(DEFAULT_MODEL, description="int8 (default), fp32, or a16w8 when the package has it")
 
 
@@ -42,9 +46,59 @@ class AnalyzeResponse(BaseModel):
     study_hash: str
 
 
-class ErrorResponse(BaseModel):
+class ErrorItem(BaseModel):
+    loc: list[str | int]
     detail: str
-    feature: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    detail: str = Field(description="What was wrong, in one line")
+    feature: str | None = Field(None, description="The study feature concerned, when there is one")
+    errors: list[ErrorItem] | None = Field(None, description="Every problem found, when there are several")
+    reason: str | None = Field(None, description="503 only: why the service cannot answer now")
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unhealthy"]
+    model_version: str
+    provider: str
+    reason: str | None = Field(None, description="Why it is unhealthy (e.g. the audit log cannot be written)")
+
+
+class ModelInfo(BaseModel):
+    name: str
+    file: str | None
+    sha256: str | None
+    batch: Any = None
+    provider: str
+
+
+class FeatureRange(BaseModel):
+    low: float
+    high: float
+    missing: str
+
+
+class Inputs(BaseModel):
+    features: list[str]
+    ranges: dict[str, FeatureRange]
+
+
+class StudyRef(BaseModel):
+    name: str
+    hash: str
+
+
+class ModelsResponse(BaseModel):
+    study: StudyRef
+    label: Any = Field(description="The package's label (name and definition)")
+    model_version: str
+    provider: str
+    default: str
+    models: list[ModelInfo]
+    inputs: Inputs
+    metrics: Any = Field(description="The package's recorded metrics")
+    created: Any = Field(description="When the package was built")
 
 
 class ApiError(Exception):
@@ -56,6 +110,77 @@ class ApiError(Exception):
 
 WWW_AUTHENTICATE = (b"www-authenticate", b'Bearer realm="fedcare"')
 Answer = tuple[int, bytes, list[tuple[bytes, bytes]]]  # status, JSON body, extra headers
+
+
+JSON_MEDIA_TYPE = "application/json"
+ACCEPTED_MEDIA_TYPES = "application/json (optionally with charset=utf-8)"
+
+
+def check_media_type(value: str | None) -> None:
+    """A POST body must be declared `application/json`, optionally `; charset=utf-8` (415 otherwise)."""
+    if value is not None:
+        kind, _, params = value.partition(";")
+        if kind.strip().lower() == JSON_MEDIA_TYPE:
+            ok = True
+            for param in params.split(";") if params.strip() else ():
+                name, _, val = param.partition("=")
+                if name.strip().lower() != "charset" or val.strip().strip('"').lower() not in ("utf-8", "utf8"):
+                    ok = False
+            if ok:
+                return
+    got = "no Content-Type" if value is None else f"Content-Type '{shown(value)}'"
+    raise ApiError(415, f"unsupported media type: send the body as {ACCEPTED_MEDIA_TYPES}; got {got}",
+                   reason="media_type")
+
+
+class _Seen(dict):
+    """A JSON object in which `duplicate` was given more than once."""
+
+    duplicate: str = ""
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict:
+    obj: dict = {}
+    for key, value in pairs:
+        if key in obj:
+            seen = _Seen(pairs)
+            seen.duplicate = key
+            return seen
+        obj[key] = value
+    return obj
+
+
+def _find_duplicate(value: Any, path: tuple[Any, ...]) -> tuple[tuple[Any, ...], str] | None:
+    if isinstance(value, _Seen):
+        return path, value.duplicate
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(item, (dict, list)):
+            found = _find_duplicate(item, (*path, key))
+            if found:
+                return found
+    return None
+
+
+def duplicate_keys(raw: bytes, service: Service) -> ApiError | None:
+    """The 422 for a key given twice in one object of the body, or None (also for bodies that are not JSON)."""
+    try:
+        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_pairs)
+    except (ValueError, RecursionError):
+        return None
+    found = _find_duplicate(doc, ())
+    if found is None:
+        return None
+    path, key = found
+    if path == ():
+        return ApiError(422, f"duplicate field '{shown(key)}' in the request body; each field may appear only once",
+                        reason="duplicate_key")
+    if path == ("features",):
+        known = key in service.inputs.index
+        return ApiError(422, f"duplicate feature '{shown(key)}' in features; each feature may appear only once",
+                        feature=key if known else None, reason="duplicate_key")
+    where = ".".join(shown(p) for p in path)
+    return ApiError(422, f"duplicate key '{shown(key)}' in {where}; each key may appear only once", reason="duplicate_key")
 
 
 def error_answer(err: ApiError) -> Answer:
@@ -87,6 +212,9 @@ def validation_errors(err: ValidationError, service: Service) -> ApiError:
             text = f"request body is not valid JSON ({e['msg'].removeprefix('Invalid JSON: ')})"
         elif not loc:
             text = f"request body must be a JSON object, got {got}"
+        elif loc[0] in ("features", "feature_vector") and len(loc) == 1 and e.get("input", 0) is None:
+            text = (f"{loc[0]}: null is not allowed; leave '{loc[0]}' out (give either 'features', an object, "
+                    "or 'feature_vector', an array)")
         elif loc[0] == "features" and len(loc) == 2:
             name = loc[1]
             if name in service.inputs.index:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from export.package import MANIFEST, VerifiedPackage, check_manifest
-from inference.audit import AuditLog, load_audit_key
+from inference.audit import AuditLog, AuditSettings, current_settings, load_audit_key
 from inference.model import DEFAULT_MODEL, InputSpec, ModelSet
 from inference.tokens import TokenStore
 
@@ -45,9 +45,11 @@ class Service:
                 f"execution provider: {self.provider}; tokens: {self.tokens.count}")
 
 
-def build_service(package: VerifiedPackage, state_dir: str | Path, *, provider: str | None = None) -> Service:
+def build_service(package: VerifiedPackage, state_dir: str | Path, *, provider: str | None = None,
+                  audit_settings: AuditSettings | None = None) -> Service:
     """The service over a package `export.package.verify_package` returned; its tokens and audit log
-    live in `state_dir` (the kit's state directory)."""
+    live in `state_dir` (the kit's state directory). The audit log's rotation and cap: `audit_settings`,
+    else `fedcare serve --audit-*`, else `FEDCARE_SERVE_AUDIT_*`, else `AuditSettings()`'s defaults."""
     manifest = check_manifest(package.manifest)
     inputs = InputSpec.from_manifest(manifest)
     models = ModelSet.open(package.path, manifest, inputs, provider)
@@ -63,6 +65,6 @@ def build_service(package: VerifiedPackage, state_dir: str | Path, *, provider: 
         study_hash=manifest["study"]["hash"],
         label=manifest["label"]["name"],
         tokens=TokenStore(state_dir),
-        audit=AuditLog(state_dir, load_audit_key(state_dir)),
+        audit=AuditLog(state_dir, load_audit_key(state_dir), audit_settings or current_settings()),
         state_dir=state_dir,
     )

@@ -177,6 +177,8 @@ def should_score(data: bytes, models: dict) -> bool:
     feats, vector = body.get("features"), body.get("feature_vector")
     if (feats is None) == (vector is None):
         return False
+    if ("features" in body and feats is None) or ("feature_vector" in body and vector is None):
+        return False  # null is not an object or an array: the schema refuses it (leave the field out)
     if feats is not None:
         if not isinstance(feats, dict) or set(feats) - set(names):
             return False
