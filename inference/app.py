@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from inference.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from inference.metrics import Metrics
 from inference.middleware import CONTEXT, MAX_BODY, RETRY_AFTER, ServeMiddleware, audit_reason
-from inference.model import DEFAULT_MODEL, InputError, sigmoid
+from inference.model import InputError, sigmoid
 from inference.schemas import (
     ACCEPTED_MEDIA_TYPES,
     AnalyzeRequest,
@@ -117,11 +117,12 @@ def create_app(service: Service, *, max_body: int = MAX_BODY) -> FastAPI:
                 if duplicate is not None:
                     raise duplicate
             ctx["patient"] = audit.pseudonym(body.patient_id)
-            model = models.get(body.model)
+            name = body.model if "model" in body.model_fields_set else service.models.default
+            model = models.get(name)
             if model is None:
-                raise ApiError(404, f"unknown model '{shown(body.model)}'; this package serves: {', '.join(models)}",
+                raise ApiError(404, f"unknown model '{shown(name)}'; this package serves: {', '.join(models)}",
                                reason="unknown_model")
-            ctx["model"] = body.model
+            ctx["model"] = name
             if body.features is not None and body.feature_vector is not None:
                 raise ApiError(422, "give either 'features' or 'feature_vector', not both", reason="invalid_body")
             if body.features is not None:
@@ -142,11 +143,11 @@ def create_app(service: Service, *, max_body: int = MAX_BODY) -> FastAPI:
             if err.feature is not None:
                 ctx["feature"] = err.feature
             return error_answer(err)
-        metrics.predictions[body.model] += 1
+        metrics.predictions[name] += 1
         return 200, orjson.dumps({
             "risk": risk,
             "label": service.label,
-            "model": body.model,
+            "model": name,
             "model_version": service.model_version,
             "study_hash": service.study_hash,
         }), []
@@ -212,7 +213,8 @@ def create_app(service: Service, *, max_body: int = MAX_BODY) -> FastAPI:
             "label": manifest.get("label"),
             "model_version": service.model_version,
             "provider": service.provider,
-            "default": DEFAULT_MODEL,
+            "default": service.models.default,
+            "default_choice": service.default_choice.describe(),
             "models": [m.describe() for m in models.values()],
             "inputs": {
                 "features": list(inputs.features),

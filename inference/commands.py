@@ -46,14 +46,15 @@ def state_dir(kit: CoordinatorKit | HospitalKit) -> Path:
     return kit.state_dir if isinstance(kit, CoordinatorKit) else Path(read_site_settings(kit)["state_dir"])
 
 
-def load_service(pkg_dir: str | Path, kit_dir: str | Path, provider: str | None = None) -> Service:
+def load_service(pkg_dir: str | Path, kit_dir: str | Path, provider: str | None = None,
+                 default_model: str | None = None) -> Service:
     """The service over `pkg_dir`, verified under the kit's package signing key and for the kit's study."""
     from inference.service import build_service
 
     kit = load_kit(kit_dir)
     state = state_dir(kit)
     package, _ = verify_for_kit(Path(pkg_dir), kit)
-    return build_service(package, state, provider=provider)
+    return build_service(package, state, provider=provider, default_model=default_model)
 
 
 def _is_loopback(host: str) -> bool:
@@ -101,6 +102,10 @@ def _serve(args: argparse.Namespace) -> int:
         raise _serve_error("serve: --package and --kit are required (or use `fedcare serve token ...`)")
     if not 1 <= args.port <= 65535:
         raise _serve_error(f"--port: {args.port} is not a TCP port")
+    if args.tls_cert is None and args.tls_key is None:
+        from deploy.serving_cert import kit_serving_certificate
+
+        args.tls_cert, args.tls_key = kit_serving_certificate(args.kit) or (None, None)  # `fedcare serve cert`'s
     _check_tls(args.tls_cert, args.tls_key)
     if args.tls_cert is None and not _is_loopback(args.host):
         raise _serve_error(f"--host {args.host}: refusing to serve patient data over plain HTTP on a network interface; "
@@ -112,7 +117,7 @@ def _serve(args: argparse.Namespace) -> int:
     limits = serve_limits(args.max_connections, args.header_timeout, args.body_timeout, args.keep_alive_timeout)
     sock = _bind(args.host, args.port)
     try:
-        service = load_service(args.package, args.kit, provider=args.provider)
+        service = load_service(args.package, args.kit, provider=args.provider, default_model=args.model)
         read_tokens(service.state_dir)  # an unreadable token file is a startup error, not a silent 401
     except BaseException:
         sock.close()
@@ -162,6 +167,17 @@ def _token_add(args: argparse.Namespace) -> int:
     print(f"token '{entry.name}' (scopes: {', '.join(sorted(entry.scopes))}) — shown once; "
           f"{state / TOKENS_FILE} keeps only its SHA-256:", file=sys.stderr, flush=True)
     print(token, flush=True)
+    return 0
+
+
+def _cert(args: argparse.Namespace) -> int:
+    from deploy.serving_cert import issue_serving_certificate
+
+    issued = issue_serving_certificate(args.kit, args.host.split(","))
+    if issued.created_ca:
+        print(f"created this kit's serving CA: {issued.ca_cert} (its key serve-ca.key, 0600, stays in the kit)")
+    print(f"serving certificate for {args.host}: {issued.cert} (key {issued.key}, 0600); `fedcare serve --kit "
+          f"{args.kit}` uses it. Give the EHR gateway {issued.ca_cert} to trust.")
     return 0
 
 
@@ -266,6 +282,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     serve.add_argument("--tls-cert", type=Path, default=None, help="TLS certificate (PEM); required off loopback")
     serve.add_argument("--tls-key", type=Path, default=None, help="TLS private key (PEM, mode 0600)")
+    serve.add_argument("--model", default=None, metavar="NAME",
+                       help="the model a request that names none is scored by (fp32, int8, a16w8); default: the "
+                            "fastest on this machine within |Δ risk| <= 0.01 of fp32, measured at start")
     serve.add_argument("--provider", default=None,
                        help="ONNX Runtime execution provider (default: the best available of QNN, OpenVINO, "
                             "CoreML, DirectML, CPU)")
@@ -289,7 +308,15 @@ def register(commands: argparse._SubParsersAction) -> None:
                             "env FEDCARE_SERVE_AUDIT_MAX_TOTAL)")
     serve.set_defaults(func=_serve_audited)
 
-    serve_cmds = serve.add_subparsers(dest="serve_command", required=False, metavar="{token}")
+    serve_cmds = serve.add_subparsers(dest="serve_command", required=False, metavar="{token,cert}")
+    cert = serve_cmds.add_parser(
+        "cert", help="issue this hospital's serving TLS certificate from a serving CA local to its kit",
+        description="The API's TLS identity is the hospital's own: a serving CA kept in the kit (serve-ca.crt, made "
+                    "once) issues serve.crt/serve.key for the names the EHR gateway calls; fedcare serve uses them "
+                    "when no --tls-cert is given. With the hospital's own PKI instead, pass --tls-cert/--tls-key.")
+    cert.add_argument("--kit", type=Path, required=True, help="the hospital kit folder")
+    cert.add_argument("--host", required=True, help="host names or IP addresses, comma-separated")
+    cert.set_defaults(func=_cert)
     token = serve_cmds.add_parser("token", help="API tokens of the service")
     token_cmds = token.add_subparsers(dest="token_command", required=True)
 

@@ -41,7 +41,6 @@ PROVIDER_ORDER = (
     "CoreMLExecutionProvider",
     "DmlExecutionProvider",
 )
-DEFAULT_MODEL = "int8"
 REQUIRED_MODELS = ("int8", "fp32")
 
 
@@ -265,6 +264,7 @@ class ModelSet:
         self.models = models
         self.preferred_provider = preferred_provider
         self.notes = notes
+        self.default = "fp32"  # the model a request that names none is scored by (`inference.default_model`)
 
     @classmethod
     def open(cls, pkg_dir: Path, manifest: Mapping[str, Any], inputs: InputSpec, provider: str | None = None) -> ModelSet:
@@ -304,7 +304,7 @@ class ModelSet:
     @property
     def provider(self) -> str:
         """The provider the default model runs on (the one reported at startup)."""
-        return self.models[DEFAULT_MODEL].provider
+        return self.models[self.default].provider
 
 
 def _check_io(session: ort.InferenceSession, inputs: InputSpec, path: Path) -> None:

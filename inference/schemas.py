@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from inference.model import DEFAULT_MODEL
 
 if TYPE_CHECKING:
     from inference.service import Service
@@ -35,7 +34,8 @@ class AnalyzeRequest(BaseModel):
         None, description="Raw values by feature name; a null value or an absent name = missing")  # type: ignore[assignment]
     feature_vector: list[float | None] = Field(
         None, description="Raw values in the order of inputs.features (GET /v1/models); null = missing")  # type: ignore[assignment]
-    model: str = Field(DEFAULT_MODEL, description="int8 (default), fp32, or a16w8 when the package has it")
+    model: str = Field("", description="fp32, int8, or a16w8 when the package has it; left out: the service's default "
+                                        "(GET /v1/models `default`: the fastest here within the accuracy bound)")
 
 
 class AnalyzeResponse(BaseModel):
@@ -94,7 +94,9 @@ class ModelsResponse(BaseModel):
     label: Any = Field(description="The package's label (name and definition)")
     model_version: str
     provider: str
-    default: str
+    default: str = Field(description="The model a request that names none is scored by")
+    default_choice: str = Field(description="Why: pinned by --model, or the start-up measurement (per-row latency "
+                                            "of each model, and which are outside the accuracy bound)")
     models: list[ModelInfo]
     inputs: Inputs
     metrics: Any = Field(description="The package's recorded metrics")
@@ -279,5 +281,5 @@ def request_schema(service: Service) -> dict[str, Any]:
         "description": f"{props['feature_vector'].get('description', '')}: {', '.join(inputs.features)}",
     }
     schema["oneOf"] = [{"required": ["features"]}, {"required": ["feature_vector"]}]
-    props["model"] = {**props["model"], "enum": list(service.models.models)}
+    props["model"] = {**props["model"], "enum": list(service.models.models), "default": service.models.default}
     return schema

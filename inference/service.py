@@ -16,7 +16,8 @@ from typing import Any
 
 from export.package import MANIFEST, VerifiedPackage, check_manifest
 from inference.audit import AuditLog, AuditSettings, current_settings, load_audit_key
-from inference.model import DEFAULT_MODEL, InputSpec, ModelSet
+from inference.default_model import DefaultChoice, choose_default
+from inference.model import InputSpec, ModelSet
 from inference.tokens import TokenStore
 
 
@@ -33,6 +34,7 @@ class Service:
     tokens: TokenStore
     audit: AuditLog
     state_dir: Path
+    default_choice: DefaultChoice
 
     @property
     def provider(self) -> str:
@@ -41,18 +43,21 @@ class Service:
     def startup_line(self) -> str:
         served = ", ".join(self.models.models)
         return (f"serving study '{self.study_name}' ({self.study_hash[:12]}), label '{self.label}', "
-                f"package {self.model_version}; models: {served} (default {DEFAULT_MODEL}); "
+                f"package {self.model_version}; models: {served} ({self.default_choice.describe()}); "
                 f"execution provider: {self.provider}; tokens: {self.tokens.count}")
 
 
 def build_service(package: VerifiedPackage, state_dir: str | Path, *, provider: str | None = None,
-                  audit_settings: AuditSettings | None = None) -> Service:
+                  audit_settings: AuditSettings | None = None, default_model: str | None = None) -> Service:
     """The service over a package `export.package.verify_package` returned; its tokens and audit log
     live in `state_dir` (the kit's state directory). The audit log's rotation and cap: `audit_settings`,
     else `fedcare serve --audit-*`, else `FEDCARE_SERVE_AUDIT_*`, else `AuditSettings()`'s defaults."""
     manifest = check_manifest(package.manifest)
     inputs = InputSpec.from_manifest(manifest)
     models = ModelSet.open(package.path, manifest, inputs, provider)
+    # the model a request that names none gets: `default_model`, else the fastest here within the bound
+    choice = choose_default({name: m.session for name, m in models.models.items()}, inputs, pinned=default_model)
+    models.default = choice.model
     manifest_bytes = (package.path / MANIFEST).read_bytes()
     state_dir = Path(state_dir)
     return Service(
@@ -67,4 +72,5 @@ def build_service(package: VerifiedPackage, state_dir: str | Path, *, provider: 
         tokens=TokenStore(state_dir),
         audit=AuditLog(state_dir, load_audit_key(state_dir), audit_settings or current_settings()),
         state_dir=state_dir,
+        default_choice=choice,
     )

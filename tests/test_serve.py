@@ -293,10 +293,37 @@ def test_prepare_is_bit_identical_to_model_inputs(world):
     check()
 
 
-def test_default_model_is_int8(client, world):
+def test_the_default_model_is_measured_at_start_and_named_everywhere(client, world, server):
+    """A request that names no model is scored by the service's default, chosen at start: the fastest
+    here within |Δ risk| <= 0.01 of fp32 (`inference.default_model`); /v1/models and the start-up line say which."""
+    described = client.get("/v1/models").json()
+    default = described["default"]
+    assert default in {m["name"] for m in described["models"]}
+    assert "fastest here within |Δ risk| ≤ 0.01 of fp32: fp32 " in described["default_choice"]
+    assert f"({described['default_choice']})" in server.stdout
     r = client.post("/v1/analyze", json={"patient_id": "p", "features": valid_features(world)})
-    assert r.status_code == 200 and r.json()["model"] == "int8"
+    assert r.status_code == 200 and r.json()["model"] == default
     assert set(r.json()) == {"risk", "label", "model", "model_version", "study_hash"}
+    named = client.post("/v1/analyze", json={"patient_id": "p", "features": valid_features(world), "model": default})
+    assert named.json()["risk"] == r.json()["risk"]
+
+
+def test_the_default_choice_keeps_to_the_accuracy_bound_and_can_be_pinned(world):
+    from inference.commands import load_service
+    from inference.default_model import choose_default
+    from inference.model import ServeError
+
+    service = load_service(world.package, world.hospital, default_model="int8")
+    assert service.models.default == "int8" and service.default_choice.describe() == "default int8 (--model)"
+    sessions = {name: m.session for name, m in service.models.models.items()}
+    # real sessions: with no room for any difference fp32 (the reference) is chosen; with any speed counted
+    # as a win and a loose bound, a quantized one is
+    assert choose_default(sessions, service.inputs, bound=0.0).model == "fp32"
+    loose = choose_default(sessions, service.inputs, bound=1.0, min_speedup=0.0)
+    assert loose.model != "fp32" and set(loose.per_row_us) == set(sessions)
+    assert all(0 < delta < 0.05 for delta in loose.max_delta_risk.values())
+    with pytest.raises(ServeError, match=r"^--model: the package serves fp32, int8, a16w8; no model 'int16'$"):
+        load_service(world.package, world.hospital, default_model="int16")
 
 
 # -- every refusal, with its exact text -----------------------------------------------------------
@@ -510,7 +537,8 @@ def test_audit_log_pseudonymizes_and_keeps_no_values(client, world):
     mine = [rec for rec in lines if rec.get("patient") == pseudonym]  # summary lines (401s) have no patient
     assert [rec["status"] for rec in mine[-2:]] == [200, 422]
     ok, refused = mine[-2:]
-    assert ok["token"] == "clinic" and ok["endpoint"] == "/v1/analyze" and ok["model"] == "int8"
+    default = client.get("/v1/models").json()["default"]
+    assert ok["token"] == "clinic" and ok["endpoint"] == "/v1/analyze" and ok["model"] == default
     assert ok["latency_ms"] > 0 and ok["time"].endswith("Z")
     assert (refused["reason"], refused["feature"]) == ("out_of_range", "bmi")
     assert set(ok) == {"time", "token", "endpoint", "method", "status", "model", "latency_ms", "patient", "reason",
@@ -544,7 +572,8 @@ def test_metrics_count_requests(client, world):
     assert after[key % 401] - before.get(key % 401, 0) == 1
     assert after[key % 422] - before.get(key % 422, 0) == 1
     assert after[count] - before[count] == 5
-    assert after['fedcare_serve_predictions_total{model="int8"}'] - before['fedcare_serve_predictions_total{model="int8"}'] == 3
+    predictions = 'fedcare_serve_predictions_total{model="%s"}' % client.get("/v1/models").json()["default"]
+    assert after[predictions] - before.get(predictions, 0) == 3
     le = 'fedcare_serve_request_duration_seconds_bucket{endpoint="/v1/analyze",le="+Inf"}'
     assert after[le] == after[count]
 
@@ -676,6 +705,38 @@ def test_tls(world, tokens):
             httpx.get(f"http://127.0.0.1:{proc.port}/healthz", timeout=5)  # no plain HTTP on the TLS port
     finally:
         proc.stop()
+
+
+def test_the_kits_own_serving_certificate_is_used_by_default(world, tmp_path):
+    """`fedcare serve cert` issues the hospital's serving certificate from a CA local to its kit (never the
+    study CA); `fedcare serve --kit` then speaks TLS with it without any --tls flag."""
+    import shutil
+
+    kit = tmp_path / "kit"
+    shutil.copytree(world.hospital, kit, ignore=shutil.ignore_patterns("serve-audit*"))
+    token = add_token(kit, "gateway", "analyze")
+    status, out, err = fedcare_main("serve", "cert", "--kit", str(kit), "--host", "127.0.0.1,ml.example.internal")
+    assert status == 0, err
+    assert out.startswith(f"created this kit's serving CA: {kit / 'serve-ca.crt'}")
+    assert (kit / "serve.key").stat().st_mode & 0o777 == 0o600 and (kit / "serve-ca.key").stat().st_mode & 0o777 == 0o600
+    ca_before = (kit / "serve-ca.crt").read_bytes()
+    status, out, _ = fedcare_main("serve", "cert", "--kit", str(kit), "--host", "127.0.0.1")  # a reissue keeps the CA
+    assert status == 0 and "created" not in out and (kit / "serve-ca.crt").read_bytes() == ca_before
+    from cryptography import x509
+
+    issued = x509.load_pem_x509_certificate((kit / "serve.crt").read_bytes())
+    assert issued.issuer != x509.load_pem_x509_certificate((kit / "ca.crt").read_bytes()).subject  # not the study CA
+    context = ssl.create_default_context(cafile=str(kit / "serve-ca.crt"))
+    proc = ServerProcess(world.package, kit, tmp_path / "logs", scheme="https")
+    try:
+        proc.wait_ready(verify=context)
+        r = httpx.post(f"{proc.base_url}/v1/analyze", verify=context, timeout=10,
+                       headers={"Authorization": f"Bearer {token}"}, json={"patient_id": "p", "features": valid_features(world)})
+        assert r.status_code == 200
+    finally:
+        proc.stop()
+    assert fedcare_main("serve", "cert", "--kit", str(kit), "--host", " ,") == (
+        2, "", "fedcare: error: --host: give at least one host name or IP address the EHR gateway uses\n")
 
 
 # -- execution providers --------------------------------------------------------------------------

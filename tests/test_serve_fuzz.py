@@ -170,7 +170,7 @@ def should_score(data: bytes, models: dict) -> bool:
     pid = body.get("patient_id")
     if not isinstance(pid, str) or not 1 <= len(pid) <= 256 or any(0xD800 <= ord(c) <= 0xDFFF for c in pid):
         return False
-    model = body.get("model", "int8")
+    model = body.get("model", models["default"])  # left out: the service's default (GET /v1/models)
     if not isinstance(model, str) or model not in {m["name"] for m in models["models"]}:
         return False
     names, ranges = models["inputs"]["features"], models["inputs"]["ranges"]
