@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import bisect
 from collections import defaultdict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from inference.audit import AuditLog
@@ -29,6 +29,7 @@ class Metrics:
         self.buckets: defaultdict[str, list[int]] = defaultdict(lambda: [0] * (len(BUCKETS) + 1))
         self.sums: defaultdict[str, float] = defaultdict(float)
         self.unhandled = 0
+        self.connections: Any = None  # the server's `inference.server.ConnectionGuard`, set when it runs
 
     def observe(self, endpoint: str, method: str, status: int, seconds: float) -> None:
         self.requests[(endpoint, method, status)] += 1
@@ -70,7 +71,29 @@ class Metrics:
         ]
         if self.audit is not None:
             lines += self._audit_lines(self.audit)
+        if self.connections is not None:
+            lines += self._connection_lines(self.connections)
         return "\n".join(lines) + "\n"
+
+    @staticmethod
+    def _connection_lines(guard: Any) -> list[str]:
+        """What the transport bounds (`inference.server`) did: open connections against the limit, and
+        what they refused before any request reached the app (no token involved, so never audited)."""
+        return [
+            "# HELP fedcare_serve_connections_open Open client connections, and the limit (--max-connections).",
+            "# TYPE fedcare_serve_connections_open gauge",
+            f"fedcare_serve_connections_open {guard.open}",
+            f"fedcare_serve_connections_limit {guard.limits.max_connections}",
+            "# HELP fedcare_serve_connections_refused_total Connections turned away at the limit (503, every one busy) "
+            "or closed to make room (an idle one).",
+            "# TYPE fedcare_serve_connections_refused_total counter",
+            f'fedcare_serve_connections_refused_total{{reason="busy"}} {guard.refused_busy}',
+            f'fedcare_serve_connections_refused_total{{reason="idle_evicted"}} {guard.evicted_idle}',
+            "# HELP fedcare_serve_requests_refused_by_bounds_total Requests refused by a transport bound "
+            "(408 timeout, 414 request line, 431 head) before the app saw them.",
+            "# TYPE fedcare_serve_requests_refused_by_bounds_total counter",
+            f"fedcare_serve_requests_refused_by_bounds_total {guard.refused_requests}",
+        ]
 
     @staticmethod
     def _audit_lines(audit: AuditLog) -> list[str]:

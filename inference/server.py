@@ -484,5 +484,8 @@ def run_server(app: Any, sock: socket.socket, limits: ServeLimits, *, tls_cert: 
         backlog=min(2048, limits.max_connections),
     )
     server = BoundedServer(config, limits)
+    metrics = getattr(getattr(app, "state", None), "metrics", None)
+    if metrics is not None:
+        metrics.connections = server.guard  # /metrics shows what the bounds refused
     server.run(sockets=[sock])
     return server.stopped_by

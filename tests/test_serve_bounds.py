@@ -205,6 +205,7 @@ def test_too_many_header_fields_are_refused(server, world, token):
 
 def test_long_request_line_is_refused(server, world, token):
     settle()
+    before = refused_by_bounds(server, token)
     with connect(server) as sock:
         sock.sendall(b"GET /" + b"a" * 10_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
         answer, closed = read_answer(sock)
@@ -217,6 +218,7 @@ def test_long_request_line_is_refused(server, world, token):
         answer, closed = read_answer(sock)
     assert status_of(answer) == 414 and closed
     assert analyze(server, world, token).status_code == 200
+    assert refused_by_bounds(server, token) - before == 2  # counted in /metrics (no token: never audited)
 
 
 def test_head_split_anywhere_is_served(server):
@@ -323,6 +325,15 @@ def test_silent_connections_past_the_limit_make_room_for_requests(server, world,
     assert analyze(server, world, token).status_code == 200
 
 
+def metric_values(text: str) -> dict[str, float]:
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("fedcare_serve_")}
+
+
+def refused_by_bounds(server, token) -> float:
+    text = httpx.get(f"{server.base_url}/metrics", headers={"Authorization": f"Bearer {token}"}, timeout=5).text
+    return metric_values(text)["fedcare_serve_requests_refused_by_bounds_total"]
+
+
 def test_busy_connections_at_the_limit_get_503_with_retry_after(server, world, token):
     """Every connection is mid-request (a slow head): a new one gets 503 + Retry-After and is closed."""
     settle()
@@ -348,6 +359,10 @@ def test_busy_connections_at_the_limit_get_503_with_retry_after(server, world, t
             sock.close()
     settle()
     assert analyze(server, world, token).status_code == 200
+    metrics = httpx.get(f"{server.base_url}/metrics", headers={"Authorization": f"Bearer {token}"}, timeout=5).text
+    refused = metric_values(metrics)
+    assert refused['fedcare_serve_connections_refused_total{reason="busy"}'] >= 3  # the three above, at least
+    assert refused["fedcare_serve_connections_limit"] == MAX_CONNECTIONS
 
 
 # -- at a low open-file limit, with the default connection limit ---------------------------------
