@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.serve_latency import _run, bodies, build_fixture, closed_loop, http_request, open_loop, wait_ready  # noqa: E402
+from bench.serve_latency import _run, bodies, build_fixture, closed_loop, http_request, open_loop, stop_servers, wait_ready  # noqa: E402
 
 HEADER_BYTES = 64 << 20
 
@@ -179,15 +179,7 @@ def main() -> int:
                     hot[n].append(_run(closed_loop(ports[n], requests, args.seconds)))
                     print(f"  {n:9} closed loop: {hot[n][-1]}", flush=True)
         finally:
-            for proc in procs.values():
-                proc.terminate()
-            for proc in procs.values():
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-            for log in logs.values():
-                log.close()
+            stop_servers(procs, logs)
 
     def pick(name: str, label: str, key: str) -> float:
         values = [r[key] for r in results[name][label]]

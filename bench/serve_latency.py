@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,6 +121,19 @@ class Connection:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def stop_servers(procs: dict[str, subprocess.Popen], logs: dict[str, Any]) -> None:
+    """Stop the servers this benchmark started (SIGTERM, then SIGKILL after 15 s) and close their logs."""
+    for proc in procs.values():
+        proc.terminate()
+    for proc in procs.values():
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    for log in logs.values():
+        log.close()
 
 
 def http_request(port: int, token: str, body: bytes) -> bytes:
@@ -323,15 +337,7 @@ def main() -> int:
                 os.sched_setaffinity(0, {0, 1})
             calls = model_call_us(package, kit, run)
         finally:
-            for proc in procs.values():
-                proc.terminate()
-            for proc in procs.values():
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-            for log in logs.values():
-                log.close()
+            stop_servers(procs, logs)
 
     def med(name: str, mode: str, key: str) -> float:
         return statistics.median(r[key] for r in results[name][mode])

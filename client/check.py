@@ -16,8 +16,13 @@ from fedcare.study import Study
 
 @dataclass(frozen=True)
 class DataCheck:
+    """The check's report (`text`), whether the export is unusable, and why (`problems`: one line each,
+    naming the file), with the warnings a usable export still gets."""
+
     text: str
     fatal: bool
+    problems: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
 
 
 def _split_paths(path: Path) -> list[tuple[str, str, Path]]:
@@ -50,16 +55,17 @@ def check_site_export(study: Study, path: str | Path) -> DataCheck:
     try:
         splits = _split_paths(path)
     except SiteDataError as err:
-        return DataCheck(f"fedcare data check: {err}", fatal=True)
+        return DataCheck(f"fedcare data check: {err}", fatal=True, problems=(str(err),))
     out = [f"study {study.name} ({study.hash[:12]}…), {len(study.features)} features"]
-    fatal = False
+    problems: list[str] = []
+    warnings: list[str] = []
     for split, fmt, split_path in splits:
         out.append(f"\n[{split}] {fmt}: {split_path}")
         try:
             table = read_split(study, fmt, split_path)
         except SiteDataError as err:
             out.append(f"  FATAL: {err}")
-            fatal = True
+            problems.append(str(err))
             continue
         report = table.report
         out.append(f"  records read {report.rows_read}, patients built {report.rows_loaded}, "
@@ -68,7 +74,8 @@ def check_site_export(study: Study, path: str | Path) -> DataCheck:
         out += _missingness(study, table)
         if split == "train" and len(set(table.labels.tolist())) < 2:
             only = int(table.labels[0])
-            out.append(f"  WARNING: every training row has {study.label.name} = {only} ("
-                       f"{'no cases' if only == 0 else 'no controls'}): this site's updates cannot teach the model "
-                       "to tell the two apart; it still takes part (and spends budget) if it joins")
-    return DataCheck("\n".join(out), fatal)
+            warnings.append(f"every training row has {study.label.name} = {only} ("
+                            f"{'no cases' if only == 0 else 'no controls'}): this site's updates cannot teach the "
+                            "model to tell the two apart; it still takes part (and spends budget) if it joins")
+            out.append(f"  WARNING: {warnings[-1]}")
+    return DataCheck("\n".join(out), bool(problems), tuple(problems), tuple(warnings))

@@ -34,7 +34,6 @@ def verify_for_kit(pkg_dir: Path, kit: CoordinatorKit | HospitalKit) -> tuple[Ve
     return verify_package(pkg_dir, key, study=load_study(kit.study_file)), source
 
 
-SIMULATION_FILE = "simulation.json"  # written by `fedcare simulate` into its run folder: the sites' names
 SIMULATION_KITS = "kits"
 
 
@@ -42,19 +41,17 @@ def simulation_kit(run: Path) -> Path:
     """The coordinator kit that signs a simulation's package: `<run>/kits/coordinator`, provisioned on
     first use for the simulation's sites (its hospital kits serve the package on this machine). A
     deployed run has no such kit: `--kit` names the coordinator's."""
-    import json
-
     from deploy.provision import provision
     from export.package import PackageError
+    from fedcare.run_record import SIMULATION_FILE, RunRecord
 
     kits = run / SIMULATION_KITS
     if not (kits / "coordinator").is_dir():
-        try:
-            sites = json.loads((run / SIMULATION_FILE).read_text(encoding="utf-8"))["sites"]
-        except (OSError, ValueError, KeyError, TypeError):
+        sites = RunRecord(run).simulation_sites()
+        if sites is None:
             raise PackageError(f"--kit: required for {run}: it is not a `fedcare simulate` run folder (no readable "
-                               f"{SIMULATION_FILE}); give the coordinator kit that holds signing.key") from None
-        provision(run / "study.toml", ["127.0.0.1"], [str(s) for s in sites], kits)
+                               f"{SIMULATION_FILE}); give the coordinator kit that holds signing.key")
+        provision(RunRecord(run).study_file, ["127.0.0.1"], sites, kits)
         print(f"created the simulation's kits in {kits} (a study CA, the coordinator's and one per site, loopback only)")
     return kits / "coordinator"
 

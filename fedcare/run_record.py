@@ -47,6 +47,7 @@ ROUNDS_FILE = "rounds.jsonl"
 PRIVACY_FILE = "privacy.json"
 REPORT_FILE = "report.json"
 EVALUATION_FILE = "evaluation.json"
+SIMULATION_FILE = "simulation.json"  # `fedcare simulate` only: the sites that took part
 CHECKPOINTS = "checkpoints"
 OPTIMIZER_STATE = "server-optimizer"  # checkpoints/server-optimizer-NNN.npz (not matched by round-*.npz)
 STATE_PREFIX = "state:"
@@ -291,6 +292,18 @@ class RunRecord:
             return None
         except (ValueError, KeyError, TypeError) as err:
             raise RunRecordError(f"{path}: unreadable ({err})") from None
+
+    def save_simulation(self, sites: list[str], sites_dir: Path) -> None:
+        """Record that this run is a simulation, and its sites (`fedcare export` signs it with kits for them)."""
+        atomic_write_bytes(self.path / SIMULATION_FILE, _json_bytes({"sites": sites, "sites_dir": str(sites_dir)}))
+
+    def simulation_sites(self) -> list[str] | None:
+        """The sites of a simulated run, or None for a deployed run (or an unreadable record)."""
+        try:
+            sites = json.loads((self.path / SIMULATION_FILE).read_text(encoding="utf-8"))["sites"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return [str(site) for site in sites] if isinstance(sites, list) else None
 
     def write_privacy(self, summary: dict) -> None:
         atomic_write_bytes(self.path / PRIVACY_FILE, _json_bytes(summary))

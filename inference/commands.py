@@ -149,12 +149,6 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _best(module: str, fallback: str) -> str:
-    import importlib.util
-
-    return module if importlib.util.find_spec(module) is not None else fallback
-
-
 def _kit_state_dir(kit: Path) -> Path:
     return state_dir(load_kit(kit))
 

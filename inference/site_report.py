@@ -15,11 +15,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from export.package import VerifiedPackage
+from export.site_quantization import SiteSplits
 from fedcare.errors import FedcareError
 from fedcare.metrics import (accuracy, balanced_accuracy, brier_score, calibration_table, log_loss, roc_auc,
                              roc_curve)
@@ -36,18 +37,6 @@ REPORT_JSON, REPORT_HTML = "report.json", "report.html"
 
 class SiteReportError(FedcareError, ValueError):
     """The site report cannot be computed; the message names the flag or file."""
-
-
-class Split(Protocol):
-    features: np.ndarray  # raw features, spec order, NaN = missing
-    labels: np.ndarray
-
-
-class SiteSplits(Protocol):
-    """A site's training and test splits (`client.data.SiteData`)."""
-
-    train: Split
-    test: Split
 
 
 def score(package: VerifiedPackage, kind: str, raw: np.ndarray) -> np.ndarray:

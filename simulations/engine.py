@@ -64,7 +64,11 @@ def run_flower_simulation(
     logging.getLogger("flwr").propagate = False
     if not verbose:
         update_console_handler(level=logging.WARNING, timestamps=False, colored=True)
-        logging.getLogger("flwr").addFilter(_quiet_site_tracebacks)
+    flwr_logger = logging.getLogger("flwr")
+    if verbose:
+        flwr_logger.removeFilter(_quiet_site_tracebacks)
+    else:
+        flwr_logger.addFilter(_quiet_site_tracebacks)  # a no-op when already there (benchmarks run many)
     _run_simulation(
         num_supernodes=num_sites,
         exit_event=EventType.FLWR_SIMULATION_RUN_LEAVE,

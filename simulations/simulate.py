@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,11 +74,9 @@ def check_site_folders(study: Study, sites_dir: Path) -> list[Path]:
     for folder in folders:
         check = check_site_export(study, folder)
         if check.fatal:
-            reasons = [line.strip() for line in check.text.splitlines() if "FATAL" in line or "data check:" in line]
-            raise SimulationError(f"--sites: site {folder.name}: " + "; ".join(reasons or [check.text.splitlines()[-1]]))
-        for line in check.text.splitlines():
-            if "WARNING" in line:
-                print(f"site {folder.name}: {line.strip()}", flush=True)
+            raise SimulationError(f"--sites: site {folder.name}: " + "; ".join(check.problems))
+        for warning in check.warnings:
+            print(f"site {folder.name}: WARNING: {warning}", flush=True)
     return folders
 
 
@@ -121,9 +118,7 @@ def simulate(opts: SimulationOptions) -> dict:
     finally:
         display.close()
     record = RunRecord(out)
-    # which sites took part, for `fedcare export --run OUT` (it signs with kits made for them)
-    (out / "simulation.json").write_text(json.dumps({"sites": [f.name for f in folders], "sites_dir": str(sites_dir)},
-                                                    indent=2) + "\n", encoding="utf-8")
+    record.save_simulation([f.name for f in folders], sites_dir)  # `fedcare export --run OUT` signs for these sites
     if record.latest_checkpoint() is None:
         outcome = record.outcome()
         why = f": {outcome.stopped}" if outcome is not None and outcome.stopped else "; see the log above for the SecAgg+ failure"

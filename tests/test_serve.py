@@ -148,6 +148,17 @@ class ServerProcess:
                 self.proc.wait(timeout=15)
 
 
+@contextlib.contextmanager
+def serving(package: Path, kit: Path, log_dir: Path, *extra: str):
+    """A ready `fedcare serve` process for the block; stopped after it (only this process)."""
+    proc = ServerProcess(package, kit, log_dir, *extra)
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+
+
 def metric_values(text: str) -> dict[str, float]:
     values = {}
     for line in text.splitlines():
@@ -177,12 +188,8 @@ def tokens(world):
 
 @pytest.fixture(scope="module")
 def server(world, tokens):
-    proc = ServerProcess(world.package, world.hospital, world.root / "logs")
-    try:
-        proc.wait_ready()
+    with serving(world.package, world.hospital, world.root / "logs") as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")

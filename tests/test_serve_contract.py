@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from .test_serve import ServerProcess, add_token, build_world, valid_features
+from .test_serve import add_token, build_world, serving, valid_features
 
 
 @pytest.fixture(scope="module")
@@ -35,12 +35,8 @@ def token(world):
 
 @pytest.fixture(scope="module")
 def server(world, token):
-    proc = ServerProcess(world.package, world.hospital, world.root / "logs-contract")
-    try:
-        proc.wait_ready()
+    with serving(world.package, world.hospital, world.root / "logs-contract") as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .test_serve import ServerProcess, add_token, build_world, metric_values
+from .test_serve import add_token, build_world, metric_values, serving
 
 SETTINGS = settings(max_examples=300, deadline=None, database=None, derandomize=False,
                     suppress_health_check=list(HealthCheck))
@@ -40,12 +40,8 @@ def token(world):
 
 @pytest.fixture(scope="module")
 def server(world, token):
-    proc = ServerProcess(world.package, world.hospital, world.root / "logs-fuzz")
-    try:
-        proc.wait_ready()
+    with serving(world.package, world.hospital, world.root / "logs-fuzz") as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")
