@@ -59,7 +59,11 @@ def masked_only_guard(msg: Message, ctxt: Context, call_next: ClientAppCallable)
         except PolicyError as err:
             raise Refusal(RefusalKind.POLICY, err.line) from None
         except FedcareError as err:  # the site's data (or another input it owns) cannot take part
-            raise Refusal(RefusalKind.DATA, err.line) from None
+            # The reason names the site's files, lines and counts: it stays in the site's log (below); the
+            # coordinator reads only that the data cannot be used (no per-site size or value, invariant 3).
+            raise Refusal(RefusalKind.DATA, err.line,
+                          shared=f"the site's data cannot be used for this study ({type(err).__name__}); "
+                                 "the file and reason are in the site's own log") from None
     except Refusal as refusal:
         refusal.site = refusal.site or site_name(dict(ctxt.node_config), dict(ctxt.run_config))
         logger.warning("site refused a '%s' message (%s): %s", msg.metadata.message_type, refusal.kind.value, refusal)

@@ -124,3 +124,24 @@ def test_a_refusal_names_the_site_and_a_broken_input_is_a_one_line_refusal(site,
     policy.write_text("[policy]\nmin_cohort = 'three'\n")
     broken = _refusal(_setup(4, 3), _context(tmp_path, study_path, data, policy=policy))
     assert broken.kind is RefusalKind.POLICY and "min_cohort" in str(broken) and "\n" not in str(broken)
+
+
+def test_a_site_data_error_reaches_the_coordinator_without_its_details(site, tmp_path, caplog):
+    """An input error below the guard (the site's export, as `client.data` raises it) is a `data` refusal;
+    its reason (file, line, counts) stays in the site's log, the coordinator reads no per-site detail."""
+    import logging
+
+    from client.tables import SiteDataError
+    from privacy.guard import masked_only_guard
+
+    def unreadable_export(message, context):
+        raise SiteDataError("/exports/north/test.csv: line 812: 9 of 14 lines unreadable")
+
+    with caplog.at_level(logging.WARNING):
+        reply = masked_only_guard(_setup(4, 3), _context(tmp_path, *site), unreadable_export)
+    refusal = Refusal.from_reply(reply.error.code, reply.error.reason)
+    assert refusal.kind is RefusalKind.DATA and refusal.site == site[1].name
+    assert str(refusal) == ("the site's data cannot be used for this study (SiteDataError); "
+                            "the file and reason are in the site's own log")
+    assert "812" not in reply.error.reason and "9 of 14" not in reply.error.reason
+    assert "line 812: 9 of 14 lines unreadable" in caplog.text  # the site's operator sees why
