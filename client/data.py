@@ -27,53 +27,95 @@ csv.field_size_limit(1 << 20)
 MIN_LINES_FOR_SHARE = 10  # below this many lines, only "no usable row" is fatal
 
 
+PATIENT_ID = "patient_id"  # the table's column joining notes and readings to rows (studies that derive features)
+
+
 class _RowCollector:
-    """Checks one record at a time (label, then each feature in spec order) and keeps the good ones."""
+    """Checks one record at a time (label, then each table feature in spec order) and keeps the good ones.
+
+    Features the study derives from notes and readings (`fedcare.derived.Derivation.columns`) are not
+    table columns: they are NaN here and filled by `client.site_derived` once the table is read."""
 
     def __init__(self, study: Study, report: LoadReport) -> None:
+        from fedcare.derived import Derivation
+
         self.study, self.report = study, report
+        self.derivation = Derivation(study) if study.mapping is not None else None
+        derived = self.derivation.columns if self.derivation is not None else frozenset()
+        self.derived = derived
+        self.table_features = [f for i, f in enumerate(study.features) if i not in derived]
         self.rows: list[list[float]] = []
         self.labels: list[int] = []
+        self.patient_ids: list[str] = []
+        self.lines: list[int] = []
+        self.seen: set[str] = set()
 
-    def add(self, line: int, label_text: str, feature_texts: list[str]) -> None:
+    @property
+    def columns(self) -> list[str]:
+        """The table columns this study needs (features, the label, and patient_id when it derives)."""
+        extra = [PATIENT_ID] if self.derived else []
+        return [f.name for f in self.table_features] + [self.study.label.name] + extra
+
+    def add(self, line: int, label_text: str, feature_texts: list[str], patient_id: str = "") -> None:
         self.report.rows_read += 1
         label_text = label_text.strip()
         if label_text not in ("0", "1"):
             self.report.quarantine(line, f"{self.study.label.name}: label must be 0 or 1")
             return
         values = []
-        for feature, text in zip(self.study.features, feature_texts):
+        for feature, text in zip(self.table_features, feature_texts):
             value, reason = parse_value(feature, text)
             if reason:
                 self.report.quarantine(line, reason)
                 return
             values.append(value)
-        for feature, value in zip(self.study.features, values):
-            if math.isnan(value):
-                self.report.missing_by_feature[feature.name] += 1
+        if self.derived:
+            patient_id = patient_id.strip()
+            if not patient_id:
+                self.report.quarantine(line, f"{PATIENT_ID}: empty")
+                return
+            if patient_id in self.seen:
+                self.report.quarantine(line, f"{PATIENT_ID}: duplicate patient")
+                return
+            self.seen.add(patient_id)
+            self.patient_ids.append(patient_id)
+            self.lines.append(line)
+            it = iter(values)
+            values = [math.nan if i in self.derived else next(it) for i in range(len(self.study.features))]
         self.rows.append(values)
         self.labels.append(int(label_text))
 
     def table(self, path: Path, *, lines: int | None = None) -> SiteTable:
         """The loaded split. Fatal: no usable row, or fewer than half of the file's data lines
         (`lines`, default the records read) loaded: a file that lost most of itself is not used."""
-        self.report.rows_loaded = len(self.rows)
-        if not self.rows:
+        features = np.asarray(self.rows, dtype=np.float64).reshape(len(self.rows), len(self.study.features))
+        labels = np.asarray(self.labels, dtype=np.float32)
+        if self.derived and self.rows:
+            from client.site_derived import derive_table_inputs
+
+            reasons = derive_table_inputs(self.study, self.derivation, path, raw=features,
+                                          patient_ids=self.patient_ids, report=self.report)
+            keep = np.array([r is None for r in reasons], dtype=bool)
+            for line, reason in zip(self.lines, reasons):
+                if reason:
+                    self.report.quarantine(line, reason)
+            features, labels = features[keep], labels[keep]
+        for j, feature in enumerate(self.study.features):
+            missing = int(np.isnan(features[:, j]).sum()) if features.size else 0
+            if missing:
+                self.report.missing_by_feature[feature.name] += missing
+        self.report.rows_loaded = len(features)
+        if not len(features):
             raise SiteDataError(f"{path}: no usable rows\n{self.report.summary()}")
         total = max(lines or 0, self.report.rows_read)
-        if total >= MIN_LINES_FOR_SHARE and 2 * len(self.rows) < total:
-            raise SiteDataError(f"{path}: only {len(self.rows)} of {total} data lines loaded; the file is not used "
+        if total >= MIN_LINES_FOR_SHARE and 2 * len(features) < total:
+            raise SiteDataError(f"{path}: only {len(features)} of {total} data lines loaded; the file is not used "
                                 f"(fix it, or remove the bad lines)\n{self.report.summary()}")
-        return SiteTable(
-            features=np.asarray(self.rows, dtype=np.float64).reshape(len(self.rows), len(self.study.features)),
-            labels=np.asarray(self.labels, dtype=np.float32),
-            report=self.report,
-        )
+        return SiteTable(features=features, labels=labels, report=self.report)
 
 
-def _check_columns(study: Study, path: Path, header: list[str], where: str) -> list[str]:
-    """The columns the study needs, present once each; returns the ignored extra columns."""
-    wanted = [f.name for f in study.features] + [study.label.name]
+def _check_columns(wanted: list[str], path: Path, header: list[str], where: str) -> list[str]:
+    """The columns the study needs (`_RowCollector.columns`), present once each; returns the ignored extra columns."""
     absent = [name for name in wanted if name not in header]
     if absent:
         raise SiteDataError(f"{path}: {where}: missing columns required by the study: {', '.join(absent)}")
@@ -103,9 +145,10 @@ def read_site_csv(study: Study, path: str | Path) -> SiteTable:
         except (csv.Error, UnicodeDecodeError) as err:
             raise SiteDataError(f"{path}: line 1: unreadable header: {err}") from None
         header = [h.strip() for h in header]
-        report.ignored_columns = _check_columns(study, path, header, "line 1")
-        positions = [header.index(f.name) for f in study.features]
+        report.ignored_columns = _check_columns(collector.columns, path, header, "line 1")
+        positions = [header.index(f.name) for f in collector.table_features]
         label_pos = header.index(study.label.name)
+        pid_pos = header.index(PATIENT_ID) if collector.derived else None
         line = 1
         while True:
             try:
@@ -128,7 +171,8 @@ def read_site_csv(study: Study, path: str | Path) -> SiteTable:
                 report.rows_read += 1
                 report.quarantine(line, f"expected {len(header)} columns, got {len(cells)}")
                 continue
-            collector.add(line, cells[label_pos], [cells[p] for p in positions])
+            collector.add(line, cells[label_pos], [cells[p] for p in positions],
+                          cells[pid_pos] if pid_pos is not None else "")
     return collector.table(path, lines=max(0, reader.line_num - 1))
 
 
@@ -157,17 +201,19 @@ def read_site_parquet(study: Study, path: str | Path, batch_rows: int = 65536) -
     except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a damaged file
         raise SiteDataError(f"{path}: not a readable Parquet file ({type(err).__name__}: {str(err)[:200]})") from None
     header = list(parquet.schema_arrow.names)
-    report.ignored_columns = _check_columns(study, path, header, "schema")
-    names = [f.name for f in study.features]
     collector = _RowCollector(study, report)
+    report.ignored_columns = _check_columns(collector.columns, path, header, "schema")
+    names = [f.name for f in collector.table_features]
     row = 0
     try:
-        for batch in parquet.iter_batches(batch_size=batch_rows, columns=names + [study.label.name]):
+        for batch in parquet.iter_batches(batch_size=batch_rows, columns=collector.columns):
             columns = [batch.column(name).to_pylist() for name in names]
             labels = batch.column(study.label.name).to_pylist()
+            ids = batch.column(PATIENT_ID).to_pylist() if collector.derived else None
             for i, label in enumerate(labels):
                 row += 1
-                collector.add(row, _cell_text(label), [_cell_text(col[i]) for col in columns])
+                collector.add(row, _cell_text(label), [_cell_text(col[i]) for col in columns],
+                              _cell_text(ids[i]) if ids is not None else "")
     except OSError as err:
         report.quarantine(row + 1, f"unreadable from here on ({type(err).__name__}: truncated or damaged file)")
     return collector.table(path)

@@ -64,6 +64,7 @@ except ImportError:  # pragma: no cover
 
 from client.fhir_bulk import ExpectedFile, check_delivery, expected_files, is_manifest, is_ndjson
 from client.fhir_datatypes import Reject, bundle_patient_urls
+from client.fhir_derived import reading_order
 from client.fhir_report import FhirLoadReport, printable_file
 from client.fhir_resources import HANDLERS, FactCollector, Location, PatientState
 from client.fhir_rules import LABEL, Invalid, Program, checked
@@ -88,7 +89,7 @@ def read_site_fhir(study: Study, mapping: Mapping, path: str | Path, *, today: d
     if not path.is_dir():
         raise SiteDataError(f"{path}: FHIR split directory not found")
     entries = sorted((p for p in path.iterdir() if p.is_file()), key=lambda p: p.name)
-    files = [p for p in entries if is_ndjson(p) or p.suffix.lower() == ".json"]
+    files = reading_order(p for p in entries if is_ndjson(p) or p.suffix.lower() == ".json")
     if not files:
         raise SiteDataError(f"{path}: no .ndjson, .ndjson.gz or .json files in the FHIR split directory")
     report = FhirLoadReport(path=str(path), files=[p.name for p in files])
@@ -272,12 +273,17 @@ class _Reader:
         labels: list[int] = []
         report, features = self.report, self.program.features
         patients = self.collector.patients
-        for pid in sorted(patients):
+        order = sorted(patients)
+        derived = self.collector.derived
+        derived_rows = derived.values(order) if derived is not None else None
+        if derived is not None:
+            report.derived += derived.stats_lines()
+        for n, pid in enumerate(order):
             state = patients[pid]
             if state.where is None:
                 self._quarantine(state.first_record or (0, None), "no Patient resource", state.records)
                 continue
-            values, reason = self._row(state)
+            values, reason = self._row(state, derived_rows[n] if derived_rows is not None else None)
             if reason:
                 self._quarantine(state.where, reason)
                 continue
@@ -295,11 +301,14 @@ class _Reader:
             report=report,
         )
 
-    def _row(self, state: PatientState) -> tuple[list[float], str | None]:
+    def _row(self, state: PatientState, derived: np.ndarray | None) -> tuple[list[float], str | None]:
         values = []
         facts = state.facts
         for i, feature, source, missing, empty in self.program.row_plan:
-            if source == "acc":  # an accumulator's result; none -> `empty` (0 for count/any/pdc)
+            if source == "derived":  # notes, readings, the hashed block (client/fhir_derived.py)
+                value = float(derived[i])
+                result = missing if math.isnan(value) else checked(feature, value)
+            elif source == "acc":  # an accumulator's result; none -> `empty` (0 for count/any/pdc)
                 acc = facts.get(i)
                 value = None if acc is None else acc.result()
                 result = (empty if acc is None else missing) if value is None else checked(feature, value)

@@ -15,20 +15,8 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-from fedcare.mapping import CONVERSIONS
+from fedcare.mapping import CONVERSIONS, UNIT_ALIASES
 
-# Unit spellings seen in exports that are not UCUM codes -> the UCUM code (looked up in lower case).
-UNIT_ALIASES = {
-    "lb": "[lb_av]", "lbs": "[lb_av]", "pound": "[lb_av]", "pounds": "[lb_av]",
-    "in": "[in_i]", "inch": "[in_i]", "inches": "[in_i]",
-    "kilogram": "kg", "kilograms": "kg", "gram": "g", "grams": "g",
-    "centimeter": "cm", "centimeters": "cm", "meter": "m", "meters": "m", "metre": "m", "metres": "m",
-    "hr": "h", "hrs": "h", "hour": "h", "hours": "h", "minute": "min", "minutes": "min",
-    "sec": "s", "second": "s", "seconds": "s", "msec": "ms", "millisecond": "ms", "milliseconds": "ms",
-    "bpm": "/min", "beats/min": "/min", "beats/minute": "/min", "{beat}/min": "/min", "1/min": "/min",
-    "score": "{score}", "steps/day": "{steps}/d", "{steps}/day": "{steps}/d", "/day": "/d", "1/d": "/d",
-    "degf": "[degF]", "°f": "[degF]", "degc": "Cel", "°c": "Cel",
-}
 UCUM_UNITS = frozenset(unit for table in CONVERSIONS.values() for unit in table)
 BIG_INT = 1 << 512  # smaller integers convert to float without overflow
 

@@ -66,6 +66,7 @@ class FhirLoadReport(LoadReport):
             lines.append(f"  quarantined {n}: {reason} ({where}{more})")
         if self.ignored_files:
             lines.append(f"  ignored files (not .ndjson or .json): {len(self.ignored_files)}")
+        lines += ["  " + line for line in self.derived]
         return "\n".join(lines)
 
 

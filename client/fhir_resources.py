@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
+from client.fhir_derived import DerivedFacts
 from client.fhir_datatypes import (
     BIG_INT, DATE_PARTS, TIME_PARTS, UCUM_UNITS, UNIT_ALIASES, Reject, as_number, concept_list_codings,
     first_present, observation_quantity, parse_day, reference_pid, safe_unit, status_codes, subject_pid, unit_text,
@@ -56,6 +57,7 @@ class FactCollector:
         self.program, self.report, self.today = program, report, today
         self.patients: dict[str, PatientState] = {}
         self.references: dict[str, str] = {}  # NDJSON reference text -> patient id (bounded cache)
+        self.derived = DerivedFacts(program.derivation, self) if program.derivation.columns else None
 
     # resources
 
@@ -75,8 +77,23 @@ class FactCollector:
 
     def _observation(self, obj: dict, where: Location, aliases: dict[str, str]) -> bool:
         targets = self.program.observations.match_concept(obj.get("code"))
+        readings = self.derived.matches(obj) if self.derived is not None else None
+        if readings:  # device readings for `sensor` rules (client/fhir_derived.py), maybe other rules too
+            if self._excluded(obj, "Observation"):
+                return False
+            self.derived.observation(obj, where, aliases, readings)
+            return self._observation_rules(obj, where, aliases, targets) if targets else True
         if not targets or self._excluded(obj, "Observation"):
             return False
+        return self._observation_rules(obj, where, aliases, targets)
+
+    def _document(self, obj: dict, where: Location, aliases: dict[str, str]) -> bool:
+        return self.derived is not None and self.derived.document(obj, where, aliases)
+
+    def _binary(self, obj: dict, where: Location, aliases: dict[str, str]) -> bool:
+        return self.derived is not None and self.derived.binary(obj, where, aliases)
+
+    def _observation_rules(self, obj: dict, where: Location, aliases: dict[str, str], targets: Any) -> bool:
         pid = self._pid(obj, aliases, False)
         when = obj["effectiveDateTime"] if "effectiveDateTime" in obj else first_present(
             obj, "effectiveInstant", ("effectivePeriod", "start"), "issued")
@@ -280,4 +297,6 @@ HANDLERS: dict[str, Callable[[FactCollector, dict, Location, dict[str, str]], bo
     "Encounter": FactCollector._encounter,
     "MedicationRequest": FactCollector._medication,
     "MedicationStatement": FactCollector._medication,
+    "DocumentReference": FactCollector._document,
+    "Binary": FactCollector._binary,
 }

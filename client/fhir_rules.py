@@ -112,14 +112,21 @@ class Program:
     def __init__(self, study: Study, mapping: Mapping) -> None:
         self.features = study.features
         self.index_date = mapping.index_date
-        self.rules: list[FeatureRule] = []
+        self.rules: list[FeatureRule | None] = []
         self.observations, self.conditions, self.medications = CodeIndex(), CodeIndex(), CodeIndex()
         self.encounters: dict[str, list[Target]] = {}
         self.encounters_with_reasons: frozenset[str] = frozenset()
         self.patient_rules: list[tuple[int, Feature, FeatureRule]] = []
         index = mapping.index_date.toordinal()
+        from fedcare.derived import Derivation
+
+        self.derivation = Derivation(study)
+        derived = self.derivation.columns  # notes, readings and the hashed block: `client/fhir_derived.py`
         for i, feature in enumerate(study.features):
             rule = mapping.features.get(feature.name)
+            if i in derived:
+                self.rules.append(rule)
+                continue
             if rule is None:
                 raise StudyConfigError(f"mapping: no rule for study feature '{feature.name}'")
             self.rules.append(rule)
@@ -142,6 +149,9 @@ class Program:
         # for a missing value, the checked result when no record matched: 0 for count/any/pdc).
         self.row_plan: list[tuple[int, Feature, str, tuple[float, str | None], tuple[float, str | None]]] = []
         for i, (feature, rule) in enumerate(zip(self.features, self.rules)):
+            if i in derived:
+                self.row_plan.append((i, feature, "derived", checked(feature, None), checked(feature, None)))
+                continue
             source = "direct" if rule.source.startswith("patient_") else "bmi" if rule.source == "bmi" else "acc"
             empty = 0.0 if source == "acc" and rule.aggregate in ("count", "any", "pdc") else None
             self.row_plan.append((i, feature, source, checked(feature, None), checked(feature, empty)))

@@ -35,6 +35,7 @@ class LoadReport:
     examples: dict[str, list[int]] = field(default_factory=dict)
     missing_by_feature: Counter = field(default_factory=Counter)
     ignored_columns: list[str] = field(default_factory=list)
+    derived: list[str] = field(default_factory=list)  # counts-only lines about notes and readings read
 
     def quarantine(self, line: int, reason: str) -> None:
         self.quarantined[reason] += 1
@@ -49,6 +50,7 @@ class LoadReport:
             lines.append(f"  quarantined {count}: {reason} (lines {where}{', ...' if count > len(self.examples[reason]) else ''})")
         if self.ignored_columns:
             lines.append(f"  ignored columns not in the study: {', '.join(self.ignored_columns)}")
+        lines += ["  " + line for line in self.derived]
         return "\n".join(lines)
 
 

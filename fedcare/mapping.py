@@ -29,14 +29,23 @@ SOURCES = (
     "condition",
     "encounter",
     "medication",
+    "note",
+    "sensor",
 )
-AGGREGATES = ("latest", "mean", "count", "any", "slope_per_30d", "pdc")
+# Sources derived on site from clinician notes and device readings (`fedcare/derived.py`), for
+# tabular sites too (from `<split>.notes.csv` / `<split>.readings.csv` beside the table).
+DERIVED_SOURCES = ("note", "sensor")
+AGGREGATES = ("latest", "mean", "count", "any", "slope_per_30d", "pdc", "days_since", "sd", "days_covered")
 # Aggregates each record-based source can compute (patient_* and bmi take none).
 ALLOWED_AGGREGATES: dict[str, tuple[str, ...]] = {
     "observation": ("latest", "mean", "count", "any", "slope_per_30d"),
     "condition": ("count", "any"),
     "encounter": ("count", "any"),
     "medication": ("pdc", "any"),
+    # affirmed mentions of the rule's marker in notes dated in the window (days_since: from the latest one)
+    "note": ("count", "any", "days_since"),
+    # readings in the window (`fedcare/streams.py`: sd is the sample sd, days_covered a fraction of the window)
+    "sensor": ("mean", "sd", "slope_per_30d", "days_covered"),
 }
 # (required keys, optional keys) besides `source`, per source, for a feature rule.
 FEATURE_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -48,6 +57,8 @@ FEATURE_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "condition": (("codes", "window_days", "aggregate"), ()),
     "encounter": (("classes", "window_days", "aggregate"), ("reason_codes",)),
     "medication": (("codes", "window_days", "aggregate"), ()),
+    "note": (("marker", "window_days", "aggregate"), ()),
+    "sensor": (("codes", "window_days", "aggregate", "unit"), ()),
 }
 # The same for one `[mapping.label] any_of` entry: always aggregate "any", a window after the index.
 LABEL_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -79,6 +90,20 @@ CONVERSIONS: dict[str, dict[str, Callable[[float], float]]] = {
 }
 
 
+# Unit spellings seen in exports that are not UCUM codes -> the UCUM code (looked up in lower case).
+UNIT_ALIASES = {
+    "lb": "[lb_av]", "lbs": "[lb_av]", "pound": "[lb_av]", "pounds": "[lb_av]",
+    "in": "[in_i]", "inch": "[in_i]", "inches": "[in_i]",
+    "kilogram": "kg", "kilograms": "kg", "gram": "g", "grams": "g",
+    "centimeter": "cm", "centimeters": "cm", "meter": "m", "meters": "m", "metre": "m", "metres": "m",
+    "hr": "h", "hrs": "h", "hour": "h", "hours": "h", "minute": "min", "minutes": "min",
+    "sec": "s", "second": "s", "seconds": "s", "msec": "ms", "millisecond": "ms", "milliseconds": "ms",
+    "bpm": "/min", "beats/min": "/min", "beats/minute": "/min", "{beat}/min": "/min", "1/min": "/min",
+    "score": "{score}", "steps/day": "{steps}/d", "{steps}/day": "{steps}/d", "/day": "/d", "1/d": "/d",
+    "degf": "[degF]", "°f": "[degF]", "degc": "Cel", "°c": "Cel",
+}
+
+
 class Code(NamedTuple):
     """One `"<system>|<code>"` of a rule; `is_prefix` when it was written with a trailing `*`."""
 
@@ -107,6 +132,7 @@ class FeatureRule:
     weight_codes: tuple[Code, ...] = ()
     height_codes: tuple[Code, ...] = ()
     window_days_after: int | None = None
+    marker: str | None = None  # note: the `[notes.markers]` entry whose affirmed mentions count
 
 
 @dataclass(frozen=True)
@@ -217,11 +243,11 @@ def _rule_values(
                 raise p.fail(field, f"'{values[key]}' is not allowed for source '{source}' (allowed: {', '.join(allowed)})")
         elif key == "unit":
             values[key] = p.string(raw, field, non_empty=True)
-            if source == "observation" and values[key] not in CONVERSIONS:
+            if source in ("observation", "sensor") and values[key] not in CONVERSIONS:
                 raise p.fail(field, f"no known conversion to '{values[key]}' (known units: {', '.join(CONVERSIONS)})")
         elif key == "classes":
             values[key] = tuple(p.string_list(raw, field))
-        elif key == "url":
+        elif key in ("url", "marker"):
             values[key] = p.string(raw, field, non_empty=True)
     return values
 

@@ -24,6 +24,7 @@ from fedcare.files import read_toml
 from fedcare.study_toml import render_toml
 
 if TYPE_CHECKING:
+    from fedcare.notes_spec import NotesSpec
     from fedcare.mapping import Mapping
 
 FEATURE_TYPES = ("numeric", "count", "binary")
@@ -153,6 +154,7 @@ class Study:
     strategy: Strategy
     standardization: str = "spec"  # "spec": center/scale as written; "federated": from SecAgg+ sums
     mapping_source: dict[str, Any] | None = None  # the [mapping] table as written (FHIR derivation)
+    notes_source: dict[str, Any] | None = None  # the [notes] table as written (markers, hashed n-grams)
     scaled_from: str = ""  # set by with_scaling: the hash of the study as defined (a run's scaling keeps it)
     scaled_key: str = ""  # set by with_scaling: the budget key of the study as defined
 
@@ -163,7 +165,24 @@ class Study:
             return None
         from fedcare.mapping import parse_mapping
 
-        return parse_mapping(self.mapping_source, [f.name for f in self.features], f"study {self.name}")
+        hashed = set(self.hashed_feature_names)
+        return parse_mapping(self.mapping_source, [f.name for f in self.features if f.name not in hashed],
+                             f"study {self.name}")
+
+    @functools.cached_property
+    def notes(self) -> NotesSpec | None:
+        """The linguistic markers and the optional hashed n-gram block (`fedcare/derived.py`), or None."""
+        if self.notes_source is None:
+            return None
+        from fedcare.notes_spec import parse_notes
+
+        return parse_notes(self.notes_source, f"study {self.name}", study_name=self.name)
+
+    @property
+    def hashed_feature_names(self) -> tuple[str, ...]:
+        """The features `[notes.hashing]` adds after the spec's (none without it)."""
+        hashing = self.notes.hashing if self.notes is not None else None
+        return hashing.feature_names if hashing is not None else ()
 
     @property
     def hash(self) -> str:
@@ -183,6 +202,8 @@ class Study:
     def _values(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
         del values["scaled_from"], values["scaled_key"]
+        if values["notes_source"] is None:  # studies written before notes existed keep their hash
+            del values["notes_source"]
         # a strategy's unused fields (None) are not part of the study: studies written before they
         # existed keep their hash
         values["strategy"] = {k: v for k, v in values["strategy"].items() if v is not None}
@@ -331,14 +352,39 @@ def parse_study(raw: dict[str, Any], source: str = "<study>") -> Study:
     if "standardization" in raw:
         method = r.choice(r.table(raw, "[standardization]"), "standardization.method", STANDARDIZATIONS)
         parsed = dataclasses.replace(parsed, standardization=method)
+    notes = None
+    if "notes" in raw:
+        from fedcare.notes_spec import hashed_features, parse_notes
+
+        if not isinstance(raw["notes"], dict):
+            raise StudyConfigError(f"{source}: notes: expected a [notes] table")
+        notes = parse_notes(raw["notes"], source, study_name=parsed.name)
+        generated = tuple(Feature(**f) for f in hashed_features(notes.hashing)) if notes.hashing is not None else ()
+        clash = sorted(set(names) & {f.name for f in generated})
+        if clash:
+            raise StudyConfigError(f"{source}: features: '{clash[0]}' is a name the hashed n-gram block "
+                                   "([notes.hashing]) uses; rename the feature")
+        parsed = dataclasses.replace(parsed, features=parsed.features + generated, notes_source=raw["notes"])
     if "mapping" in raw:
         from fedcare.mapping import parse_mapping
 
         if not isinstance(raw["mapping"], dict):
             raise StudyConfigError(f"{source}: mapping: expected a [mapping] table")
-        parse_mapping(raw["mapping"], names, source)  # every mistake is reported at load, naming the field
+        mapping = parse_mapping(raw["mapping"], names, source)  # every mistake is reported at load, naming the field
         parsed = dataclasses.replace(parsed, mapping_source=raw["mapping"])
+        _check_derived(source, mapping, notes)
+    elif notes is not None and notes.hashing is not None:
+        raise StudyConfigError(f"{source}: notes.hashing: needs a [mapping] (its index_date dates the notes' window)")
     return parsed
+
+
+def _check_derived(source: str, mapping: Mapping, notes: NotesSpec | None) -> None:
+    """Every `note` rule names a marker of `[notes.markers]`."""
+    markers = {m.name for m in notes.markers} if notes is not None else set()
+    for name, rule in mapping.features.items():
+        if rule.source == "note" and rule.marker not in markers:
+            known = f"markers: {', '.join(sorted(markers))}" if markers else "the study has no [notes.markers]"
+            raise StudyConfigError(f"{source}: mapping.features.{name}.marker: no marker '{rule.marker}' ({known})")
 
 
 def _strategy(r: Fields, raw: dict[str, Any]) -> Strategy:

@@ -27,7 +27,10 @@ def render_toml(study: Any) -> str:
         "[study]\n" f"name = {val(study.name)}\n" f"description = {val(study.description)}",
         section("label", study.label),
     ]
+    generated = set(study.hashed_feature_names)  # [notes.hashing] adds them again on reading
     for f in study.features:
+        if f.name in generated:
+            continue
         d = dataclasses.asdict(f)
         d["range"] = [d.pop("low"), d.pop("high")]
         parts.append("[[features]]\n" + "\n".join(f"{k} = {val(v)}" for k, v in d.items()))
@@ -40,6 +43,8 @@ def render_toml(study: Any) -> str:
     ]
     if study.standardization != "spec":
         parts.append(f"[standardization]\nmethod = {val(study.standardization)}")
+    if study.notes_source is not None:
+        parts += _render_tables("notes", study.notes_source, val)
     if study.mapping_source is not None:
         parts += _render_tables("mapping", study.mapping_source, val)
     return "\n\n".join(parts) + "\n"

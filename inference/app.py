@@ -45,10 +45,12 @@ from inference.schemas import (
     check_media_type,
     duplicate_keys,
     error_answer,
+    derived_names,
     request_schema,
     shown,
     validation_errors,
 )
+from inference.derived_inputs import derive_values
 from inference.service import Service
 from inference.tokens import TokenEntry
 
@@ -65,7 +67,12 @@ def _response(answer: Answer) -> Response:
 
 
 
+MAX_BODY_WITH_NOTES = 8 << 20  # a package that derives features from notes accepts a patient's notes
+
+
 def create_app(service: Service, *, max_body: int = MAX_BODY) -> FastAPI:
+    if service.derivation is not None and max_body == MAX_BODY:
+        max_body = MAX_BODY_WITH_NOTES
     metrics = Metrics({
         "provider": service.provider,
         "model_version": service.model_version,
@@ -112,6 +119,7 @@ def create_app(service: Service, *, max_body: int = MAX_BODY) -> FastAPI:
             colons = raw_body.count(b":")
             features = body.features
             keys = len(body.model_fields_set) + (len(features) if features is not None else 0)
+            keys += 2 * len(body.notes or ()) + 5 * len(body.readings or ())
             if colons != keys and (b"\\" in raw_body or colons - body.patient_id.count(":") - body.model.count(":") != keys):
                 duplicate = duplicate_keys(raw_body, service)
                 if duplicate is not None:
@@ -132,6 +140,11 @@ def create_app(service: Service, *, max_body: int = MAX_BODY) -> FastAPI:
             else:
                 raise ApiError(422, "no feature values: give 'features' (an object) or 'feature_vector' "
                                     "(an array in the order of inputs.features)", reason="invalid_body")
+            if service.derivation is not None:
+                values = derive_values(service.derivation, values, body)
+            elif body.notes is not None or body.readings is not None:
+                raise ApiError(422, "this package's study derives no feature from notes or readings; "
+                                    "leave 'notes' and 'readings' out", reason="invalid_body")
             risk = sigmoid(model.logit(inputs.prepare(values)))
             if not math.isfinite(risk):
                 raise ApiError(503, "the model produced no valid risk for these inputs", reason="model_output")
@@ -220,6 +233,7 @@ def create_app(service: Service, *, max_body: int = MAX_BODY) -> FastAPI:
                 "features": list(inputs.features),
                 "ranges": {n: {"low": float(inputs.low[i]), "high": float(inputs.high[i]), "missing": inputs.missing[i]}
                            for i, n in enumerate(inputs.features)},
+                "derived": derived_names(service),
             },
             "metrics": manifest.get("metrics"),
             "created": manifest.get("created"),

@@ -23,8 +23,34 @@ if TYPE_CHECKING:
 JSON_TYPES = {str: "a string", bool: "a boolean", list: "an array", dict: "an object", type(None): "null", int: "a number", float: "a number"}
 
 
+MAX_NOTES = 1000
+MAX_READINGS = 100_000
+
+
+class NoteIn(BaseModel):
+    """One clinician note: analysed in memory, never stored or logged."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    date: str = Field(min_length=10, max_length=40, description="YYYY-MM-DD or a dateTime (its calendar date counts)")
+    text: str = Field(max_length=1 << 20, description="The note's plain text")
+
+
+class ReadingIn(BaseModel):
+    """One device reading: aggregated in memory, never stored or logged."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    time: str = Field(min_length=10, max_length=40, description="YYYY-MM-DD or a dateTime (its calendar date counts)")
+    system: str = Field(min_length=1, max_length=256, description="Code system, e.g. http://loinc.org")
+    code: str = Field(min_length=1, max_length=64, description="The reading's code, e.g. 8867-4 (heart rate)")
+    value: float
+    unit: str = Field(min_length=1, max_length=32, description="UCUM unit (common spellings accepted)")
+
+
 class AnalyzeRequest(BaseModel):
-    """One patient's raw feature values (the study's units; not scaled)."""
+    """One patient's raw feature values (the study's units; not scaled), and the notes and device
+    readings the study derives features from, if it does (derived features are never given as values)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -36,6 +62,12 @@ class AnalyzeRequest(BaseModel):
         None, description="Raw values in the order of inputs.features (GET /v1/models); null = missing")  # type: ignore[assignment]
     model: str = Field("", description="fp32, int8, or a16w8 when the package has it; left out: the service's default "
                                         "(GET /v1/models `default`: the fastest here within the accuracy bound)")
+    notes: list[NoteIn] = Field(None, max_length=MAX_NOTES,  # type: ignore[assignment]
+                                description="Clinician notes the study derives features from (GET /v1/models `derived`)")
+    readings: list[ReadingIn] = Field(None, max_length=MAX_READINGS,  # type: ignore[assignment]
+                                      description="Device readings the study derives features from")
+    index_date: str = Field("", max_length=10, description="YYYY-MM-DD the notes' and readings' windows end on; "
+                                                          "left out: today (UTC)")
 
 
 class AnalyzeResponse(BaseModel):
@@ -82,6 +114,8 @@ class FeatureRange(BaseModel):
 class Inputs(BaseModel):
     features: list[str]
     ranges: dict[str, FeatureRange]
+    derived: list[str] = Field(default_factory=list,
+                               description="Features derived from the request's notes and readings (never given as values)")
 
 
 class StudyRef(BaseModel):
@@ -236,7 +270,8 @@ def validation_errors(err: ValidationError, service: Service) -> ApiError:
         elif loc[0] == "feature_vector":
             text = f"feature_vector: expected an array of numbers or null, got {got}"
         elif kind == "extra_forbidden":
-            text = f"unknown field '{shown(loc[0])}'; the fields are patient_id, features or feature_vector, and model"
+            text = (f"unknown field '{shown(loc[0])}'; the fields are patient_id, features or feature_vector, model, "
+                    "notes, readings and index_date")
         elif loc[0] == "patient_id":
             if kind == "missing":
                 text = "patient_id: required (a string)"
@@ -263,14 +298,18 @@ def request_schema(service: Service) -> dict[str, Any]:
     schema = AnalyzeRequest.model_json_schema()
     props = schema["properties"]
     feature_props = {}
+    derived = set(derived_names(service))
     for i, name in enumerate(inputs.features):
         number = {"type": "number", "minimum": float(inputs.low[i]), "maximum": float(inputs.high[i])}
-        if inputs.missing[i] == "reject":
+        if name in derived:
+            feature_props[name] = {"type": "null", "description": "derived from notes and readings: null or left out"}
+        elif inputs.missing[i] == "reject":
             feature_props[name] = {**number, "description": "required (missing = reject)"}
         else:
             feature_props[name] = {"anyOf": [number, {"type": "null"}], "description": f"missing = {inputs.missing[i]}"}
     props["features"] = {
-        "type": "object", "properties": feature_props, "additionalProperties": False,
+        "type": "object", "properties": {n: p for n, p in feature_props.items() if n not in derived},
+        "additionalProperties": False,
         "required": [inputs.features[i] for i in inputs.reject_cols],
         "description": props["features"].get("description", ""),
     }
@@ -282,4 +321,15 @@ def request_schema(service: Service) -> dict[str, Any]:
     }
     schema["oneOf"] = [{"required": ["features"]}, {"required": ["feature_vector"]}]
     props["model"] = {**props["model"], "enum": list(service.models.models), "default": service.models.default}
+    if not derived:  # this package derives nothing: the fields exist, but only empty
+        props["notes"] = {**props["notes"], "maxItems": 0}
+        props["readings"] = {**props["readings"], "maxItems": 0}
     return schema
+
+
+def derived_names(service: Service) -> list[str]:
+    """Features the service derives from a request's notes and readings, in spec order."""
+    derivation = service.derivation
+    if derivation is None:
+        return []
+    return [derivation.features[i].name for i in sorted(derivation.columns)]

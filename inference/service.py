@@ -19,6 +19,7 @@ from inference.audit import AuditLog, AuditSettings, current_settings, load_audi
 from inference.default_model import DefaultChoice, choose_default
 from inference.model import InputSpec, ModelSet
 from inference.tokens import TokenStore
+from fedcare.derived import Derivation
 
 
 @dataclass
@@ -35,6 +36,7 @@ class Service:
     audit: AuditLog
     state_dir: Path
     default_choice: DefaultChoice
+    derivation: Derivation | None = None  # the study's features from notes and readings, if any
 
     @property
     def provider(self) -> str:
@@ -73,4 +75,14 @@ def build_service(package: VerifiedPackage, state_dir: str | Path, *, provider: 
         audit=AuditLog(state_dir, load_audit_key(state_dir), audit_settings or current_settings()),
         state_dir=state_dir,
         default_choice=choice,
+        derivation=_derivation(package),
     )
+
+
+def _derivation(package: VerifiedPackage) -> Derivation | None:
+    """What the package's study derives from notes and readings (verified for the kit's study), or None."""
+    study = package.study
+    if study is None or study.mapping is None:
+        return None
+    derivation = Derivation(study)
+    return derivation if derivation.columns else None

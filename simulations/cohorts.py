@@ -40,6 +40,7 @@ FHIR R4 resources and the study's `[mapping]` (docs/FHIR.md) derives back exactl
 from __future__ import annotations
 
 import csv
+import datetime
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,7 +48,8 @@ from pathlib import Path
 import numpy as np
 
 from fedcare.metrics import roc_auc
-from fedcare.study import Study
+from fedcare.study import Feature, Study
+from simulations.modalities import Modalities, latent_modalities, modality_log_odds, write_notes, write_readings
 
 SMALLEST_SITE = 400
 LARGEST_SITE = 6000
@@ -92,6 +94,9 @@ class Cohort:
     observed: np.ndarray
     labels: np.ndarray
     true_risk: np.ndarray
+    severity: np.ndarray | None = None  # the latent d (row order)
+    modalities: Modalities | None = None  # notes' states and wearable parameters (`simulations/modalities.py`)
+    true_values: dict[str, np.ndarray] | None = None  # every generated true value by name
 
 
 def site_profiles(hospitals: int, seed: int, size_scale: float = 1.0) -> list[SiteProfile]:
@@ -132,6 +137,7 @@ def _true_features(p: SiteProfile, rng: np.random.Generator) -> dict[str, np.nda
     # The slope (points per 30 days) may not imply a score outside [0, 27] one week earlier.
     slope = np.clip(rng.normal(0.4 * d, 1.2, n), np.maximum(-15, -(27 - phq9) * 30 / 7), np.minimum(15, phq9 * 30 / 7))
     return {
+        "_severity": d,
         "age": age,
         "sex_female": female,
         "phq9_latest": phq9,
@@ -187,22 +193,39 @@ def _intercept_for(log_odds: np.ndarray, prevalence: float) -> float:
     return (lo + hi) / 2
 
 
-def generate_site(study: Study, profile: SiteProfile, seed: int, index: int) -> Cohort:
-    """One hospital's cohort, deterministic in (profile, seed, index)."""
+def coded_features(study: Study) -> list[Feature]:
+    """The study's features a table holds (not derived from notes or readings), in spec order."""
+    if study.mapping is None:
+        return list(study.features)
+    from fedcare.derived import Derivation
+
+    derived = Derivation(study).columns
+    return [f for i, f in enumerate(study.features) if i not in derived]
+
+
+def generate_site(study: Study, profile: SiteProfile, seed: int, index: int, *, modalities: bool = False) -> Cohort:
+    """One hospital's cohort, deterministic in (profile, seed, index); with `modalities`, the notes'
+    states and wearable parameters too, which then enter the ground truth (`simulations/modalities.py`)."""
     rng = np.random.default_rng([seed, 2, index])
     feats = _true_features(profile, rng)
-    missing = [f.name for f in study.features if f.name not in feats]
+    features = coded_features(study)
+    missing = [f.name for f in features if f.name not in feats]
     if missing:
         raise ValueError(f"the synthetic generator has no model for features: {', '.join(missing)}")
-    for f in study.features:
+    for f in features:
         if f.type == "numeric" and f.name != "antidepressant_pdc":
             feats[f.name] = np.round(feats[f.name], DECIMALS)
     log_odds = true_log_odds(feats)
+    extra = None
+    if modalities:
+        extra = latent_modalities(feats["_severity"], wearable_missing=profile.wearable_missing,
+                                  rng=np.random.default_rng([seed, 5, index]))
+        log_odds = log_odds + modality_log_odds(extra)
     risk = _sigmoid(log_odds + _intercept_for(log_odds, profile.prevalence))
     labels = rng.binomial(1, risk).astype(np.int64)
-    true_table = np.column_stack([feats[f.name] for f in study.features])
+    true_table = np.column_stack([feats[f.name] for f in features])
     observed = true_table.copy()
-    for j, f in enumerate(study.features):
+    for j, f in enumerate(features):
         if f.missing == "reject" or f.name in ALWAYS_RECORDED:
             continue
         rate = (
@@ -213,18 +236,19 @@ def generate_site(study: Study, profile: SiteProfile, seed: int, index: int) -> 
             else profile.other_missing
         )
         observed[rng.random(profile.patients) < rate, j] = np.nan
-    _consistent_phq9_history(study, true_table, observed)
-    return Cohort(profile, true_table, observed, labels, risk)
+    _consistent_phq9_history(features, true_table, observed)
+    return Cohort(profile, true_table, observed, labels, risk, severity=feats["_severity"], modalities=extra,
+                  true_values=feats)
 
 
-def _consistent_phq9_history(study: Study, true_table: np.ndarray, observed: np.ndarray) -> None:
+def _consistent_phq9_history(features: list[Feature], true_table: np.ndarray, observed: np.ndarray) -> None:
     """Make the recorded PHQ-9 count agree with the recorded latest score and slope (in place).
 
     No assessment on record (phq9_latest missing) means a count of 0 and no slope; a slope
     needs two assessments, a latest score one. The count is not in the risk model, so the
     ground truth is unchanged.
     """
-    names = [f.name for f in study.features]
+    names = [f.name for f in features]
     if not {"phq9_latest", "phq9_slope_90d", "phq9_count_12m"} <= set(names):
         return
     latest, slope, count = names.index("phq9_latest"), names.index("phq9_slope_90d"), names.index("phq9_count_12m")
@@ -236,37 +260,72 @@ def _consistent_phq9_history(study: Study, true_table: np.ndarray, observed: np.
     true_table[:, count] = observed[:, count]
 
 
-def _write_csv(path: Path, study: Study, rows: np.ndarray, labels: np.ndarray) -> None:
+def _write_csv(path: Path, study: Study, rows: np.ndarray, labels: np.ndarray, ids: list[str] | None = None) -> None:
     # 12 significant digits: the 4-decimal values print as before, a PDC of k/180 stays exact to 1e-12.
-    formats = ["{:.0f}" if f.type in ("count", "binary") else "{:.12g}" for f in study.features]
+    features = coded_features(study)
+    formats = ["{:.0f}" if f.type in ("count", "binary") else "{:.12g}" for f in features]
     with path.open("w", newline="", encoding="utf-8") as out:
         writer = csv.writer(out)
-        writer.writerow([f.name for f in study.features] + [study.label.name])
-        for row, label in zip(rows, labels):
+        writer.writerow([f.name for f in features] + [study.label.name] + (["patient_id"] if ids else []))
+        for n, (row, label) in enumerate(zip(rows, labels)):
             cells = ["" if np.isnan(v) else fmt.format(v) for fmt, v in zip(formats, row)]
-            writer.writerow(cells + [int(label)])
+            writer.writerow(cells + [int(label)] + ([ids[n]] if ids else []))
+
+
+def patient_ids(first: int, count: int) -> list[str]:
+    """`p` + 7 digits, as the FHIR rendering names patients (`simulations/fhir_cohorts.py`)."""
+    return [f"p{first + i:07d}" for i in range(count)]
+
+
+def _write_modalities(site_dir: Path, split: str, cohort: Cohort, rows: np.ndarray, ids: list[str],
+                      index_date: datetime.date, rng: np.random.Generator) -> dict[str, int]:
+    m, values = cohort.modalities, cohort.true_values
+    notes = write_notes(site_dir / f"{split}.notes.csv", ids=ids, rows=rows, m=m, severity=cohort.severity,
+                        index_date=index_date, rng=rng)
+    readings = write_readings(site_dir / f"{split}.readings.csv", ids=ids, rows=rows, m=m,
+                              sleep_hours=values["sleep_hours"], steps_per_day=values["steps_per_day"],
+                              index_date=index_date, rng=rng)
+    return {f"{split}_notes": notes, f"{split}_readings": readings}
 
 
 def write_cohorts(
-    study: Study, out_dir: str | Path, hospitals: int, seed: int, size_scale: float = 1.0
+    study: Study, out_dir: str | Path, hospitals: int, seed: int, size_scale: float = 1.0, *,
+    modalities: bool | None = None,
 ) -> dict:
     """Write `<out_dir>/<site>/{train,test}.csv` per hospital and `<out_dir>/cohorts.json`.
 
+    With `modalities` (default: when the study derives features from notes or readings) the
+    tables gain a `patient_id` column and each split its `.notes.csv` and `.readings.csv`, and
+    the ground truth their terms (`simulations/modalities.py`); a coded-only study reads the same
+    sites (it ignores the extra files and column), so both can be compared on one world.
     Returns the manifest: per-site profile, row counts and label prevalence, plus the
     ground-truth AUC on the union of the test splits.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if modalities is None:
+        modalities = len(coded_features(study)) < len(study.features)
+    index_date = study.mapping.index_date if study.mapping is not None else datetime.date(2025, 7, 1)
     sites, test_risk, test_labels = [], [], []
     for i, profile in enumerate(site_profiles(hospitals, seed, size_scale)):
-        cohort = generate_site(study, profile, seed, i)
+        cohort = generate_site(study, profile, seed, i, modalities=modalities)
         n_test = max(1, int(round(profile.patients * TEST_FRACTION)))
         order = np.random.default_rng([seed, 3, i]).permutation(profile.patients)
         test_idx, train_idx = order[:n_test], order[n_test:]
         site_dir = out_dir / profile.name
         site_dir.mkdir(exist_ok=True)
-        _write_csv(site_dir / "train.csv", study, cohort.observed[train_idx], cohort.labels[train_idx])
-        _write_csv(site_dir / "test.csv", study, cohort.observed[test_idx], cohort.labels[test_idx])
+        extra: dict[str, int] = {}
+        if modalities:
+            # ids as `simulations/fhir_cohorts.write_fhir_site` numbers a site's patients: train, then test
+            train_ids, test_ids = patient_ids(0, len(train_idx)), patient_ids(len(train_idx), n_test)
+            rng = np.random.default_rng([seed, 6, i])
+            _write_csv(site_dir / "train.csv", study, cohort.observed[train_idx], cohort.labels[train_idx], train_ids)
+            _write_csv(site_dir / "test.csv", study, cohort.observed[test_idx], cohort.labels[test_idx], test_ids)
+            extra = {**_write_modalities(site_dir, "train", cohort, train_idx, train_ids, index_date, rng),
+                     **_write_modalities(site_dir, "test", cohort, test_idx, test_ids, index_date, rng)}
+        else:
+            _write_csv(site_dir / "train.csv", study, cohort.observed[train_idx], cohort.labels[train_idx])
+            _write_csv(site_dir / "test.csv", study, cohort.observed[test_idx], cohort.labels[test_idx])
         test_risk.append(cohort.true_risk[test_idx])
         test_labels.append(cohort.labels[test_idx])
         sites.append(
@@ -276,6 +335,7 @@ def write_cohorts(
                 "test_rows": int(n_test),
                 "observed_prevalence": round(float(cohort.labels.mean()), 4),
                 "ground_truth_auc": round(roc_auc(cohort.labels[test_idx], cohort.true_risk[test_idx]), 4),
+                **extra,
             }
         )
     manifest = {
@@ -283,6 +343,7 @@ def write_cohorts(
         "hospitals": hospitals,
         "study_hash": study.hash,
         "ground_truth_auc": round(roc_auc(np.concatenate(test_labels), np.concatenate(test_risk)), 4),
+        "modalities": modalities,
         "sites": sites,
     }
     (out_dir / "cohorts.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")

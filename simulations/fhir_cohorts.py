@@ -67,6 +67,7 @@ from simulations.fhir_events import (
     render_pdc,
     unrelated_conditions,
 )
+from simulations.fhir_modalities import write_fhir_modalities
 from simulations.fhir_observations import render_observations
 from simulations.fhir_resources import RESOURCE_TYPES, FeatureColumn, NotRepresentable, PatientRecords
 
@@ -78,9 +79,15 @@ RENDERED_SOURCES = frozenset(
 
 
 def _features(study: Study, mapping: Mapping) -> list[FeatureColumn]:
-    """The study's features, in row order, each with its parsed rule."""
+    """The study's coded features, in row order, each with its parsed rule (those derived from
+    notes and readings are rendered by `simulations/fhir_modalities.py`)."""
+    from fedcare.derived import Derivation
+
+    derived = Derivation(study).columns
     out = []
     for j, f in enumerate(study.features):
+        if j in derived:
+            continue
         rule = mapping.features.get(f.name)
         if rule is None:
             raise ValueError(f"the mapping has no rule for feature {f.name}")
@@ -207,6 +214,7 @@ def write_fhir_site(study: Study, mapping: Mapping, site_dir: str | Path, seed: 
             seed=[int(seed), site_seed, k],
             first_patient=first,
         )
+        out[split]["modalities"] = write_fhir_modalities(site_dir, split)
         first += out[split]["patients"]
     return out
 

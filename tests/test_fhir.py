@@ -178,7 +178,7 @@ def _mapping_error(raw: dict, names: list[str]) -> str:
         (
             lambda m: m["features"]["phq9_latest"].update(aggregate="median"),
             "s.toml: mapping.features.phq9_latest.aggregate: unknown value 'median' (expected one of: latest, mean, "
-            "count, any, slope_per_30d, pdc)",
+            "count, any, slope_per_30d, pdc, days_since, sd, days_covered)",
         ),
         (
             lambda m: m["features"]["phq9_latest"].update(aggregate="pdc"),
@@ -188,7 +188,7 @@ def _mapping_error(raw: dict, names: list[str]) -> str:
         (
             lambda m: m["features"]["age"].update(source="patient_birthday"),
             "s.toml: mapping.features.age.source: unknown value 'patient_birthday' (expected one of: patient_age, "
-            "patient_female, patient_extension, observation, bmi, condition, encounter, medication)",
+            "patient_female, patient_extension, observation, bmi, condition, encounter, medication, note, sensor)",
         ),
         (
             lambda m: m["features"]["sleep_hours"].pop("window_days"),
