@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
 from flwr.app import Context, Message
 from flwr.common import bytes_to_ndarray
+from flwr.common.serde import message_to_proto
 from flwr.common.secure_aggregation.secaggplus_constants import Key
 from flwr.server import Grid, ServerApp
 
@@ -16,6 +18,7 @@ from server.app import main as fedcare_main
 
 app = ServerApp()
 UNMASKED_CEILING = 1 << 23  # quantized, unmasked values lie in [0, quantization_range = 2^22]
+_PRINTABLE = re.compile(rb"[\x20-\x7e]{12,}")  # runs of text in a message's bytes (where a note would show)
 
 
 def _numbers(value: object) -> list[float]:
@@ -32,6 +35,9 @@ def summarize(msg: Message) -> dict:
     summary: dict = {"type": msg.metadata.message_type, "error": msg.error.reason if msg.has_error() else None,
                      "arrays": 0, "numbers": [], "num_examples": [], "masked_values": 0, "masked_small": 0,
                      "metrics_keys": []}
+    # every printable run of the message as the coordinator received it (content, error, metadata)
+    wire = message_to_proto(msg).SerializeToString()
+    summary["text"] = [run.decode("ascii") for run in _PRINTABLE.findall(wire)]
     if msg.has_error():
         return summary
     content = msg.content
