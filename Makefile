@@ -9,11 +9,13 @@ export RAY_USAGE_STATS_ENABLED := 0
 
 .PHONY: demo test bench install clean
 
-$(STAMP): pyproject.toml requirements.lock
+$(STAMP): pyproject.toml requirements.lock requirements-reference.lock
 	$(PYTHON) -m venv $(VENV)
 	# torch first: the pinned CPU build lies on this machine kind's disk
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -c requirements.lock -e '.[dev]'
+	# the test-only NLP reference (medspacy), exact pins without resolution: see requirements-reference.lock
+	$(BIN)/pip install --quiet --no-deps -r requirements-reference.lock
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -238,6 +238,11 @@ def _left(alt: str) -> str:
     return f"(?:{left}|(?-i:(?<=(?<![^\\W_])[cC]an)))" if alt == "not" else left
 
 
+# a word glued to a "." keeps it unless the "." ends the chunk (up to closing punctuation) or "lower.Upper"
+_QUOTES = "\"'`\u2018\u2019\u201c\u201d"
+_NO_DOT = (r"(?!\.(?![.)\]}\"',;:!?]*(?:\s|\Z)|(?-i:(?<=[a-z" + _QUOTES + r"]\.)[A-Z" + _QUOTES + r"])))")
+
+
 def _right(alt: str) -> str:
     if not alt[-1].isalnum():
         return ""
@@ -246,7 +251,10 @@ def _right(alt: str) -> str:
         glued.append("(?-i:(?=n't))")
     if alt == "can":
         glued.append("(?-i:(?=not(?![^\\W_])))")
-    plain = r"(?![^\W_])(?!(?-i:\.[a-z0-9]))"
+    if alt.endswith("n") and alt[:-1] in _NT_HOSTS:  # "can't" is "ca" + "n't"
+        plain = r"(?![^\W_])(?!(?-i:'t))" + _NO_DOT
+    else:
+        plain = r"(?![^\W_])" + _NO_DOT
     return f"(?:{plain}|{'|'.join(glued)})" if glued else plain
 
 
@@ -271,6 +279,36 @@ class _Rule:
     label: int
 
 
+def _trie(words: Sequence[str]) -> str:
+    """One regex alternation for many literal words, factored by prefix (much faster in `re`)."""
+    if not words:
+        return "(?!)"
+    groups: dict[str, list[str]] = {}
+    for word in sorted(set(words)):
+        if word:
+            groups.setdefault(word[0], []).append(word[1:])
+    parts = [re.escape(c) + (_trie(rest) if rest != [""] else "") if "" not in rest or rest == [""]
+             else re.escape(c) + "(?:" + _trie([r for r in rest if r]) + ")?" for c, rest in groups.items()]
+    return parts[0] if len(parts) == 1 else "(?:" + "|".join(parts) + ")"
+
+
+def _candidates(firsts: Sequence[str]) -> re.Pattern[str]:
+    """Where a sequence may start, on the lower-cased text: a listed first token at a token start
+    (boundaries are rechecked by each sequence's own regex)."""
+    words = [f for f in firsts if f[0].isalnum() and f != "can"]
+    other = [f for f in firsts if not f[0].isalnum() and f != "n't"]
+    alternatives = [_ALNUM_BEFORE + _trie(words)] if words else []
+    if "can" in firsts:
+        alternatives.append(_ALNUM_BEFORE + "can(?!'t)")
+    if "not" in firsts:
+        alternatives.append("(?<=can)not")
+    if "n't" in firsts:
+        alternatives.append("n't")
+    if other:
+        alternatives.append(_trie(other))
+    return re.compile("|".join(alternatives) or "(?!)")
+
+
 class _Matcher:
     """All matches of many token sequences: one regex finds candidate first tokens, then the
     sequences starting with that token are tried there (so overlapping matches are all found)."""
@@ -282,22 +320,29 @@ class _Matcher:
             for alt in dict.fromkeys(a.lower() for a in slots[0]):
                 by_first.setdefault(alt, []).append(rule)
         self._rules = {first: tuple(rules) for first, rules in by_first.items()}
-        firsts = sorted(self._rules, key=len, reverse=True)
-        self._first = re.compile("|".join(_token_regex([f]) for f in firsts) or r"(?!)", re.IGNORECASE)
+        self._first = _candidates(list(self._rules))
 
-    def find(self, text: str, pos: int = 0, endpos: int | None = None) -> list[tuple[int, int, int, int]]:
-        """(start, boundary end, length in tokens, label) of every match in text[pos:endpos], sorted."""
+    def find(self, text: str, lower: str, pos: int = 0, endpos: int | None = None) -> list[tuple[int, int, int, int]]:
+        """(start, boundary end, length in tokens, label) of every match in text[pos:endpos], sorted;
+        `lower` is `text` lower-cased character by character (same offsets)."""
         end = len(text) if endpos is None else endpos
         found = []
-        for m in self._first.finditer(text, pos, end):
+        rules = self._rules
+        for m in self._first.finditer(lower, pos, end):
             start = m.start()
-            for rule in self._rules[m.group().lower()]:
+            for rule in rules.get(m.group(), ()):
                 hit = rule.regex.match(text, start, end)
                 if hit is not None:
                     stop = hit.end()
                     found.append((start, stop + 1 if text[stop:stop + 1] == " " else stop, rule.length, rule.label))
         found.sort()
         return found
+
+
+def _lower(text: str) -> str:
+    """`text` lower-cased without changing any offset (a character whose lower case is longer stays)."""
+    lower = text.lower()
+    return lower if len(lower) == len(text) else "".join(c if len(c.lower()) != 1 else c.lower() for c in text)
 
 
 def _overlaps(a0: int, a1: int, b0: int, b1: int) -> bool:
@@ -366,67 +411,121 @@ def _cut(cue: tuple[int, int, int, int], scope: list[int], other: tuple[int, int
 # sentence may start, an end clue the character a sentence may end with; "W" is PyRuSH's \s (no newline).
 _W = r"[ \t\xa0]"
 _PRONOUN = "He|His|Her|She|We|Our|They|Their|I|My|But|This|That|this|that|he|she|we|our|his|her|they|their|my|but"
-_BEGIN = re.compile("|".join(p.replace("W", _W) for p in (
-    r"(?<=[a-z)\d])\.W+(?=[A-Z])", r"(?<=[A-Z]{3})\.W+(?=[A-Z][a-z])", r"(?<=[a-z])\.\"W+(?=[A-Z])",
-    r"\.W+(?=The|Now |Discharge |\d\.W*[A-Z]|\"|(?:" + _PRONOUN + ") )",
-    r"(?<=[a-z])W+\.W+(?=[A-Z][a-z])", r"(?<=\d)W+\.W+(?=[A-Z])", r"[?!]W+(?=[A-Z][a-z]|\d)",
-    r"\n+W{0,4}(?=[A-Z])", r"\n(?=[-#*?.+/] ?[A-Za-z])", r"\n(?=\d+\.W*[A-Za-z]|\d\d?\)W*[A-Za-z]|\(\d\)W+[A-Z]|\"[A-Z])",
-    r"(?<=[a-z]:)\n+(?=\S)", r"(?<=[a-z]:)W+\n(?=\S)", r"(?<=[A-Z]{3}:)\n+(?=[a-z])", r"(?<=[A-Z\d]:)\n+(?=\d)",
-    r"(?<=[a-z]{2}\.)\n+(?=[a-z]{2}|\d)", r"(?<=[a-z]\.)\n+W*(?=\d)", r"\n+(?=[a-z]+:)", r"\n\n+W*(?=\d+W)",
+# Every alternative starts with a literal, so that `re` can skip ahead quickly.
+_BEGIN = re.compile("|".join(p.replace("W", _W) for p in (  # a sentence may begin where the match ends
+    r"\.(?<=[a-z)\d]\.)W+(?=[A-Z])", r"\.(?<=[A-Z]{3}\.)W+(?=[A-Z][a-z])", r"\.\"(?<=[a-z]\.\")W+(?=[A-Z])",
+    r"\.W+(?=The|Now |Discharge |\d\.W*[A-Z]|\"|(?:" + _PRONOUN + ") )", r"\.(?<=[a-z]W\.)W+(?=[A-Z][a-z])",
+    r"\.(?<=\dW\.)W+(?=[A-Z])", r"\.(?<=[a-z]{2}\.)W+(?=[a-z])", r"\.(?<=[a-z]{2}\.)W*\n+W*(?=[a-z]|\d)",
+    r"\.(?<=[a-z]\.)\n+W*(?=\d)", r"[?!]W+(?=[A-Z][a-z]|\d)", r"\n+W{0,4}(?=[A-Z])", r"\n(?=[-#*?.+/] ?[A-Za-z])",
+    r"\n(?=\d+\.W*[A-Za-z]|\d\d?\)W*[A-Za-z]|\(\d\)W+[A-Z]|\"[A-Z])", r"\n(?<=[a-z]:\n)\n*(?=\S)",
+    r"\n(?<=[a-z]:W\n)(?=\S)", r"\n(?<=[A-Z]{3}:\n)\n*(?=[a-z])", r"\n(?<=[A-Z\d]:\n)\n*(?=\d)", r"\n+(?=[a-z]+:)",
+    r"\n\n+W*(?=\d+W)",
 )))
-_DOSING = "".join(rf"(?<!\s{a})" for a in ("b\\.i\\.d", "t\\.i\\.d", "q\\.i\\.d", "q\\.d", "bid", "tid", "qid", "qd"))
-_END = re.compile("|".join(p.replace("W", _W) for p in (
-    r"(?<=\S)(?<!Mr)(?<!Ms)(?<!Mrs)(?<!Miss)(?<!\sDr)(?<!\sdr)(?<!\smr)(?<!\sms)(?<!\smrs)(?<!\sphd)(?<!\spulm)"
-    r"(?<!\n\d)(?<!\n\d\d)(?:(?i:" + _DOSING + r")|(?!W+[a-z]))\.(?=W)",
-    r"(?<=[A-Za-z\d])\?(?=W)", r"(?<=[a-z]\.)\"(?=W+[A-Z])", r"(?<=[A-Za-z\d)\]])\.(?=W*\n)",
-    r"(?<=[A-Za-z\d])(?:(?<!\sis)(?<!are)(?<!was)(?<!were)|(?!W*\n+W*[a-z])):(?=W*\n)",
-    r"(?<=[a-z])(?!(?<=\san)d)[a-z](?=W*\n+ ?[A-Z])", r"\S(?=W*\n\n)", r"\S(?=W+\n+-)", r"[a-z](?=\n- [A-Za-z])",
-    r"\S(?=W*\n+(?:[A-Z][a-z]+(?:W+[A-Z][a-z]+)?|[A-Z]{2,}|[A-Z]):)", r"\d(?=\n+[A-Z]{2})",
-    r"\S(?=\n+\d\.W+[A-Z])", r"\S(?=\n+(?:T|P|R|BP|O2)W)", r"\S(?=W*\n+(?:Signed\s|Follow))",
-)))
+_DOSING = "".join(rf"(?<!\s{a}\.)" for a in ("b\\.i\\.d", "t\\.i\\.d", "q\\.i\\.d", "q\\.d", "bid", "tid", "qid", "qd"))
+_AT, _LINE, _WIDE = 0, 1, 2  # the end clue is the match's first character / the last one before it (+ the match)
+_END_RULES = (
+    (_WIDE, r"\n(?<=\S\n)(?:(?<![a-z]\n)|(?!\n*W*[a-z]))\n"), (_WIDE, r"\n(?<=\SW\n)(?:(?<![a-z]W\n)|(?!\n*W*[a-z]))\n"),
+    (_WIDE, r"\n(?<=[a-z]\n)\n*[a-z]{2,}:"),
+    (_AT, r"\.(?<=\S\.)(?<!Mr\.)(?<!Ms\.)(?<!Mrs\.)(?<!Miss\.)(?<!\sDr\.)(?<!\sdr\.)(?<!\smr\.)(?<!\sms\.)(?<!\smrs\.)"
+          r"(?<!\sphd\.)(?<!\spulm\.)(?<!\n\d\.)(?<!\n\d\d\.)(?:(?i:" + _DOSING + r")|(?!W+[a-z]))(?=W)"),
+    (_AT, r"\.(?<=[a-z]W\.)(?=W+[A-Z][a-z])"), (_AT, r"\?(?<=[A-Za-z\d]\?)(?=W)"), (_AT, r"\"(?<=[a-z]\.\")(?=W+[A-Z])"),
+    (_AT, r"\.(?<=[A-Za-z\d)\]]\.)(?=W*\n)"), (_LINE, r"\.(?<=\d{4}W\.)(?=W+[A-Z])"),
+    (_AT, r":(?<=[A-Za-z\d]:)(?:(?<!\sis:)(?<!are:)(?<!was:)(?<!were:)|(?!W*\n+W*[a-z]))(?=W*\n)"),
+    (_LINE, r"\n(?:(?<=[a-z]{2}\n)|(?<=[a-z]{2}W\n))(?<!\sand\n)(?<!\sandW\n)\n*(?= ?[A-Z])"), (_LINE, r"\n(?<=\SW\n)\n*(?=-)"),
+    (_LINE, r"\n(?<=[a-z]\n)(?=- [A-Za-z])"),
+    (_LINE, r"\n(?:(?<=\S\n)|(?<=\SW\n))\n*(?=(?:[A-Z][a-z]+(?:W+[A-Z][a-z]+)?|[A-Z]{2,}|[A-Z]):)"),
+    (_LINE, r"\n(?<=\d\n)\n*(?=[A-Z]{2})"), (_LINE, r"\n(?<=\S\n)\n*(?=\d\.W+[A-Z]|(?:T|P|R|BP|O2)W)"),
+    (_LINE, r"\n(?:(?<=\S\n)|(?<=\SW\n))\n*(?=Signed\s|Follow)"),
+)
+_END = re.compile("|".join(f"({p.replace('W', _W)})" for _, p in _END_RULES))
+_END_KIND = (None,) + tuple(kind for kind, _ in _END_RULES)
 
 
-def _trim_gap(text: str, lo: int, hi: int) -> tuple[int, int] | None:
+def _trim_gap(text: str, lo: int, hi: int) -> list[int] | None:
     """PyRuSH's gap trimming: from the first non-space character to the last text-like one."""
     begin = next((i for i in range(lo, hi) if not text[i].isspace()), -1)
     if begin < 0:
         return None
     end = next((i for i in range(hi - 1, begin, -1) if text[i].isalnum() or text[i] in '.!?)]"'), -1)
-    return (begin, end + 1) if end > begin else None
+    return [begin, end + 1] if end > begin else None
+
+
+def _add_gap(text: str, spans: list[list[int]], lo: int, hi: int) -> None:
+    """Text between sentences is a sentence of its own if long enough, else it joins the previous one."""
+    gap = _trim_gap(text, lo, hi)
+    if gap is not None and gap[1] - gap[0] > 5:
+        spans.append(gap)
+    elif gap is not None and spans:
+        spans[-1][1] = gap[1]
+
+
+def _sentence_spans(text: str, begins: list[int], ends: list[tuple[int, int]]) -> list[list[int]]:
+    """PyRuSH's assembly of begin and end clues into sentences: a sentence runs from a begin clue to
+    the end clues before the next begin clue; begin clues without an end clue in between are merged."""
+    spans: list[list[int]] = []
+    st_begin = st_end = j = 0
+    started = False
+    nb, ne = len(begins), len(ends)
+    for i, b in enumerate(begins):
+        if not started:
+            st_begin = b
+            if st_begin < st_end:
+                continue
+            started = True
+        elif b < st_end:
+            continue
+        if spans and st_begin > spans[-1][1]:
+            _add_gap(text, spans, spans[-1][1], st_begin)
+        elif not spans and st_begin > 0:
+            _add_gap(text, spans, 0, st_begin)
+        for k in range(j, ne):
+            if i < nb - 1 and k < ne - 1 and begins[i + 1] < ends[k][0] + 1:
+                break
+            st_end, j = ends[k][0] + 1, k
+            while st_end >= 1 and text[st_end - 1].isspace():
+                st_end -= 1
+            if st_end < st_begin:
+                continue
+            if not started:  # another end clue before the next begin: the sentence grows
+                spans[-1] = [st_begin, st_end]
+                continue
+            spans.append([st_begin, st_end])
+            started = False
+            if not (i == nb - 1 or (k < ne - 1 and begins[i + 1] > ends[k + 1][1])):
+                break
+    if spans:
+        head = _trim_gap(text, 0, spans[0][0])
+        if head is not None and spans[0][0] <= ends[0][0]:
+            spans[0][0] = head[0]
+        elif head is not None:
+            spans.insert(0, head)
+        _add_gap(text, spans, spans[-1][1], len(text))
+    else:
+        _add_gap(text, spans, 0, len(text))
+    return spans
 
 
 def _sentence_bounds(text: str) -> list[int]:
-    """Sorted token-boundary offsets where a sentence (or a gap between sentences) starts; [0] first."""
-    begins = sorted({m.end() for m in _BEGIN.finditer(text)} | {len(text) - len(text.lstrip())})
-    ends = sorted({m.end() - 1 for m in _END.finditer(text)})
-    spans: list[list[int]] = []
-    start, k = -1, 0  # start of the open sentence (-1: none)
-    for i, b in enumerate(begins):
-        following = begins[i + 1] if i + 1 < len(begins) else None
-        if start < 0:
-            if spans and b < spans[-1][1]:
-                continue
-            start = b
-            gap = _trim_gap(text, spans[-1][1] if spans else 0, b)
-            if gap is not None and gap[1] - gap[0] > 5:
-                spans.append(list(gap))
-            elif gap is not None and spans:
-                spans[-1][1] = gap[1]
-        last = -1  # the sentence ends at the last end clue before the next begin clue
-        while k < len(ends) and (following is None or ends[k] < following or (last < 0 and k == len(ends) - 1)):
-            if ends[k] + 1 >= start:
-                last = ends[k]
-            k += 1
-        if last >= 0:
-            spans.append([start, last + 1])
-            start = -1
-    tail = _trim_gap(text, spans[-1][1] if spans else 0, len(text))
-    if tail is not None and (tail[1] - tail[0] > 5 or not spans):
-        spans.append(list(tail))
-    elif tail is not None:
-        spans[-1][1] = tail[1]
+    """Sorted token-boundary offsets where a sentence (or a gap between sentences) starts; 0 first."""
+    begins = {m.end() for m in _BEGIN.finditer(text)}
+    first = len(text) - len(text.lstrip())
+    if text[first:first + 1].isupper() or text[first:first + 1].isdigit():
+        begins.add(first)
+    ends: list[tuple[int, int]] = []
+    for m in _END.finditer(text):
+        kind, e0 = _END_KIND[m.lastindex or 0], m.start()
+        if kind != _AT:
+            e0 -= 1
+            while text[e0] in " \t\xa0":
+                e0 -= 1
+        e1 = m.end() if kind == _WIDE else e0 + 1
+        if ends and e0 < ends[-1][1]:  # overlapping end clues: the wider one stands
+            if e1 - e0 > ends[-1][1] - ends[-1][0]:
+                ends[-1] = (e0, e1)
+        else:
+            ends.append((e0, e1))
     bounds = {0}
-    for s0, s1 in spans:
+    for s0, s1 in _sentence_spans(text, sorted(begins), ends):
         bounds.add(s0)
         bounds.add(s1 + 1 if text[s1:s1 + 1] == " " else s1)
     return sorted(b for b in bounds if b < len(text))
@@ -454,7 +553,8 @@ class NoteReader:
 
     def mentions(self, text: str) -> list[Mention]:
         """Every marker mention in `text`, in text order, with its ConText assertions."""
-        targets = _prune(self._targets.find(text))
+        lower = _lower(text)
+        targets = _prune(self._targets.find(text, lower))
         if not targets:
             return []
         bounds = _sentence_bounds(text)
@@ -466,15 +566,15 @@ class NoteReader:
                 continue
             done.add(k)
             lo, hi = bounds[k], bounds[k + 1] if k + 1 < len(bounds) else len(text)
-            self._assert(text, lo, hi, targets, flags)
+            self._assert(text, lower, lo, hi, targets, flags)
         names = self._names
         return [Mention(names[label], start, _raw_end(text, end), bool(f & 1), bool(f & 2), bool(f & 4),
                         bool(f & 8), bool(f & 16))
                 for (start, end, _, label), f in zip(targets, flags)]
 
-    def _assert(self, text: str, lo: int, hi: int, targets: list[tuple[int, int, int, int]], flags: list[int]) -> None:
+    def _assert(self, text: str, lower: str, lo: int, hi: int, targets: list[tuple[int, int, int, int]], flags: list[int]) -> None:
         """Set the flags of the targets in sentence [lo, hi) from the cues of that sentence."""
-        cues = _prune(self._cues.find(text, lo, hi))
+        cues = _prune(self._cues.find(text, lower, lo, hi))
         if not cues:
             return
         kinds = self._kinds

@@ -50,6 +50,7 @@ from inference.schemas import (
     shown,
     validation_errors,
 )
+from fedcare.derived import calendar_day
 from inference.derived_inputs import derive_values
 from inference.service import Service
 from inference.tokens import TokenEntry
@@ -140,9 +141,15 @@ def create_app(service: Service, *, max_body: int = MAX_BODY) -> FastAPI:
             else:
                 raise ApiError(422, "no feature values: give 'features' (an object) or 'feature_vector' "
                                     "(an array in the order of inputs.features)", reason="invalid_body")
+            for field in ("notes", "readings"):
+                if field in body.model_fields_set and getattr(body, field) is None:
+                    raise ApiError(422, f"{field}: null is not allowed; leave '{field}' out or give an array",
+                                   reason="invalid_body")
+            if body.index_date and (len(body.index_date) != 10 or calendar_day(body.index_date) is None):
+                raise ApiError(422, "index_date: expected YYYY-MM-DD", reason="invalid_body")
             if service.derivation is not None:
                 values = derive_values(service.derivation, values, body)
-            elif body.notes is not None or body.readings is not None:
+            elif body.notes or body.readings:
                 raise ApiError(422, "this package's study derives no feature from notes or readings; "
                                     "leave 'notes' and 'readings' out", reason="invalid_body")
             risk = sigmoid(model.logit(inputs.prepare(values)))

@@ -295,7 +295,7 @@ def validation_errors(err: ValidationError, service: Service) -> ApiError:
 def request_schema(service: Service) -> dict[str, Any]:
     """The AnalyzeRequest schema, with this package's features, ranges and missing-value policies."""
     inputs = service.inputs
-    schema = AnalyzeRequest.model_json_schema()
+    schema = _inline_definitions(AnalyzeRequest.model_json_schema())
     props = schema["properties"]
     feature_props = {}
     derived = set(derived_names(service))
@@ -321,10 +321,31 @@ def request_schema(service: Service) -> dict[str, Any]:
     }
     schema["oneOf"] = [{"required": ["features"]}, {"required": ["feature_vector"]}]
     props["model"] = {**props["model"], "enum": list(service.models.models), "default": service.models.default}
+    props["index_date"] = {"anyOf": [{"type": "string", "maxLength": 0},
+                                     {"type": "string", "format": "date", "pattern": "^[1-9][0-9]{3}-[0-9]{2}-[0-9]{2}$"}],
+                           "description": props["index_date"].get("description", "")}
     if not derived:  # this package derives nothing: the fields exist, but only empty
         props["notes"] = {**props["notes"], "maxItems": 0}
         props["readings"] = {**props["readings"], "maxItems": 0}
     return schema
+
+
+def _inline_definitions(schema: dict[str, Any]) -> dict[str, Any]:
+    """The schema with its `$defs` (NoteIn, ReadingIn) written in place: the OpenAPI document holds
+    this schema under paths, where a `#/$defs/...` reference would not resolve."""
+    definitions = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return inline(definitions[ref.rsplit("/", 1)[1]])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return inline(schema)
 
 
 def derived_names(service: Service) -> list[str]:

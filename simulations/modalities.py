@@ -13,8 +13,8 @@ the ground truth:
 and are observable only through the notes and the readings: coded features alone cannot reach the
 full ceiling, which is what makes the contribution measurable.
 
-Notes (`<split>.notes.csv`): Poisson(1.2 + 0.8 max(d, 0)) notes in the year before the index date,
-each mentioning every present state affirmed with probability 0.65, written by
+Notes (`<split>.notes.csv`): Poisson(2 + max(d, 0)) notes in the year before the index date,
+each mentioning every present state affirmed with probability 0.85, written by
 `simulations.notes_corpus.synthetic_note` with its distractors (negated, family, historical,
 hypothetical and near-miss mentions); older notes (400-700 days back) with mentions that fall
 outside every window. Readings (`<split>.readings.csv`): for patients with a device, 45 days of
@@ -45,7 +45,7 @@ STATES: dict[str, tuple[float, float]] = {
 }
 STATE_WEIGHTS = {"suicidal_ideation": 0.9, "hopelessness": 0.5, "social_withdrawal": 0.35,
                  "worthlessness": 0.3, "anhedonia": 0.25, "sleep_disturbance": 0.2}
-MENTION_RATE = 0.65
+MENTION_RATE = 0.85
 STREAM_DAYS = 45
 LOINC, SNOMED = "http://loinc.org", "http://snomed.info/sct"
 # (system, code) of each stream: not the codes of the coded wearable summaries (sleep_hours, ...)
@@ -100,7 +100,7 @@ def write_notes(path: Path, *, ids: list[str], rows: np.ndarray, m: Modalities, 
         writer.writerow(["patient_id", "date", "text"])
         for pid, row in zip(ids, rows.tolist()):
             present = [name for name in names if m.states[name][row]]
-            recent = rng.poisson(1.2 + 0.8 * max(severity[row], 0.0))
+            recent = rng.poisson(2.0 + 1.0 * max(severity[row], 0.0))
             for _ in range(recent):
                 day = index_date - datetime.timedelta(days=int(rng.integers(1, 364)))
                 affirmed = [name for name in present if rng.random() < MENTION_RATE]

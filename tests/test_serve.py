@@ -224,7 +224,9 @@ def test_openapi_document_is_published(client, world):
     doc = client.get("/openapi.json", headers={"Authorization": ""}).json()
     analyze = doc["paths"]["/v1/analyze"]["post"]
     schema = analyze["requestBody"]["content"]["application/json"]["schema"]
-    assert set(schema["properties"]) == {"patient_id", "features", "feature_vector", "model"}
+    assert set(schema["properties"]) == {"patient_id", "features", "feature_vector", "model", "notes", "readings",
+                                         "index_date"}
+    assert schema["properties"]["notes"]["maxItems"] == 0  # this package derives nothing from notes
     assert schema["properties"]["features"]["properties"]["age"]["minimum"] == 18.0
     assert set(analyze["responses"]) >= {"200", "401", "403", "404", "413", "422"}
     assert doc["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
@@ -447,7 +449,8 @@ def test_422_body_errors(client, world):
          "give either 'features' or 'feature_vector', not both"),
         ({"patient_id": "p", "features": [1, 2]}, "features: expected an object of feature name -> number or null, got an array"),
         ({"patient_id": "p", "features": valid_features(world), "extra": 1},
-         "unknown field 'extra'; the fields are patient_id, features or feature_vector, and model"),
+         "unknown field 'extra'; the fields are patient_id, features or feature_vector, model, notes, "
+         "readings and index_date"),
         ({"patient_id": "p", "features": valid_features(world), "model": 8}, "model: expected a string (fp32, int8, a16w8), got a number"),
         ([1, 2, 3], "request body must be a JSON object, got an array"),
     ]

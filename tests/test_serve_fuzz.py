@@ -11,6 +11,7 @@ last-resort error handler was never reached.
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import string
@@ -153,6 +154,13 @@ def raw_bodies(draw, schema: dict, features: list[str]):
     return encode(draw(analyze_bodies(schema, features)))
 
 
+def _iso_date(text: str) -> bool:
+    try:
+        return len(text) == 10 and bool(datetime.date.fromisoformat(text))
+    except ValueError:
+        return False
+
+
 def should_score(data: bytes, models: dict) -> bool:
     """The oracle: does this body satisfy every rule the service enforces?"""
     if len(data) > 65536:
@@ -161,7 +169,14 @@ def should_score(data: bytes, models: dict) -> bool:
         body = json.loads(data)
     except (ValueError, RecursionError):
         return False
-    if not isinstance(body, dict) or set(body) - {"patient_id", "features", "feature_vector", "model"}:
+    if not isinstance(body, dict) or set(body) - {"patient_id", "features", "feature_vector", "model", "notes",
+                                                  "readings", "index_date"}:
+        return False
+    # this package derives nothing from notes or readings: they may only be empty arrays
+    if any(key in body and body[key] != [] for key in ("notes", "readings")):
+        return False
+    index_date = body.get("index_date", "")
+    if not isinstance(index_date, str) or (index_date and not _iso_date(index_date)):
         return False
     pid = body.get("patient_id")
     if not isinstance(pid, str) or not 1 <= len(pid) <= 256 or any(0xD800 <= ord(c) <= 0xDFFF for c in pid):
