@@ -227,39 +227,39 @@ def _tokens(phrase: str) -> tuple[str, ...]:
     return tuple(_TOKEN_SPLIT.findall(phrase.lower()))
 
 
-def _left(alt: str) -> str:
-    if alt == "n't":
-        hosts = "|".join(f"(?<=(?<![^\\W_]){h})|(?<=(?<![^\\W_]){h.capitalize()})" for h in _NT_HOSTS)
-        return f"(?-i:(?:{hosts}))"
-    if not alt[0].isalnum():
-        return ""
-    # not glued to a letter/digit, nor to "x." (spaCy keeps "x.word" one token unless "lower.Upper")
-    left = _ALNUM_BEFORE + r"(?:(?<![^\W_]\.)|(?-i:(?<=[a-z]\.)(?=[A-Z])))"
-    return f"(?:{left}|(?-i:(?<=(?<![^\\W_])[cC]an)))" if alt == "not" else left
-
-
-# a word glued to a "." keeps it unless the "." ends the chunk (up to closing punctuation) or "lower.Upper"
+# Where spaCy's tokenizer starts a word token: not glued to a letter/digit, nor to "x." (one token
+# unless "lower.Upper"), nor to a curly quote after a letter, nor to "-", "/", ... opening a chunk ("-no").
+_WORD_LEFT = (r"(?<![^\W_])(?<![^\W_][\u2018\u2019\u201c\u201d])(?<!(?<![^\W_])[-/@\\^|~])"
+              r"(?:(?<![^\W_]\.)|(?-i:(?<=[a-z]\.)(?=[A-Z])))")
 _QUOTES = "\"'`\u2018\u2019\u201c\u201d"
-_NO_DOT = (r"(?!\.(?![.)\]}\"',;:!?]*(?:\s|\Z)|(?-i:(?<=[a-z" + _QUOTES + r"]\.)[A-Z" + _QUOTES + r"])))")
-
-
-def _right(alt: str) -> str:
-    if not alt[-1].isalnum():
-        return ""
-    glued = []
-    if alt in _NT_HOSTS:
-        glued.append("(?-i:(?=n't))")
-    if alt == "can":
-        glued.append("(?-i:(?=not(?![^\\W_])))")
-    if alt.endswith("n") and alt[:-1] in _NT_HOSTS:  # "can't" is "ca" + "n't"
-        plain = r"(?![^\W_])(?!(?-i:'t))" + _NO_DOT
-    else:
-        plain = r"(?![^\W_])" + _NO_DOT
-    return f"(?:{plain}|{'|'.join(glued)})" if glued else plain
+# a word glued to a "." keeps it unless the "." ends the chunk (up to closing punctuation) or "lower.Upper"
+_NO_DOT = r"(?!\.(?![.)\]}\"',;:!?]*(?:\s|\Z)|(?-i:(?<=[a-z" + _QUOTES + r"]\.)[A-Z" + _QUOTES + r"])))"
+_WORD_RIGHT = r"(?![^\W_])" + _NO_DOT
+# spaCy's exceptions split "cannot" and "doesn't" only as a whole chunk (give or take punctuation)
+_CHUNK_START = r"(?:(?<![^\s(\[{\"'`\u2018\u201c])|(?<=[^\W_]-))"
+_CHUNK_END = r"(?:[.,;:!?)\]}\"'\u2019\u201d]*(?:\s|\Z)|-)"
 
 
 def _token_regex(alts: Sequence[str]) -> str:
-    return "(?:" + "|".join(_left(a) + re.escape(a) + _right(a) for a in alts) + ")"
+    """One token slot: any of `alts` as a whole spaCy-like token."""
+    out = []
+    for alt in alts:
+        word = re.escape(alt)
+        if alt == "n't":
+            hosts = "|".join(f"(?<={_CHUNK_START}{h})|(?<={_CHUNK_START}{h.capitalize()})" for h in _NT_HOSTS)
+            out.append(f"(?-i:(?:{hosts})n't)(?={_CHUNK_END})")
+        elif not alt[0].isalnum():
+            out.append(word + (_WORD_RIGHT if alt[-1].isalnum() else ""))
+        else:
+            plain = _WORD_LEFT + word + (r"(?!(?-i:'t))" if alt == "can" else "") + _WORD_RIGHT
+            if alt == "not":
+                plain += rf"|(?-i:(?<={_CHUNK_START}[cC]an)not)(?={_CHUNK_END})"
+            if alt in _NT_HOSTS:
+                plain += rf"|{_CHUNK_START}{word}(?-i:(?=n't{_CHUNK_END}))"
+            if alt == "can":
+                plain += rf"|{_CHUNK_START}can(?-i:(?=not{_CHUNK_END}))"
+            out.append(plain)
+    return "(?:" + "|".join(out) + ")"
 
 
 def _variants(pattern: str) -> list[tuple[tuple[str, ...], ...]]:
@@ -411,34 +411,56 @@ def _cut(cue: tuple[int, int, int, int], scope: list[int], other: tuple[int, int
 # sentence may start, an end clue the character a sentence may end with; "W" is PyRuSH's \s (no newline).
 _W = r"[ \t\xa0]"
 _PRONOUN = "He|His|Her|She|We|Our|They|Their|I|My|But|This|That|this|that|he|she|we|our|his|her|they|their|my|but"
-# Every alternative starts with a literal, so that `re` can skip ahead quickly.
-_BEGIN = re.compile("|".join(p.replace("W", _W) for p in (  # a sentence may begin where the match ends
-    r"\.(?<=[a-z)\d]\.)W+(?=[A-Z])", r"\.(?<=[A-Z]{3}\.)W+(?=[A-Z][a-z])", r"\.\"(?<=[a-z]\.\")W+(?=[A-Z])",
-    r"\.W+(?=The|Now |Discharge |\d\.W*[A-Z]|\"|(?:" + _PRONOUN + ") )", r"\.(?<=[a-z]W\.)W+(?=[A-Z][a-z])",
-    r"\.(?<=\dW\.)W+(?=[A-Z])", r"\.(?<=[a-z]{2}\.)W+(?=[a-z])", r"\.(?<=[a-z]{2}\.)W*\n+W*(?=[a-z]|\d)",
-    r"\.(?<=[a-z]\.)\n+W*(?=\d)", r"[?!]W+(?=[A-Z][a-z]|\d)", r"\n+W{0,4}(?=[A-Z])", r"\n(?=[-#*?.+/] ?[A-Za-z])",
-    r"\n(?=\d+\.W*[A-Za-z]|\d\d?\)W*[A-Za-z]|\(\d\)W+[A-Z]|\"[A-Z])", r"\n(?<=[a-z]:\n)\n*(?=\S)",
-    r"\n(?<=[a-z]:W\n)(?=\S)", r"\n(?<=[A-Z]{3}:\n)\n*(?=[a-z])", r"\n(?<=[A-Z\d]:\n)\n*(?=\d)", r"\n+(?=[a-z]+:)",
-    r"\n\n+W*(?=\d+W)",
-)))
 _DOSING = "".join(rf"(?<!\s{a}\.)" for a in ("b\\.i\\.d", "t\\.i\\.d", "q\\.i\\.d", "q\\.d", "bid", "tid", "qid", "qd"))
-_AT, _LINE, _WIDE = 0, 1, 2  # the end clue is the match's first character / the last one before it (+ the match)
-_END_RULES = (
-    (_WIDE, r"\n(?<=\S\n)(?:(?<![a-z]\n)|(?!\n*W*[a-z]))\n"), (_WIDE, r"\n(?<=\SW\n)(?:(?<![a-z]W\n)|(?!\n*W*[a-z]))\n"),
-    (_WIDE, r"\n(?<=[a-z]\n)\n*[a-z]{2,}:"),
-    (_AT, r"\.(?<=\S\.)(?<!Mr\.)(?<!Ms\.)(?<!Mrs\.)(?<!Miss\.)(?<!\sDr\.)(?<!\sdr\.)(?<!\smr\.)(?<!\sms\.)(?<!\smrs\.)"
-          r"(?<!\sphd\.)(?<!\spulm\.)(?<!\n\d\.)(?<!\n\d\d\.)(?:(?i:" + _DOSING + r")|(?!W+[a-z]))(?=W)"),
-    (_AT, r"\.(?<=[a-z]W\.)(?=W+[A-Z][a-z])"), (_AT, r"\?(?<=[A-Za-z\d]\?)(?=W)"), (_AT, r"\"(?<=[a-z]\.\")(?=W+[A-Z])"),
-    (_AT, r"\.(?<=[A-Za-z\d)\]]\.)(?=W*\n)"), (_LINE, r"\.(?<=\d{4}W\.)(?=W+[A-Z])"),
-    (_AT, r":(?<=[A-Za-z\d]:)(?:(?<!\sis:)(?<!are:)(?<!was:)(?<!were:)|(?!W*\n+W*[a-z]))(?=W*\n)"),
-    (_LINE, r"\n(?:(?<=[a-z]{2}\n)|(?<=[a-z]{2}W\n))(?<!\sand\n)(?<!\sandW\n)\n*(?= ?[A-Z])"), (_LINE, r"\n(?<=\SW\n)\n*(?=-)"),
-    (_LINE, r"\n(?<=[a-z]\n)(?=- [A-Za-z])"),
-    (_LINE, r"\n(?:(?<=\S\n)|(?<=\SW\n))\n*(?=(?:[A-Z][a-z]+(?:W+[A-Z][a-z]+)?|[A-Z]{2,}|[A-Z]):)"),
-    (_LINE, r"\n(?<=\d\n)\n*(?=[A-Z]{2})"), (_LINE, r"\n(?<=\S\n)\n*(?=\d\.W+[A-Z]|(?:T|P|R|BP|O2)W)"),
-    (_LINE, r"\n(?:(?<=\S\n)|(?<=\SW\n))\n*(?=Signed\s|Follow)"),
+# Clues as (leading literal, alternatives after it): `re` skips quickly to the literals.
+_BEGIN_RULES = (  # a sentence may begin where the match ends
+    (r"\.", (r"(?<=[a-z)\d]\.)W+(?=[A-Z])", r"(?<=[A-Z]{3}\.)W+(?=[A-Z][a-z])", r"\"(?<=[a-z]\.\")W+(?=[A-Z])",
+             r"W+(?=The|Now |Discharge |\d\.W*[A-Z])", r"\s+(?=\"|(?:" + _PRONOUN + ") )",
+             r"(?<=[a-z]\.)W+(?=-W+[A-Z])", r"(?<=[a-z]W\.)W+(?=[A-Z][a-z])",
+             r"(?<=\dW\.)W+(?=[A-Z])", r"(?<=[a-z]{2}\.)(?:W+|\n\s+)(?=[a-z])", r"(?<=[a-z]{2}\.)W*\n+W*(?=[a-z]|\d)",
+             r"(?<=[a-z]\.)\n+W*(?=\d)")),
+    (r"[?!]", (r"W+(?=[A-Z][a-z]|\d)",)),
+    (r"\n", (r"\n*(?= [A-Z])", r"\n*W{0,4}(?=[A-Z])", r"(?=[-#*?.+/] ?[A-Za-z])", r"(?=\d+\.W*[A-Za-z]|\d\d?\)W*[A-Za-z]|\(\d\)W+[A-Z]|\"[A-Z])",
+             r"(?<=[a-z]:\n)\n*(?=\S)", r"(?<=[a-z]:W\n)(?=\S)", r"(?<=[A-Z]{3}:\n)\n*(?=[a-z])",
+             r"(?<=[A-Z\d]:\n)\n*(?=\d)", r"\n*(?=[a-z]+:)", r"(?<=\n\n)(?=\d+W)")),
 )
-_END = re.compile("|".join(f"({p.replace('W', _W)})" for _, p in _END_RULES))
-_END_KIND = (None,) + tuple(kind for kind, _ in _END_RULES)
+_BEGIN_AT_RULES = ((r"-", (r"(?<=[a-z]W-)(?=W+[A-Z])",)),)  # a sentence may begin where the match starts
+_ITEM_RULES = (  # list items "2. Continue": one (wide) begin clue at the number, none at "Continue"
+    (r"\.", (r"W+(?=\d\.W*[A-Z])",)),
+    (r"\n", (r"W+(?=\d\d?\.W+[A-Z])", r"(?<=\S\n)\n*(?=\d\.W+[A-Z])", r"(?<=\n\n)(?=\d+\.W+[A-Z])",
+             r"(?=\d+\.(?:[A-Z]|W+[a-z]))")),
+)
+_ITEM = re.compile(r"\d+\.[ \t\xa0]*(?=[A-Za-z])")
+_LOWER_NEXT = r"(?:[a-z]|\d+(?:\.\d+)?W+[a-z]{2})"  # "\c\n+\c" and "\c\n+\d+\s+\c\c" are no end clue
+_END_RULES = (  # end clues: the match's first character (AT), the last one before it (LINE), or that + the match (WIDE)
+    ("WIDE", r"\n", (r"(?<=\S\n)(?:(?<![a-z]\n)|(?!\n*W*" + _LOWER_NEXT + r"))\n",
+                     r"(?<=\SW\n)(?:(?<![a-z]W\n)|(?!\n*W*" + _LOWER_NEXT + r"))\n",
+                     r"(?<=[a-z]\n)\n*[a-z]{2,}:")),
+    ("AT", r"\.", (r"(?<=\S\.)(?<!Mr\.)(?<!Ms\.)(?<!Mrs\.)(?<!Miss\.)(?<!\sDr\.)(?<!\sdr\.)(?<!\smr\.)(?<!\sms\.)(?<!\smrs\.)"
+                   r"(?<!\sphd\.)(?<!\spulm\.)(?<!\n\d\.)(?<!\n\d\d\.)(?<!\n\d\d\d\.)(?<!\n\d{4}\.)(?:(?i:" + _DOSING + r")|(?!W+[a-z]))(?=W)",
+                   r"(?<=[a-z]W\.)(?=W+[A-Z][a-z])", r"(?<=[A-Za-z\d)\]]\.)(?=W*\n)",
+                   r"(?=\s+(?:He|His|Her|She|We|Our|The|They|Their|I|My) |W+The)")),
+    ("AT", r"\?", (r"(?<=[A-Za-z\d]\?)(?=\s)",)),
+    ("SPAN", r"\.", (r"W+\d\.W+[A-Z]",)),
+    ("WIDE", r"-", (r"(?<=[a-z]W-)W+[A-Z]",)),
+    ("AT", r"\"", (r"(?<=[a-z]\.\")(?=W+[A-Z])",)),
+    ("AT", r":", (r"(?<=[A-Za-z\d]:)(?:(?<!\sis:)(?<!are:)(?<!was:)(?<!were:)|(?!W*\n+W*[a-z]))(?=W*\n)",)),
+    ("LINE", r"\.", (r"(?<=\d{4}W\.)(?=W+[A-Z])",)),
+    ("LINE", r"\n", (r"(?:(?<=[a-z]{2}\n)|(?<=[a-z]{2}W\n))(?<!\sand\n)(?<!\sandW\n)\n*(?= ?[A-Z])", r"(?<=\SW\n)\n*(?=-)",
+                     r"(?<=[a-z]\n)(?=- [A-Za-z])",
+                     r"(?:(?<=\S\n)|(?<=\SW\n))\n*(?=(?:[A-Z][a-z]+(?:W+[A-Z][a-z]+)?|[A-Z]{2,}|[A-Z]):)",
+                     r"(?<=\d\n)\n*(?=[A-Z]{2})", r"(?<=\S\n)\n*(?=\d\.W+[A-Z]|(?:T|P|R|BP|O2)W)",
+                     r"(?:(?<=\S\n)|(?<=\SW\n))\n*(?=Signed\s|Follow)")),
+)
+
+
+def _clues(rules: Sequence[tuple[str, Sequence[str]]]) -> re.Pattern[str]:
+    return re.compile("|".join(lead + "(?:" + "|".join(rests) + ")" for lead, rests in rules).replace("W", _W))
+
+
+_BEGIN, _BEGIN_AT, _ITEMS = _clues(_BEGIN_RULES), _clues(_BEGIN_AT_RULES), _clues(_ITEM_RULES)
+_ENDS = tuple((kind, _clues([(lead, rests) for k, lead, rests in _END_RULES if k == kind]))
+              for kind in ("AT", "SPAN", "LINE", "WIDE"))
 
 
 def _trim_gap(text: str, lo: int, hi: int) -> list[int] | None:
@@ -507,19 +529,30 @@ def _sentence_spans(text: str, begins: list[int], ends: list[tuple[int, int]]) -
 
 def _sentence_bounds(text: str) -> list[int]:
     """Sorted token-boundary offsets where a sentence (or a gap between sentences) starts; 0 first."""
-    begins = {m.end() for m in _BEGIN.finditer(text)}
+    begins = {m.end() for m in _BEGIN.finditer(text)} | {m.start() for m in _BEGIN_AT.finditer(text)}
+    for m in _ITEMS.finditer(text):  # overlapping begin clues: the wider one stands
+        begins.add(m.end())
+        item = _ITEM.match(text, m.end())
+        if item is not None:
+            begins.discard(item.end())
     first = len(text) - len(text.lstrip())
     if text[first:first + 1].isupper() or text[first:first + 1].isdigit():
         begins.add(first)
-    ends: list[tuple[int, int]] = []
-    for m in _END.finditer(text):
-        kind, e0 = _END_KIND[m.lastindex or 0], m.start()
-        if kind != _AT:
-            e0 -= 1
-            while text[e0] in " \t\xa0":
+    found = []
+    for kind, clues in _ENDS:
+        for m in clues.finditer(text):
+            e0 = m.start()
+            if kind in ("LINE", "WIDE"):
                 e0 -= 1
-        e1 = m.end() if kind == _WIDE else e0 + 1
-        if ends and e0 < ends[-1][1]:  # overlapping end clues: the wider one stands
+                while text[e0].isspace():
+                    e0 -= 1
+            found.append((e0, m.end() if kind in ("SPAN", "WIDE") else e0 + 1))
+    last = len(text.rstrip()) - 1
+    if 0 <= last < len(text) - 1:  # the last character before trailing whitespace
+        found.append((last, last + 1))
+    ends: list[tuple[int, int]] = []
+    for e0, e1 in sorted(found):  # overlapping end clues: the wider one stands
+        if ends and e0 < ends[-1][1]:
             if e1 - e0 > ends[-1][1] - ends[-1][0]:
                 ends[-1] = (e0, e1)
         else:

@@ -271,3 +271,36 @@ def test_the_served_row_equals_the_training_row_bit_for_bit(notes_study, notes_s
         served = derivation.patient_values(notes=notes.get(ids[i], []), readings=readings.get(ids[i], []),
                                            index_day=derivation.index_day)
         np.testing.assert_array_equal(served[columns], table.features[i, columns], err_msg=ids[i])
+
+
+def test_the_note_reader_agrees_with_medspacy_context_on_held_out_notes():
+    """fedcare's own ConText (fedcare/notes.py) against medspacy's default pipeline (PyRuSH sentences,
+    target matcher, ConText) on synthetic notes with every kind of distractor: which spans are mentions
+    and each mention's negated / hypothetical / historical / family / uncertain flags."""
+    from loguru import logger
+
+    logger.remove()  # medspacy's PyRuSH logs every sentence at DEBUG
+    import medspacy
+    from medspacy.target_matcher import TargetRule
+
+    from simulations.notes_corpus import labelled_corpus
+
+    nlp = medspacy.load()
+    nlp.get_pipe("medspacy_target_matcher").add([TargetRule(p, m.name) for m in STUDY_MARKERS for p in m.phrases])
+    reader = NoteReader(STUDY_MARKERS)
+    total = agree = 0
+    kinds: dict[str, int] = {}
+    for note in labelled_corpus(120, seed=2468, length=2000):
+        ref = {(e.start_char, e.end_char): (e._.is_negated, e._.is_hypothetical, e._.is_historical, e._.is_family,
+                                            e._.is_uncertain) for e in nlp(note).ents}
+        mine = {(m.start, m.end): (m.negated, m.hypothetical, m.historical, m.family, m.uncertain)
+                for m in reader.mentions(note)}
+        for span in set(ref) | set(mine):
+            total += 1
+            if ref.get(span) == mine.get(span):
+                agree += 1
+            else:
+                kind = "missed" if span not in mine else "extra" if span not in ref else "flags"
+                kinds[kind] = kinds.get(kind, 0) + 1
+    assert total > 1000
+    assert agree / total >= 0.99, kinds
