@@ -234,7 +234,7 @@ def model_call_us(package: Path, kit: Path, run_dir: Path, repeats: int = 20000)
 
     verified, _ = verify_for_kit(package, load_kit(kit))
     inputs = InputSpec.from_manifest(verified.manifest)
-    models = ModelSet.open(verified.path, verified.manifest, inputs, "CPUExecutionProvider").models
+    models = ModelSet.open(verified, verified.manifest, inputs, "CPUExecutionProvider").models
     torch_model = TorchModel(run_dir)
     raw = [50.0, 1, 10, 0.5, 3, 7, 1, 0, 0, 0, 0, 1, 0.5, None, 6000, 70, 40, 27, 50]
     x = inputs.prepare(raw)

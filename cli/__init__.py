@@ -30,6 +30,7 @@ COMMANDS: dict[str, Command] = {
     "data": Command("client.commands", "site data tools"),
     "privacy": Command("privacy.commands", "the site's privacy ledger"),
     "provision": Command("deploy.commands", "create the study CA and one kit per party"),
+    "kit": Command("deploy.commands", "protect a kit's private keys with a passphrase (or remove it)"),
     "node": Command("deploy.commands", "hospital node commands"),
     "coordinator": Command("deploy.commands", "coordinator commands"),
     "run": Command("deploy.commands", "run the study on the federation (from the coordinator)"),

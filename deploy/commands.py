@@ -1,5 +1,5 @@
-"""Deployment commands: `provision`, `node keygen|app-hash|package-key|start`, `coordinator add-node|remove-node|start`,
-`run`, `status`."""
+"""Deployment commands: `provision`, `kit protect|unprotect`, `node keygen|app-hash|package-key|start`,
+`coordinator add-node|remove-node|start`, `run`, `status`."""
 
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ def _node_keygen(args: argparse.Namespace) -> int:
     private, public = node_keygen(args.out)
     print(f"private key: {private} (0600, stays at this hospital)")
     print(f"public key:  {public} (send to the coordinator; fingerprint {fingerprint(public.read_bytes())})")
+    print(f"package key: {args.out / 'package.key'} (0600, stays here; opens model packages encrypted for this "
+          f"site), {args.out / 'package.pub'} (send it with node.pub)")
     return 0
 
 
@@ -57,11 +59,27 @@ def _coordinator_add_node(args: argparse.Namespace) -> int:
     from deploy.provision import add_node
     from deploy.pki import fingerprint
 
-    target = add_node(args.kit, args.name, args.public_key, args.hospital_kit_out)
+    from deploy.kits import load_coordinator_kit
+
+    target = add_node(args.kit, args.name, args.public_key, args.hospital_kit_out, package_key=args.package_key)
     print(f"registered node '{args.name}' ({fingerprint(target.read_bytes())}) in {target}")
+    package_pub = load_coordinator_kit(args.kit).site_package_key(args.name)
+    if package_pub.is_file():
+        print(f"its package key: {package_pub} (`fedcare export ... --encrypt-for {args.name}`)")
     print(f"its TLS client certificate: {target.with_suffix('.crt')} (the hospital saves it as node.crt in its kit)")
     if args.hospital_kit_out:
         print(f"hospital kit files (no private key) for '{args.name}': {args.hospital_kit_out}")
+    return 0
+
+
+def _kit_protect(args: argparse.Namespace) -> int:
+    from fedcare.keys import protect_keys
+
+    for name, what in protect_keys(args.kit, unprotect_them=args.kit_command == "unprotect"):
+        print(f"{args.kit / name}: {what}")
+    if args.kit_command == "protect":
+        print("services read the passphrase from FEDCARE_KIT_PASSPHRASE_FILE (or FEDCARE_KIT_PASSPHRASE); "
+              "commands on a terminal ask for it")
     return 0
 
 
@@ -133,6 +151,15 @@ def register(commands: argparse._SubParsersAction) -> None:
     nstart.add_argument("--insecure-dev", action="store_true", help="no TLS, no node authentication (local trials only)")
     nstart.set_defaults(func=_node_start)
 
+    kit = add_command(commands, "kit")
+    kit_cmds = kit.add_subparsers(dest="kit_command", required=True)
+    for name, text in (("protect", "encrypt the kit's private keys that fedcare reads (signing, node CA, artifact, "
+                                   "package keys) under a passphrase"),
+                       ("unprotect", "decrypt them back to plain 0600 key files (e.g. to change the passphrase)")):
+        sub = kit_cmds.add_parser(name, help=text)
+        sub.add_argument("--kit", type=Path, required=True, help="a coordinator or hospital kit folder")
+        sub.set_defaults(func=_kit_protect)
+
     coord = add_command(commands, "coordinator")
     coord_cmds = coord.add_subparsers(dest="coordinator_command", required=True)
     add = coord_cmds.add_parser("add-node", help="accept a hospital's node public key")
@@ -140,6 +167,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     add.add_argument("--name", required=True, help="the hospital's name")
     add.add_argument("--public-key", type=Path, required=True, help="the hospital's node.pub")
     add.add_argument("--hospital-kit-out", type=Path, default=None, help="also write that hospital's kit files here")
+    add.add_argument("--package-key", type=Path, default=None,
+                     help="the hospital's package.pub (X25519), for packages encrypted for it (default: a "
+                          "package.pub beside --public-key, as `fedcare node keygen` writes it)")
     add.set_defaults(func=_coordinator_add_node)
     remove = coord_cmds.add_parser("remove-node", help="stop accepting a hospital's node (key and certificate)")
     remove.add_argument("--kit", type=Path, required=True, help="the coordinator kit folder")

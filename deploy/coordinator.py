@@ -28,6 +28,7 @@ from deploy.kits import CoordinatorKit
 from deploy.pki import loopback_certificate
 from fedcare.errors import FedcareError
 from fedcare.files import atomic_write_bytes, check_private_permissions, write_secret
+from fedcare.sealing import ARTIFACT_KEY_ENV, ArtifactKey, ensure_artifact_key
 
 CONNECTION = "fedcare"
 READY_TIMEOUT = 60.0
@@ -170,11 +171,14 @@ def start_superlink(kit: CoordinatorKit, *, bind: str, port: int, insecure_dev: 
     write_connection(kit, port, insecure_dev, host="127.0.0.1" if bind in ("0.0.0.0", "::", "") else bind)
     log_path = kit.state_dir / "superlink.log"
     log = log_path.open("ab")
+    ensure_artifact_key(kit.artifact_key)  # a kit provisioned before sealing gets its key here
+    ArtifactKey.load(kit.artifact_key)  # a protected key is unlocked (or refused) before anything starts
+    env = {**flower_env(flwr_home(kit)), ARTIFACT_KEY_ENV: str(kit.artifact_key)}  # the ServerApp seals with it
     proc = subprocess.Popen(
         superlink_command(kit, bind, port, insecure_dev),
         stdout=log,
         stderr=subprocess.STDOUT,
-        env=flower_env(flwr_home(kit)),
+        env=env,
     )  # in this command's process group: stopping the group stops the SuperLink and its ServerApp too
     try:
         _wait_until_listening(proc, port, log_path, READY_TIMEOUT)

@@ -6,10 +6,14 @@
                               nodes/<hospital>.crt (their TLS client certificates),
                               node-ca.key (0600), node-ca.crt (issues those certificates),
                               signing.key (0600), signing.pub (Ed25519: signs model packages),
-                              state/ (SuperLink database, edge configuration, audit.jsonl, logs)
+                              nodes/<hospital>.package.pub (X25519: packages encrypted for that site),
+                              artifact.key (0600: AES-256-GCM over checkpoints and exported models),
+                              state/ (SuperLink database, edge configuration, audit.jsonl, logs;
+                              elsewhere if kit.toml's [coordinator] state_dir says so)
     <out>/<hospital>/         kit.toml, study.toml, ca.crt, node.key (0600), node.pub,
                               node.crt (the node's TLS client certificate, from the coordinator),
                               site.toml (the hospital's own settings: where its data is),
+                              package.key (0600), package.pub (X25519: opens packages encrypted for it),
                               coordinator-signing.pub (verifies the coordinator's model packages)
 
 This module is the layout and its loading (every file a party's commands look for);
@@ -28,6 +32,7 @@ from export.signing import load_signing_key, load_signing_public_key
 from fedcare.errors import FedcareError
 from fedcare.fields import Fields
 from fedcare.files import check_private_permissions, read_toml
+from fedcare.sealing import ArtifactKey
 from fedcare.study import load_study
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -35,6 +40,8 @@ DEFAULT_PORT = 9092
 SIGNING_KEY = "signing.key"
 SIGNING_PUB = "signing.pub"
 COORDINATOR_SIGNING_PUB = "coordinator-signing.pub"
+ARTIFACT_KEY = "artifact.key"
+PACKAGE_PUB_SUFFIX = ".package.pub"
 
 
 class KitError(FedcareError, ValueError):
@@ -61,19 +68,26 @@ class CoordinatorKit(_Kit):
     hosts: tuple[str, ...]
     port: int
     study_hash: str
+    state: Path | None = None  # kit.toml [coordinator] state_dir (absolute, or relative to the kit); default KIT/state
 
     server_cert = property(lambda self: self.path / "server.crt")
     server_key = property(lambda self: self.path / "server.key")  # 0600
     nodes_dir = property(lambda self: self.path / "nodes")  # <hospital>.pub: the node keys it accepts
-    state_dir = property(lambda self: self.path / "state")
+    state_dir = property(lambda self: self.state if self.state is not None else self.path / "state")
     signing_key = property(lambda self: self.path / SIGNING_KEY)  # 0600
     signing_pub = property(lambda self: self.path / SIGNING_PUB)
     node_ca_key = property(lambda self: self.path / "node-ca.key")  # 0600: issues the nodes' TLS client certificates
     node_ca_cert = property(lambda self: self.path / "node-ca.crt")
     audit_log = property(lambda self: self.state_dir / "audit.jsonl")
 
+    artifact_key = property(lambda self: self.path / ARTIFACT_KEY)  # 0600: seals checkpoints and run artifacts
+
     def node_keys(self) -> dict[str, Path]:
-        return {p.stem: p for p in sorted(self.nodes_dir.glob("*.pub"))}
+        return {p.stem: p for p in sorted(self.nodes_dir.glob("*.pub")) if not p.name.endswith(PACKAGE_PUB_SUFFIX)}
+
+    def site_package_key(self, name: str) -> Path:
+        """Where the kit keeps hospital `name`'s package.pub (X25519: packages encrypted at rest for it)."""
+        return self.nodes_dir / f"{name}{PACKAGE_PUB_SUFFIX}"
 
     def node_certificates(self) -> dict[str, Path]:
         """hospital name -> its node's TLS client certificate, for the nodes whose key is accepted."""
@@ -118,7 +132,11 @@ def load_coordinator_kit(path: str | Path) -> CoordinatorKit:
     fields, _, coordinator, study_hash = _read_kit(path, "coordinator")
     # TLS files are checked where they are used: `coordinator start` refuses to run without them.
     hosts = tuple(fields.string_list(coordinator, "coordinator.hosts"))
-    return CoordinatorKit(path, hosts, fields.integer(coordinator, "coordinator.port", minimum=1), study_hash)
+    state = None
+    if "state_dir" in coordinator:  # e.g. a container's writable volume, the kit itself being read-only
+        state = Path(fields.string(coordinator, "coordinator.state_dir", non_empty=True))
+        state = state if state.is_absolute() else path / state
+    return CoordinatorKit(path, hosts, fields.integer(coordinator, "coordinator.port", minimum=1), study_hash, state)
 
 
 def load_hospital_kit(path: str | Path, *, need_keys: bool = True) -> HospitalKit:
@@ -145,6 +163,11 @@ def read_site_settings(kit: HospitalKit) -> dict[str, str]:
         **({"data": fields.string(site, "site.data", non_empty=True)} if "data" in site else {}),
         "state_dir": str(state if state.is_absolute() else kit.path / state),
     }
+
+
+def coordinator_artifact_key(kit: CoordinatorKit) -> ArtifactKey | None:
+    """The key the coordinator's run artifacts are sealed under (`artifact.key`), or None if the kit has none."""
+    return ArtifactKey.load(kit.artifact_key) if kit.artifact_key.exists() else None
 
 
 def coordinator_signing_key(kit: CoordinatorKit) -> Ed25519PrivateKey:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from deploy.audit import audit
 from deploy.coordinator import FederationError, FlowerCLI, node_names
-from deploy.kits import CoordinatorKit
+from deploy.kits import CoordinatorKit, coordinator_artifact_key
 from deploy.progress_display import RunDisplay
 from deploy.report import coordinator_report
 from fedcare import APP_DIR
@@ -27,7 +27,7 @@ def interrupted_run(kit: CoordinatorKit) -> Path:
     restart can cure (it was interrupted); what `fedcare run --resume` takes up."""
     runs = sorted((kit.state_dir / "runs").glob("*/run.json"))
     if runs:
-        outcome = RunRecord(runs[-1].parent).outcome()
+        outcome = RunRecord(runs[-1].parent, key=coordinator_artifact_key(kit)).outcome()
         if outcome is None or not outcome.completed:
             return runs[-1].parent
     raise FederationError(f"no interrupted run to resume in {kit.state_dir / 'runs'}: the latest run completed "
@@ -42,7 +42,7 @@ def run_study(kit: CoordinatorKit, overrides: Overrides, *, resume: bool = False
     started = time.monotonic()
     run_dir = interrupted_run(kit) if resume else None
     if run_dir is not None:
-        recorded = RunRecord(run_dir).overrides()
+        recorded = RunRecord(run_dir, key=coordinator_artifact_key(kit)).overrides()
         if overrides != Overrides() and overrides != recorded:
             raise FederationError(f"--resume: the run in {run_dir} ran with --rounds {recorded.rounds or 'as the study'} "
                                   f"--epsilon {recorded.epsilon or 'as the study'}; a resumed run keeps them (drop the flags)")
@@ -87,7 +87,7 @@ def run_study(kit: CoordinatorKit, overrides: Overrides, *, resume: bool = False
                               f"`fedcare run --kit {kit.path} --resume` takes it up after its last checkpoint")
     names = node_names(kit)
     sites = sorted(names.get(str(n.get("node-id")), f"node {n.get('node-id')}") for n in online)
-    record = RunRecord(run_dir)
+    record = RunRecord(run_dir, key=coordinator_artifact_key(kit))
     report = coordinator_report(record, sites, time.monotonic() - started)
     report["run_id"] = run_id
     write_report(record, report)

@@ -86,12 +86,9 @@ class CertificateAuthority:
 
     @classmethod
     def load(cls, key_path: Path, cert_path: Path) -> CertificateAuthority:
-        from fedcare.files import check_private_permissions
+        from fedcare.keys import load_private_key
 
-        check_private_permissions(key_path)
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise KeyMaterialError(f"{key_path}: not an ECDSA CA key")
+        key = load_private_key(key_path, ec.EllipticCurvePrivateKey, "a CA key must be ECDSA")
         return cls(key, x509.load_pem_x509_certificate(cert_path.read_bytes()))
 
     def issue_client(self, name: str, public_key_line: bytes) -> bytes:

@@ -9,7 +9,9 @@ import shutil
 from pathlib import Path
 
 from deploy.kits import (
+    ARTIFACT_KEY,
     COORDINATOR_SIGNING_PUB,
+    PACKAGE_PUB_SUFFIX,
     DEFAULT_PORT,
     SIGNING_KEY,
     SIGNING_PUB,
@@ -19,8 +21,9 @@ from deploy.kits import (
     load_coordinator_kit,
 )
 from deploy.pki import CertificateAuthority, load_node_public_key, node_key_pair
-from export.signing import ensure_signing_key, signing_key_pair
+from export.signing import PACKAGE_PUB, ensure_package_key, ensure_signing_key, load_package_public_key, signing_key_pair
 from fedcare.files import write_public, write_secret
+from fedcare.sealing import ensure_artifact_key
 from fedcare.study import load_study
 
 
@@ -87,6 +90,7 @@ def provision(study_path: Path, hosts: list[str], hospitals: list[str], out: Pat
     signing_private, signing_public = signing_key_pair()
     write_secret(coord / SIGNING_KEY, signing_private)
     write_public(coord / SIGNING_PUB, signing_public)
+    ensure_artifact_key(coord / ARTIFACT_KEY)
     kits = {"ca": out / "ca", "coordinator": coord}
     for name in names:
         kit = out / name
@@ -99,6 +103,8 @@ def provision(study_path: Path, hosts: list[str], hospitals: list[str], out: Pat
         write_public(kit / "node.crt", node_cert)
         shutil.copyfile(out / "ca" / "ca.crt", kit / "ca.crt")
         write_public(kit / COORDINATOR_SIGNING_PUB, signing_public)
+        ensure_package_key(kit)
+        shutil.copyfile(kit / PACKAGE_PUB, coord / "nodes" / f"{name}{PACKAGE_PUB_SUFFIX}")
         (kit / "study.toml").write_text(study_text, encoding="utf-8")
         _write_hospital_kit_toml(kit, name, f"{hosts[0]}:{port}", study.hash)
         (kit / "site.toml").write_text(SITE_TEMPLATE.format(data="/path/to/ehr-export"), encoding="utf-8")
@@ -115,10 +121,13 @@ def _write_hospital_kit_toml(kit: Path, name: str, address: str, study_hash: str
 
 
 def node_keygen(out: Path) -> tuple[Path, Path]:
-    """At the hospital: a new node key pair in `out` (node.key 0600, node.pub to send to the coordinator)."""
+    """At the hospital: a new node key pair in `out` (node.key 0600, node.pub to send to the coordinator),
+    and the site's package key pair beside it if there is none (package.key 0600, package.pub: the
+    coordinator encrypts model packages for it)."""
     private, public = node_key_pair()
     write_secret(out / "node.key", private)
     write_public(out / "node.pub", public)
+    ensure_package_key(out)
     return out / "node.key", out / "node.pub"
 
 
@@ -131,9 +140,12 @@ def node_ca(kit: CoordinatorKit) -> CertificateAuthority:
     return CertificateAuthority.load(kit.node_ca_key, kit.node_ca_cert)
 
 
-def add_node(kit_path: Path, name: str, public_key: Path, hospital_kit_out: Path | None = None) -> Path:
+def add_node(kit_path: Path, name: str, public_key: Path, hospital_kit_out: Path | None = None, *,
+             package_key: Path | None = None) -> Path:
     """At the coordinator: accept a hospital's node public key and issue its TLS client certificate
-    (`nodes/<name>.crt`, to send back to the hospital as its kit's `node.crt`).
+    (`nodes/<name>.crt`, to send back to the hospital as its kit's `node.crt`). The site's package.pub
+    (`package_key`, default: a `package.pub` beside the node key, as `fedcare node keygen` writes it)
+    is kept as `nodes/<name>.package.pub`, for `fedcare export --encrypt-for <name>`.
 
     With `hospital_kit_out`, also write that hospital's kit files (everything but its private
     key, which stays at the hospital) for the coordinator to send back, including the
@@ -149,11 +161,19 @@ def add_node(kit_path: Path, name: str, public_key: Path, hospital_kit_out: Path
     target = kit.nodes_dir / f"{name}.pub"
     if target.exists():
         raise KitError(f"--name: a node named '{name}' is already registered; remove {target} first")
+    if package_key is None and (Path(public_key).parent / PACKAGE_PUB).is_file():
+        package_key = Path(public_key).parent / PACKAGE_PUB
+    site_package_pub = None
+    if package_key is not None:
+        load_package_public_key(package_key)  # an X25519 PEM, or refused before anything changes
+        site_package_pub = Path(package_key).read_bytes()
     if hospital_kit_out is not None:
         ensure_signing_key(kit.signing_key, kit.signing_pub)  # before registering: a kit whose signing key cannot be used changes nothing
     certificate = node_ca(kit).issue_client(name, line)
     write_public(target, line)
     write_public(kit.nodes_dir / f"{name}.crt", certificate)
+    if site_package_pub is not None:
+        write_public(kit.site_package_key(name), site_package_pub)
     if hospital_kit_out is not None:
         out = Path(hospital_kit_out)
         out.mkdir(parents=True, exist_ok=True)
@@ -183,6 +203,7 @@ def remove_node(kit_path: Path, name: str) -> str:
     printed = fingerprint(key.read_bytes())
     (kit.nodes_dir / f"{name}.crt").unlink(missing_ok=True)  # first: the edge stops admitting it
     key.unlink()
+    kit.site_package_key(name).unlink(missing_ok=True)
     audit(kit, "node removed", name=name, fingerprint=printed)
     return printed
 

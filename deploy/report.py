@@ -20,6 +20,8 @@ def export_global_model(record: RunRecord) -> dict:
     study = record.study()
     weights, checkpoint = record.final_weights(study.hash)
     exported = export_models(study, weights, record.path / "export")
+    for model in (exported.fp32, exported.int8):
+        record.seal_in_place(model.path)  # the weights stay sealed at rest on a deployed coordinator
     return {
         "onnx": str(exported.fp32.path),
         "onnx_int8": str(exported.int8.path),

@@ -1,8 +1,8 @@
 """`fedcare export`, `fedcare verify`, `fedcare quantize` (docs/PACKAGE.md).
 
-    fedcare export --run RUN_DIR --kit COORDINATOR_KIT --out PKG [--encrypt-for SITE_PACKAGE_PUB]
+    fedcare export --run RUN_DIR --kit COORDINATOR_KIT --out PKG [--encrypt-for SITE]
     fedcare verify PKG --kit KIT                      (a hospital kit or the coordinator kit)
-    fedcare verify PKG.enc --kit HOSPITAL_KIT --out DIR
+    fedcare verify PKG.enc --kit HOSPITAL_KIT [--out DIR]   (verified in memory; decrypted into DIR if given)
     fedcare quantize --package PKG --kit HOSPITAL_KIT [--data SITE_DIR]
 
 RUN_DIR is a run record (`fedcare.run_record`): a simulation's `--out` folder, or a deployed
@@ -13,7 +13,6 @@ line on stderr (`fedcare: error: ...`) with exit status 2.
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,14 +23,29 @@ if TYPE_CHECKING:
     from export.package import VerifiedPackage
 
 
-def verify_for_kit(pkg_dir: Path, kit: CoordinatorKit | HospitalKit) -> tuple[VerifiedPackage, Path]:
-    """(package, the key file it verified under): signature, files, and built for the kit's study."""
+def verify_for_kit(pkg: Path, kit: CoordinatorKit | HospitalKit) -> tuple[VerifiedPackage, Path]:
+    """(package, the key file it verified under): signature, files, and built for the kit's study.
+    `pkg` is a package directory, or a `PKG.enc` encrypted for this kit's site: that one is decrypted
+    with the kit's package.key in memory only and verified there (`VerifiedPackage.files`)."""
     from deploy.kits import package_verification_key
     from export.package import verify_package
     from fedcare.study import load_study
 
     key, source = package_verification_key(kit)
-    return verify_package(pkg_dir, key, study=load_study(kit.study_file)), source
+    opened = open_for_kit(pkg, kit) if Path(pkg).is_file() else Path(pkg)
+    return verify_package(opened, key, study=load_study(kit.study_file)), source
+
+
+def open_for_kit(enc_file: Path, kit: CoordinatorKit | HospitalKit):
+    """The files of `PKG.enc`, decrypted in memory with the kit's package.key (not yet verified)."""
+    from export.encryption import open_encrypted
+    from export.signing import PACKAGE_KEY, load_package_key
+    from fedcare.errors import KeyMaterialError
+
+    if not (kit.path / PACKAGE_KEY).exists():
+        raise KeyMaterialError(f"{kit.path / PACKAGE_KEY}: not found; this kit has no package decryption key "
+                               f"(`fedcare node package-key --kit KIT` creates it; the coordinator encrypts for its package.pub)")
+    return open_encrypted(enc_file, load_package_key(kit.path))
 
 
 SIMULATION_KITS = "kits"
@@ -56,8 +70,23 @@ def simulation_kit(run: Path) -> Path:
     return kits / "coordinator"
 
 
+def site_package_key(kit: CoordinatorKit, site: str) -> Path:
+    """`--encrypt-for`: a hospital of the kit (its `nodes/<site>.package.pub`, kept by provision and
+    add-node) or the path of a site's package.pub."""
+    from export.package import PackageError
+
+    if "/" not in site and not site.endswith(".pub"):
+        path = kit.site_package_key(site)
+        if not path.is_file():
+            known = sorted(p.name.removesuffix(".package.pub") for p in kit.nodes_dir.glob("*.package.pub"))
+            raise PackageError(f"--encrypt-for: no package key for site '{site}' in {kit.nodes_dir} (sites with one: "
+                               f"{', '.join(known) or 'none'}); `fedcare coordinator add-node --package-key` adds it")
+        return path
+    return Path(site)
+
+
 def _export(args: argparse.Namespace) -> int:
-    from deploy.kits import coordinator_signing_key, load_coordinator_kit
+    from deploy.kits import coordinator_artifact_key, coordinator_signing_key, load_coordinator_kit
     from export.build import build_package
     from export.encryption import encrypt_package, encrypted_path
     from export.package import PackageError, overrides_text, read_overrides, verify_package
@@ -68,14 +97,14 @@ def _export(args: argparse.Namespace) -> int:
     kit = load_coordinator_kit(args.kit if args.kit is not None else simulation_kit(args.run))
     site_key = None
     if args.encrypt_for is not None:  # checked before the build
-        site_key = load_package_public_key(args.encrypt_for)
+        site_key = load_package_public_key(site_package_key(kit, args.encrypt_for))
         if encrypted_path(args.out).exists():
             raise PackageError(f"--encrypt-for: {encrypted_path(args.out)} exists; refusing to overwrite")
     if ensure_signing_key(kit.signing_key, kit.signing_pub):
         print(f"created the coordinator's package signing key: {kit.signing_key} (0600) and {kit.signing_pub}; "
               f"send signing.pub to every hospital, saved in its kit as coordinator-signing.pub")
     key = coordinator_signing_key(kit)
-    record = RunRecord(args.run)
+    record = RunRecord(args.run, key=coordinator_artifact_key(kit))  # a deployed run's checkpoints are sealed
     record.report()  # a finished run (or a one-line error saying it is not one)
     expected = load_study(kit.study_file).with_overrides(record.overrides())
     if load_study(record.study_file).hash != expected.hash:
@@ -98,58 +127,33 @@ def _export(args: argparse.Namespace) -> int:
               f"fedcare serve --package {pkg} --kit {args.run / SIMULATION_KITS / site}")
     if site_key is not None:
         enc = encrypt_package(pkg, encrypted_path(pkg), site_key)
-        print(f"encrypted for {args.encrypt_for}: {enc} ({enc.stat().st_size} bytes); the site opens it with "
-              f"`fedcare verify {enc.name} --kit HOSPITAL_KIT --out DIR`")
+        print(f"encrypted for {args.encrypt_for}: {enc} ({enc.stat().st_size} bytes); the site serves it as it is "
+              f"(`fedcare serve --package {enc.name} --kit HOSPITAL_KIT`: decrypted in memory only) and checks it "
+              f"with `fedcare verify {enc.name} --kit HOSPITAL_KIT`")
     return 0
-
-
-def _decrypt(enc_file: Path, kit: CoordinatorKit | HospitalKit, out_dir: Path) -> Path:
-    from export.encryption import decrypt_package
-    from export.signing import PACKAGE_KEY, load_package_key
-    from fedcare.errors import KeyMaterialError
-
-    if not (kit.path / PACKAGE_KEY).exists():
-        raise KeyMaterialError(f"{kit.path / PACKAGE_KEY}: not found; this kit has no package decryption key "
-                               f"(`fedcare node package-key --kit KIT` creates it; the coordinator encrypts for its package.pub)")
-    return decrypt_package(enc_file, out_dir, load_package_key(kit.path))
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from export.package import PackageError, summary_lines
-
     from deploy.kits import load_kit
+    from export.package import PackageError, summary_lines
 
     kit = load_kit(args.kit)
     pkg = args.package
-    if args.package.is_file():
-        if args.out is None:
-            raise PackageError(f"{args.package}: an encrypted package; give --out DIR to decrypt it into")
-        if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
-            raise PackageError(f"--out: {args.out} exists and is not an empty directory; refusing to overwrite")
-        created = not args.out.exists()
-        try:
-            pkg = _decrypt(args.package, kit, args.out)
-            package, source = verify_for_kit(pkg, kit)
-        except BaseException:  # nothing unverified stays behind
-            _remove_decrypted(args.out, created)
-            raise
-        print(f"decrypted {args.package} into {pkg}")
-    elif args.out is not None:
+    if args.out is not None and not pkg.is_file():
         raise PackageError("--out: only for an encrypted package (PKG.enc)")
-    else:
-        package, source = verify_for_kit(pkg, kit)
-    print(f"OK: {pkg} is signed by {package.fingerprint} ({source}); every file matches the manifest; "
+    if args.out is not None and args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        raise PackageError(f"--out: {args.out} exists and is not an empty directory; refusing to overwrite")
+    package, source = verify_for_kit(pkg, kit)  # an encrypted package: decrypted and verified in memory
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        for name, content in package.files.items():
+            (args.out / name).write_bytes(content)
+        print(f"decrypted {args.package} into {args.out}")
+    where = " (decrypted in memory)" if package.in_memory and args.out is None else ""
+    print(f"OK: {pkg}{where} is signed by {package.fingerprint} ({source}); every file matches the manifest; "
           f"built for this kit's study")
     print("\n".join(summary_lines(package)))
     return 0
-
-
-def _remove_decrypted(out_dir: Path, created: bool) -> None:
-    if created:
-        shutil.rmtree(out_dir, ignore_errors=True)
-    elif out_dir.is_dir():  # it was empty before
-        for path in out_dir.iterdir():
-            path.unlink(missing_ok=True)
 
 
 def _quantize(args: argparse.Namespace) -> int:
@@ -191,8 +195,9 @@ def register(commands: argparse._SubParsersAction) -> None:
                         help="the coordinator kit (holds signing.key); for a `fedcare simulate` run folder, leave it "
                              "out: the run's own kits (RUN/kits/, made on first export) sign it")
     export.add_argument("--out", type=Path, required=True, help="new package directory")
-    export.add_argument("--encrypt-for", type=Path, default=None, metavar="SITE_PACKAGE_PUB",
-                        help="also write PKG.enc beside the package, encrypted for this site's package.pub (X25519)")
+    export.add_argument("--encrypt-for", default=None, metavar="SITE",
+                        help="also write PKG.enc beside the package, encrypted for this hospital of the kit (its "
+                             "package.pub, X25519), or for the package.pub file given by path")
     export.set_defaults(func=_export)
 
     verify = add_command(commands, "verify")
@@ -200,7 +205,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     verify.add_argument("--kit", type=Path, required=True,
                         help="a hospital kit (coordinator-signing.pub) or the coordinator kit (signing.pub)")
     verify.add_argument("--out", type=Path, default=None,
-                        help="for PKG.enc: new directory to decrypt into with the kit's package.key")
+                        help="for PKG.enc: also write the verified, decrypted files into this new directory "
+                             "(without it, PKG.enc is decrypted and verified in memory only)")
     verify.set_defaults(func=_verify)
 
     quantize = add_command(commands, "quantize")

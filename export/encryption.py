@@ -1,11 +1,12 @@
 """A model package encrypted at rest for one site (optional; docs/PACKAGE.md).
 
     fedcare export ... --encrypt-for SITE/package.pub     writes PKG.enc beside PKG/
-    fedcare verify PKG.enc --kit HOSPITAL_KIT --out DIR   decrypts with the kit's package.key, then verifies
+    fedcare verify PKG.enc --kit HOSPITAL_KIT [--out DIR] verifies in memory (and decrypts into DIR)
+    fedcare serve --package PKG.enc --kit HOSPITAL_KIT    decrypts in memory only and serves it
 
-PKG.enc = MAGIC | ephemeral X25519 public key (32) | nonce (12) | AES-256-GCM(tar of the package)
-The AES key is HKDF-SHA256(X25519(ephemeral, site), salt = ephemeral pub | site pub, info = INFO);
-the header is the GCM associated data. Only the signed files travel (never `site/`); the
+PKG.enc = MAGIC | ephemeral X25519 public key (32) | nonce (12) | AES-256-GCM(tar of the package),
+sealed for the site's package.pub by `fedcare.sealing.seal` (HKDF-SHA256 over the X25519 secret;
+the header is the GCM associated data). Only the signed files travel (never `site/`); the
 decrypted directory must still pass `verify_package`: encryption hides, the signature vouches.
 A site creates its key pair (`package.key` 0600, `package.pub`) with
 `export.signing.ensure_package_key(kit_dir)` and sends `package.pub` to the coordinator.
@@ -14,10 +15,10 @@ A site creates its key pair (`package.key` 0600, `package.pub`) with
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
-from export.package import SITE_DIR, PackageError
+from export.package import SITE_DIR, PackageError, PackageFiles
+from fedcare.sealing import SealError, is_sealed, seal, unseal
 
 ENCRYPTED_SUFFIX = ".enc"
 ENCRYPTED_MAGIC = b"FCPKG-ENC/1\n"
@@ -30,25 +31,9 @@ def encrypted_path(pkg_dir: str | Path) -> Path:
     return pkg_dir.with_name(pkg_dir.name + ENCRYPTED_SUFFIX)
 
 
-def _raw(public_key) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-
-    return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-
-
-def _aes_key(shared: bytes, ephemeral: bytes, recipient: bytes) -> bytes:
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=ephemeral + recipient, info=_INFO).derive(shared)
-
-
 def encrypt_package(pkg_dir: str | Path, out_file: str | Path, site_public_key) -> Path:
     """Encrypt the package's signed files for the holder of `site_public_key` (X25519)."""
     import tarfile
-
-    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     pkg_dir, out_file = Path(pkg_dir), Path(out_file)
     buffer = io.BytesIO()
@@ -62,45 +47,51 @@ def encrypt_package(pkg_dir: str | Path, out_file: str | Path, site_public_key) 
             info.size, info.mode = path.stat().st_size, 0o644
             with path.open("rb") as handle:
                 tar.addfile(info, handle)
-    ephemeral = X25519PrivateKey.generate()
-    eph_pub, recipient = _raw(ephemeral.public_key()), _raw(site_public_key)
-    nonce = os.urandom(12)
-    header = ENCRYPTED_MAGIC + eph_pub + nonce
-    key = _aes_key(ephemeral.exchange(site_public_key), eph_pub, recipient)
-    out_file.write_bytes(header + AESGCM(key).encrypt(nonce, buffer.getvalue(), header))
+    out_file.write_bytes(seal(buffer.getvalue(), site_public_key, magic=ENCRYPTED_MAGIC, info=_INFO))
     return out_file
+
+
+def open_encrypted(enc_file: str | Path, site_private_key) -> PackageFiles:
+    """Decrypt `PKG.enc` in memory: its files as bytes, never written anywhere (`fedcare serve` serves
+    them so). Not trusted until `verify_package` has checked them. Raises `PackageError` in one line
+    for a wrong key, a modified file, or something that is not an encrypted package."""
+    import tarfile
+
+    enc_file = Path(enc_file)
+    try:
+        data = enc_file.read_bytes()
+    except FileNotFoundError:
+        raise PackageError(f"{enc_file}: not found") from None
+    except OSError as err:
+        raise PackageError(f"{enc_file}: cannot read it ({err.strerror})") from None
+    if not is_sealed(data, ENCRYPTED_MAGIC) or len(data) < len(ENCRYPTED_MAGIC) + 60:
+        raise PackageError(f"{enc_file}: not an encrypted fedcare package")
+    try:
+        plain = unseal(data, site_private_key, magic=ENCRYPTED_MAGIC, info=_INFO, what=str(enc_file),
+                       wrong_key="cannot decrypt: encrypted for another site's key, or modified")
+    except SealError as err:
+        raise PackageError(str(err)) from None
+    files: dict[str, bytes] = {}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(plain), mode="r") as tar:
+            for member in tar.getmembers():
+                if not member.isfile() or member.name != Path(member.name).name or member.name.startswith(".") \
+                        or member.name in files:
+                    raise PackageError(f"{enc_file}: unexpected entry {member.name!r} in the encrypted package")
+                source = tar.extractfile(member)
+                files[member.name] = source.read() if source else b""
+    except tarfile.TarError as err:
+        raise PackageError(f"{enc_file}: decrypted, but not a package archive ({err})") from None
+    return PackageFiles(enc_file, files)
 
 
 def decrypt_package(enc_file: str | Path, out_dir: str | Path, site_private_key) -> Path:
     """Decrypt `PKG.enc` into `out_dir` (new or empty). The result is not trusted until `verify_package`."""
-    import tarfile
-
-    from cryptography.exceptions import InvalidTag
-    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-    enc_file, out_dir = Path(enc_file), Path(out_dir)
-    data = enc_file.read_bytes()
-    head = len(ENCRYPTED_MAGIC) + 32 + 12
-    if not data.startswith(ENCRYPTED_MAGIC) or len(data) < head + 16:
-        raise PackageError(f"{enc_file}: not an encrypted fedcare package")
-    header, eph_pub, nonce = data[:head], data[len(ENCRYPTED_MAGIC) : len(ENCRYPTED_MAGIC) + 32], data[head - 12 : head]
-    shared = site_private_key.exchange(X25519PublicKey.from_public_bytes(eph_pub))
-    key = _aes_key(shared, eph_pub, _raw(site_private_key.public_key()))
-    try:
-        plain = AESGCM(key).decrypt(nonce, data[head:], header)
-    except InvalidTag:
-        raise PackageError(f"{enc_file}: cannot decrypt: encrypted for another site's key, or modified") from None
+    out_dir = Path(out_dir)
+    opened = open_encrypted(enc_file, site_private_key)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise PackageError(f"{out_dir}: exists and is not empty; refusing to overwrite")
     out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        with tarfile.open(fileobj=io.BytesIO(plain), mode="r") as tar:
-            for member in tar.getmembers():
-                if not member.isfile() or member.name != Path(member.name).name or member.name.startswith("."):
-                    raise PackageError(f"{enc_file}: unexpected entry {member.name!r} in the encrypted package")
-                source = tar.extractfile(member)
-                (out_dir / member.name).write_bytes(source.read() if source else b"")
-    except tarfile.TarError as err:
-        raise PackageError(f"{enc_file}: decrypted, but not a package archive ({err})") from None
+    for name, content in opened.files.items():
+        (out_dir / name).write_bytes(content)
     return out_dir

@@ -26,6 +26,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -49,21 +50,43 @@ class PackageError(FedcareError, ValueError):
 
 
 @dataclass(frozen=True)
+class PackageFiles:
+    """A package's files held in memory, never written to disk: an encrypted package opened by
+    `export.encryption.open_encrypted` (`origin` is the PKG.enc it came from, for messages)."""
+
+    origin: Path
+    files: Mapping[str, bytes]
+
+
+@dataclass(frozen=True)
 class VerifiedPackage:
     """A package whose signature, file sizes and hashes checked out, and that holds no unlisted file.
     `study` is set when it was verified for a site's study (`verify_package(..., study=...)`):
-    the study as the package was built for it, with the package's scaling (`site_study`)."""
+    the study as the package was built for it, with the package's scaling (`site_study`).
+    `files` holds the contents when the package was verified in memory (`PackageFiles`); `path` is
+    then the encrypted file it came from."""
 
     manifest: dict
     path: Path
     study: Study | None = None
+    files: Mapping[str, bytes] | None = None
 
     @property
     def fingerprint(self) -> str:
         return self.manifest["signer"]["key_fingerprint"]
 
+    @property
+    def in_memory(self) -> bool:
+        return self.files is not None
+
     def model_path(self, kind: str) -> Path:
+        if self.files is not None:
+            raise PackageError(f"{self.path}: an encrypted package held in memory has no model files on disk")
         return self.path / self.manifest["models"][kind]["file"]
+
+    def read(self, name: str) -> bytes:
+        """One file of the package (as verified: `name` is the manifest, the signature or a listed model)."""
+        return self.files[name] if self.files is not None else (self.path / name).read_bytes()
 
 
 def sha256_file(path: Path) -> str:
@@ -249,19 +272,70 @@ def _claimed_signer(data: bytes) -> str | None:
         return None
 
 
-def verify_package(pkg_dir: str | Path, public_key: Ed25519PublicKey, *, study: Study | None = None) -> VerifiedPackage:
+class _Directory:
+    """The files of a package directory, as `verify_package` looks at them."""
+
+    def __init__(self, pkg_dir: Path) -> None:
+        if not pkg_dir.is_dir():
+            raise PackageError(f"{pkg_dir}: not a package directory")
+        self.path = pkg_dir
+
+    def regular(self, name: str) -> bool | None:
+        """True: a regular file; False: something else (a symlink, a directory); None: absent."""
+        path = self.path / name
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            return False
+        return True if path.exists() else None
+
+    def size(self, name: str) -> int:
+        return (self.path / name).stat().st_size
+
+    def sha256(self, name: str) -> str:
+        return sha256_file(self.path / name)
+
+    def read(self, name: str) -> bytes:
+        return (self.path / name).read_bytes()
+
+    def others(self) -> list[str]:
+        """Names besides the listed ones that are allowed: the unsigned `site/` directory."""
+        return sorted(p.name for p in self.path.iterdir() if not (p.name == SITE_DIR and p.is_dir() and not p.is_symlink()))
+
+
+class _Memory:
+    """The files of a package held in memory (`PackageFiles`), as `verify_package` looks at them."""
+
+    def __init__(self, package: PackageFiles) -> None:
+        self.path, self.files = package.origin, package.files
+
+    def regular(self, name: str) -> bool | None:
+        return True if name in self.files else None
+
+    def size(self, name: str) -> int:
+        return len(self.files[name])
+
+    def sha256(self, name: str) -> str:
+        return hashlib.sha256(self.files[name]).hexdigest()
+
+    def read(self, name: str) -> bytes:
+        return self.files[name]
+
+    def others(self) -> list[str]:
+        return sorted(self.files)
+
+
+def verify_package(pkg: str | Path | PackageFiles, public_key: Ed25519PublicKey, *,
+                   study: Study | None = None) -> VerifiedPackage:
     """Check the signature first, then the manifest (`check_manifest`), every listed file's size and
     sha256, then that nothing else is in the package but `manifest.sig` and an optional `site/`
     directory; with `study` (a site's study file), finally that the package was built for it
-    (`site_study`). Raises `PackageError`."""
-    pkg_dir = Path(pkg_dir)
-    if not pkg_dir.is_dir():
-        raise PackageError(f"{pkg_dir}: not a package directory")
+    (`site_study`). `pkg` is a package directory, or the files of an encrypted package opened in
+    memory (`PackageFiles`: they are checked there and never written). Raises `PackageError`."""
+    source = _Memory(pkg) if isinstance(pkg, PackageFiles) else _Directory(Path(pkg))
     expected = signing_fingerprint(public_key)
     for name in (MANIFEST, SIGNATURE):
-        if not (pkg_dir / name).is_file():
+        if source.regular(name) is not True:
             raise PackageError(f"missing file {name}{' (the package is unsigned)' if name == SIGNATURE else ''}")
-    data, signature = (pkg_dir / MANIFEST).read_bytes(), (pkg_dir / SIGNATURE).read_bytes()
+    data, signature = source.read(MANIFEST), source.read(SIGNATURE)
     if len(signature) != 64:
         raise PackageError(f"{SIGNATURE}: not an Ed25519 signature ({len(signature)} bytes, expected 64)")
     try:
@@ -281,25 +355,25 @@ def verify_package(pkg_dir: str | Path, public_key: Ed25519PublicKey, *, study: 
         raise _malformed(f"signer.key_fingerprint is {manifest['signer']['key_fingerprint']} but the signature is by {expected}")
     listed = {}
     for kind, entry in manifest["models"].items():
-        path = pkg_dir / entry["file"]
-        if path.is_symlink() or (path.exists() and not path.is_file()):
-            raise PackageError(f"{entry['file']}: not a regular file")
-        if not path.exists():
-            raise PackageError(f"missing file {entry['file']} (models.{kind} in the signed manifest)")
-        size = path.stat().st_size
+        name = entry["file"]
+        regular = source.regular(name)
+        if regular is False:
+            raise PackageError(f"{name}: not a regular file")
+        if regular is None:
+            raise PackageError(f"missing file {name} (models.{kind} in the signed manifest)")
+        size = source.size(name)
         if size != entry["bytes"]:
-            raise PackageError(f"{entry['file']}: {size} bytes, the signed manifest says {entry['bytes']} (modified after signing)")
-        if sha256_file(path) != entry["sha256"]:
-            raise PackageError(f"{entry['file']}: sha256 does not match the signed manifest (modified after signing)")
-        listed[entry["file"]] = kind
-    for path in sorted(pkg_dir.iterdir()):
-        if path.name in listed or path.name in (MANIFEST, SIGNATURE):
+            raise PackageError(f"{name}: {size} bytes, the signed manifest says {entry['bytes']} (modified after signing)")
+        if source.sha256(name) != entry["sha256"]:
+            raise PackageError(f"{name}: sha256 does not match the signed manifest (modified after signing)")
+        listed[name] = kind
+    for name in source.others():
+        if name in listed or name in (MANIFEST, SIGNATURE):
             continue
-        if path.name == SITE_DIR and path.is_dir() and not path.is_symlink():
-            continue
-        raise PackageError(f"unlisted file {path.name}: not in the signed manifest; refusing the package "
+        raise PackageError(f"unlisted file {name}: not in the signed manifest; refusing the package "
                            f"(only {SITE_DIR}/ may hold site-side artifacts)")
-    return VerifiedPackage(manifest, pkg_dir, None if study is None else site_study(study, manifest))
+    files = pkg.files if isinstance(pkg, PackageFiles) else None
+    return VerifiedPackage(manifest, source.path, None if study is None else site_study(study, manifest), files)
 
 
 def overrides_text(overrides: Overrides) -> str:

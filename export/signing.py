@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from fedcare.errors import KeyMaterialError
 from fedcare.files import check_private_permissions, write_public, write_secret
+from fedcare.keys import load_private_key
 
 PACKAGE_KEY = "package.key"  # optional, hospital: X25519, decrypts packages encrypted for this site
 PACKAGE_PUB = "package.pub"
@@ -26,14 +27,8 @@ def _public_pem(public_key) -> bytes:
 
 
 def _private_key(path: Path, kind: type, wrong_kind: str):
-    """A PKCS8 PEM private key of `kind` from `path`."""
-    try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except (ValueError, TypeError) as err:
-        raise KeyMaterialError(f"{path}: not a PKCS8 PEM private key ({err})") from None
-    if not isinstance(key, kind):
-        raise KeyMaterialError(f"{path}: {wrong_kind}, got {type(key).__name__}")
-    return key
+    """A PKCS8 PEM private key of `kind` from `path` (0600; passphrase-protected or not: `fedcare.keys`)."""
+    return load_private_key(path, kind, wrong_kind)
 
 
 def signing_key_pair() -> tuple[bytes, bytes]:

@@ -22,6 +22,14 @@
     report.json, summary.txt   the study report (`fedcare.report`)
     export/                    the final model as fp32 and int8 ONNX
 
+Sealed at rest (a deployed coordinator's runs: `RunRecord(path, key=ArtifactKey)`, the kit's
+`artifact.key`): the files that hold the model's weights (checkpoints/*.npz, the server
+optimizer's state, export/*.onnx) are written sealed (`fedcare.sealing`, each under its own name
+in this folder), and run.json records the key's fingerprint (`sealed`); reading them needs the key,
+a sealed run's file found unsealed is refused (replaced). The rest holds no weights: the study,
+aggregates (round log, summed histograms, pooled scaling) and the report stay readable for
+`fedcare status` and the operator.
+
 Nothing reconstructs a run afterwards: what the run used is what this folder says.
 """
 
@@ -38,6 +46,7 @@ import numpy as np
 
 from fedcare.errors import FedcareError
 from fedcare.files import atomic_write_bytes
+from fedcare.sealing import ARTIFACT_MAGIC, ArtifactKey, SealError, is_sealed
 from fedcare.study import Overrides, Study, load_study
 
 STUDY_FILE = "study.toml"
@@ -103,10 +112,50 @@ def _json_bytes(value: Any) -> bytes:
 
 
 class RunRecord:
-    """The folder of one study run (see the module docstring)."""
+    """The folder of one study run (see the module docstring). With `key`, the files holding the
+    model's weights are sealed under it when written, and opened with it when read."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, key: ArtifactKey | None = None) -> None:
         self.path = Path(path)
+        self.key = key
+
+    # -- sealed artifacts ------------------------------------------------------------------
+
+    def _name(self, path: Path) -> str:
+        return path.resolve().relative_to(self.path.resolve()).as_posix()
+
+    def write_artifact(self, path: Path, data: bytes) -> None:
+        """Write a file that holds weights: sealed under the run's key if it has one."""
+        atomic_write_bytes(path, self.key.seal(data, self._name(path)) if self.key is not None else data)
+
+    def seal_in_place(self, path: Path) -> None:
+        """Seal a weights file another writer produced in this folder (e.g. the exported ONNX)."""
+        if self.key is not None:
+            self.write_artifact(path, path.read_bytes())
+
+    def read_artifact(self, path: Path) -> bytes:
+        """A weights file's contents, opened with the run's key if it is sealed."""
+        data = path.read_bytes()
+        sealed_by = self.sealed_by()
+        if not is_sealed(data, ARTIFACT_MAGIC):
+            if sealed_by is not None:
+                raise RunRecordError(f"{path}: not sealed, but this run seals its artifacts under {sealed_by}: "
+                                     f"the file was replaced; refusing it")
+            return data
+        if self.key is None:
+            raise RunRecordError(f"{path}: sealed under the coordinator's artifact.key ({sealed_by or 'unknown key'}); "
+                                 f"give the coordinator kit that holds it (--kit)")
+        try:
+            return self.key.open(data, self._name(path), what=str(path))
+        except SealError as err:
+            raise RunRecordError(str(err)) from None
+
+    def sealed_by(self) -> str | None:
+        """The fingerprint of the key this run's artifacts are sealed under (run.json), or None."""
+        try:
+            return json.loads((self.path / RUN_FILE).read_text(encoding="utf-8")).get("sealed", {}).get("key")
+        except (OSError, ValueError, AttributeError):
+            return None
 
     # -- the study as run ----------------------------------------------------------------
 
@@ -126,6 +175,8 @@ class RunRecord:
                 raise RunRecordError(f"{self.study_file}: internal error: the written study does not reproduce its hash")
         run = {"study_hash": study.hash, "overrides": {"rounds": overrides.rounds, "epsilon": overrides.epsilon},
                "started": utc_now()}
+        if self.key is not None:
+            run["sealed"] = {"key": self.key.fingerprint, "files": "checkpoints/*.npz, export/*.onnx"}
         atomic_write_bytes(self.path / RUN_FILE, _json_bytes(run))
 
     def _check_recorded_study(self, study: Study) -> None:
@@ -147,7 +198,7 @@ class RunRecord:
         checkpoint = self.latest_checkpoint()
         last = int(checkpoint.stem.split("-")[1]) if checkpoint is not None else 0
         entries = [RoundEntry(**entry) for entry in self.rounds()]
-        return ResumePoint(last_round=last, weights=load_checkpoint(checkpoint, study.hash) if checkpoint else None,
+        return ResumePoint(last_round=last, weights=self.load_checkpoint(checkpoint, study.hash) if checkpoint else None,
                            scaling=self.scaling(), entries=entries,
                            optimizer_state=self.optimizer_state(last, study.hash) if last else None)
 
@@ -198,8 +249,12 @@ class RunRecord:
         buffer = io.BytesIO()
         arrays = {f"w{i:03d}": np.asarray(w) for i, w in enumerate(weights)}
         np.savez(buffer, study_hash=np.array(study_hash), **arrays)
-        atomic_write_bytes(path, buffer.getvalue())
+        self.write_artifact(path, buffer.getvalue())
         return path
+
+    def load_checkpoint(self, path: Path, expected_study_hash: str | None = None) -> list[np.ndarray]:
+        """The weights in one checkpoint of this run (opened with the run's key if sealed)."""
+        return load_checkpoint(io.BytesIO(self.read_artifact(path)), expected_study_hash, name=path)
 
     def optimizer_state_path(self, training_round: int) -> Path:
         return self.path / CHECKPOINTS / f"{OPTIMIZER_STATE}-{training_round:03d}.npz"
@@ -211,7 +266,7 @@ class RunRecord:
         path.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         np.savez(buffer, **{f"{STATE_PREFIX}{k}": np.asarray(v) for k, v in state.items()}, study_hash=np.array(study_hash))
-        atomic_write_bytes(path, buffer.getvalue())
+        self.write_artifact(path, buffer.getvalue())
         return path
 
     def optimizer_state(self, training_round: int, study_hash: str) -> dict[str, np.ndarray] | None:
@@ -220,7 +275,7 @@ class RunRecord:
         path = self.optimizer_state_path(training_round)
         if not path.exists():
             return None
-        with np.load(path, allow_pickle=False) as data:
+        with np.load(io.BytesIO(self.read_artifact(path)), allow_pickle=False) as data:
             if str(data["study_hash"]) != study_hash:
                 raise RunRecordError(f"{path}: optimizer state belongs to another study (hash {str(data['study_hash'])[:12]}…)")
             return {k[len(STATE_PREFIX):]: data[k] for k in data.files if k.startswith(STATE_PREFIX)}
@@ -234,7 +289,7 @@ class RunRecord:
         checkpoint = self.latest_checkpoint()
         if checkpoint is None:
             raise RunRecordError(f"{self.path}: no checkpoint; no round was securely aggregated")
-        return load_checkpoint(checkpoint, study_hash), checkpoint
+        return self.load_checkpoint(checkpoint, study_hash), checkpoint
 
     # -- the round log and the privacy summary -------------------------------------------
 
@@ -322,10 +377,13 @@ class RunRecord:
         return report
 
 
-def load_checkpoint(path: str | Path, expected_study_hash: str | None = None) -> list[np.ndarray]:
-    """The weights in one checkpoint file; refused if it belongs to another study."""
+def load_checkpoint(path: str | Path | io.BytesIO, expected_study_hash: str | None = None, *,
+                    name: str | Path | None = None) -> list[np.ndarray]:
+    """The weights in one (unsealed) checkpoint file or buffer; refused if it belongs to another study.
+    A run's own, possibly sealed, checkpoints: `RunRecord.load_checkpoint`."""
+    name = name if name is not None else path
     with np.load(path, allow_pickle=False) as data:
         if expected_study_hash is not None and str(data["study_hash"]) != expected_study_hash:
-            raise RunRecordError(f"{path}: checkpoint belongs to another study (hash {str(data['study_hash'])[:12]}…)")
+            raise RunRecordError(f"{name}: checkpoint belongs to another study (hash {str(data['study_hash'])[:12]}…)")
         keys = sorted(k for k in data.files if k.startswith("w"))
         return [data[k] for k in keys]

@@ -270,7 +270,9 @@ def register(commands: argparse._SubParsersAction) -> None:
         commands, "serve",
         description="Serve a verified model package: POST /v1/analyze, GET /v1/models, /healthz, /metrics, /openapi.json.",
     )
-    serve.add_argument("--package", type=Path, default=None, help="the model package directory")
+    serve.add_argument("--package", type=Path, default=None,
+                       help="the model package directory, or PKG.enc encrypted for this site (decrypted in memory "
+                            "only, with the kit's package.key)")
     serve.add_argument("--kit", type=Path, default=None, help="this hospital's kit (coordinator-signing.pub, state/)")
     serve.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")

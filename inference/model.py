@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from export.package import read_inputs
+from export.package import VerifiedPackage, read_inputs
 from fedcare.errors import FedcareError
 
 INPUT_NAME = "features"
@@ -267,8 +267,10 @@ class ModelSet:
         self.default = "fp32"  # the model a request that names none is scored by (`inference.default_model`)
 
     @classmethod
-    def open(cls, pkg_dir: Path, manifest: Mapping[str, Any], inputs: InputSpec, provider: str | None = None) -> ModelSet:
-        """Sessions for the models of a verified package (`manifest` passed `export.package.check_manifest`)."""
+    def open(cls, package: VerifiedPackage, manifest: Mapping[str, Any], inputs: InputSpec,
+             provider: str | None = None) -> ModelSet:
+        """Sessions for the models of a verified package (`manifest` passed `export.package.check_manifest`),
+        read from its directory or, for an encrypted package, from memory."""
         listed = manifest["models"]
         for required in REQUIRED_MODELS:
             if required not in listed:
@@ -278,9 +280,9 @@ class ModelSet:
         notes: list[str] = []
         for name, entry in listed.items():
             file, digest = entry["file"], entry["sha256"]
-            path = pkg_dir / file
+            path = package.path / file
             try:
-                data = path.read_bytes()
+                data = package.read(file)
             except OSError as err:
                 raise ServeError(f"{path}: cannot read the model file ({err.strerror})") from None
             if hashlib.sha256(data).hexdigest() != digest:

@@ -56,11 +56,11 @@ def build_service(package: VerifiedPackage, state_dir: str | Path, *, provider: 
     else `fedcare serve --audit-*`, else `FEDCARE_SERVE_AUDIT_*`, else `AuditSettings()`'s defaults."""
     manifest = check_manifest(package.manifest)
     inputs = InputSpec.from_manifest(manifest)
-    models = ModelSet.open(package.path, manifest, inputs, provider)
+    models = ModelSet.open(package, manifest, inputs, provider)
     # the model a request that names none gets: `default_model`, else the fastest here within the bound
     choice = choose_default({name: m.session for name, m in models.models.items()}, inputs, pinned=default_model)
     models.default = choice.model
-    manifest_bytes = (package.path / MANIFEST).read_bytes()
+    manifest_bytes = package.read(MANIFEST)
     state_dir = Path(state_dir)
     return Service(
         manifest=manifest,

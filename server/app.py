@@ -24,6 +24,7 @@ from flwr.server.workflow import DefaultWorkflow
 from fedcare.contribution import scaling_bytes
 from fedcare.model import build_model, get_weights
 from fedcare.run_record import ResumePoint, RunRecord
+from fedcare.sealing import ArtifactKey
 from fedcare.study import Overrides, Study, load_study
 from server.grid import PromptGrid
 from server.progress import RoundLog
@@ -56,7 +57,8 @@ def build_strategy(study: Study, log: RoundLog, point: ResumePoint | None = None
 def main(grid: Grid, context: Context) -> None:
     overrides = Overrides.from_run_config(context.run_config)
     study = load_study(str(context.run_config["study"])).with_overrides(overrides)
-    record = RunRecord(str(context.run_config["out-dir"]))
+    # deployed: checkpoints sealed under the coordinator's artifact.key (handed over by `coordinator start`)
+    record = RunRecord(str(context.run_config["out-dir"]), key=ArtifactKey.from_environment())
     point = record.resume(study) if int(context.run_config.get("resume", 0) or 0) else None
     if point is None:
         record.start(study, overrides)

@@ -214,6 +214,18 @@ def test_study_completes_with_tls_auth_secagg_dp_despite_a_killed_node(federatio
     assert all(s["epsilon"] is None and s["auc"] is None for s in report["sites"])
     for key in ("onnx", "onnx_int8"):
         assert report["export"][key].endswith(".onnx")
+    # the global model's weights are sealed at rest under the coordinator kit's artifact.key ...
+    run_dir = report_path.parent
+    sealed = sorted(run_dir.glob("checkpoints/round-*.npz")) + sorted(run_dir.glob("export/*.onnx"))
+    assert len(sealed) >= 4 and all(p.read_bytes().startswith(b"FCSEAL/1\n") for p in sealed), sealed
+    assert json.loads((run_dir / "run.json").read_text())["sealed"]["key"].startswith("SHA256:")
+    # ... and the kit opens them: the signed package, encrypted for site a by name
+    pkg = work / "pkg-sealed"
+    exported = fedcare("export", "--run", str(run_dir), "--kit", str(work / "kits" / "coordinator"), "--out", str(pkg),
+                       "--encrypt-for", "a")
+    assert exported.returncode == 0, exported.stderr
+    opened = fedcare("verify", str(work / "pkg-sealed.enc"), "--kit", str(work / "kits" / "a"))
+    assert opened.returncode == 0 and "(decrypted in memory) is signed by" in opened.stdout, opened.stderr
     # the sites recorded their spend in their ledgers, within the study's target
     for name in ("a", "b", "c"):
         spent = PrivacyLedger(work / "kits" / name / "state").entries()

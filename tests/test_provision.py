@@ -30,15 +30,17 @@ def test_private_keys_are_0600_and_only_in_their_own_kit(kits):
     for party in ("a", "b", "c"):
         kit = kits[party]
         assert sorted(p.name for p in kit.iterdir()) == [
-            "ca.crt", "coordinator-signing.pub", "kit.toml", "node.crt", "node.key", "node.pub", "site.toml", "study.toml"]
-        assert _mode(kit / "node.key") == 0o600
+            "ca.crt", "coordinator-signing.pub", "kit.toml", "node.crt", "node.key", "node.pub", "package.key",
+            "package.pub", "site.toml", "study.toml"]
+        assert _mode(kit / "node.key") == 0o600 and _mode(kit / "package.key") == 0o600
     coordinator = kits["coordinator"]
     assert _mode(coordinator / "server.key") == 0o600 and _mode(coordinator / "signing.key") == 0o600
-    assert _mode(coordinator / "node-ca.key") == 0o600
+    assert _mode(coordinator / "node-ca.key") == 0o600 and _mode(coordinator / "artifact.key") == 0o600
     assert _mode(kits["ca"] / "ca.key") == 0o600
     assert not list(coordinator.rglob("*.key")) == [] and sorted(p.name for p in coordinator.rglob("*.key")) == [
-        "node-ca.key", "server.key", "signing.key"]
-    assert sorted(p.name for p in (coordinator / "nodes").iterdir()) == ["a.crt", "a.pub", "b.crt", "b.pub", "c.crt", "c.pub"]
+        "artifact.key", "node-ca.key", "server.key", "signing.key"]
+    assert sorted(p.name for p in (coordinator / "nodes").iterdir()) == [
+        f"{n}{suffix}" for n in "abc" for suffix in (".crt", ".package.pub", ".pub")]
 
 
 def test_each_node_certificate_is_a_client_certificate_for_its_own_key_from_the_node_ca(kits):
