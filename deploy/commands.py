@@ -51,7 +51,8 @@ def _node_package_key(args: argparse.Namespace) -> int:
     created = ensure_package_key(kit.path)
     state = "created" if created else "already present (kept)"
     print(f"package decryption key {kit.path / 'package.key'} (0600) {state}")
-    print(f"send {kit.path / PACKAGE_PUB} to the coordinator: `fedcare export ... --encrypt-for {PACKAGE_PUB}`")
+    print(f"send {kit.path / PACKAGE_PUB} to the coordinator (kept as nodes/{kit.name}.package.pub: "
+          f"`fedcare export ... --encrypt-for {kit.name}`)")
     return 0
 
 
