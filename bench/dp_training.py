@@ -2,9 +2,11 @@
 
     .venv/bin/python bench/dp_training.py [--rows 20000] [--repeats 5]
 
-Both sides run the study's optimizer, batch size and epochs over the same synthetic rows;
-DP-SGD is fedcare's `train_round` (Opacus ghost clipping, Poisson sampling, make_private
-included). Reports samples/s (median of repeats, interleaved) and the ratio.
+All sides run the study's optimizer, batch size and epochs over the same synthetic rows:
+plain torch SGD (`train_plain`), fedcare's `train_round` on its fast path (`client.fast_dp`) and
+on the Opacus path (ghost clipping, make_private included, `fast=False`: the reference and the
+path before issue 16); both DP paths with cryptographic Poisson sampling and noise. Reports
+samples/s (median of repeats, interleaved) and the ratios.
 """
 
 from __future__ import annotations
@@ -46,19 +48,25 @@ def main() -> None:
     x, y = model_inputs(study, data.train.features), data.train.labels
     schedule = plan_schedule(study, len(y))
     samples = len(y) * study.training.local_epochs
-    plain, private = [], []
+    plain, fast, opacus = [], [], []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
         train_plain(study, build_model(study), x, y, study.training.local_epochs)
         plain.append(samples / (time.perf_counter() - t0))
         t0 = time.perf_counter()
-        train_round(study, build_model(study), x, y, schedule)
-        private.append(samples / (time.perf_counter() - t0))
-    p, d = statistics.median(plain), statistics.median(private)
+        train_round(study, build_model(study), x, y, schedule, fast=True)
+        fast.append(samples / (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        train_round(study, build_model(study), x, y, schedule, fast=False)
+        opacus.append(samples / (time.perf_counter() - t0))
+    p, f, o = statistics.median(plain), statistics.median(fast), statistics.median(opacus)
     print(f"rows={len(y)} batch={study.training.batch_size} model={study.model.hidden} epochs={study.training.local_epochs} threads=1")
-    print(f"plain torch SGD     : {p:10.0f} samples/s")
-    print(f"fedcare DP-SGD      : {d:10.0f} samples/s  (sigma={schedule.noise_multiplier:.2f})")
-    print(f"ratio DP / plain    : {d / p:10.2f}x")
+    print(f"plain torch SGD        : {p:10.0f} samples/s")
+    print(f"fedcare DP-SGD, fast   : {f:10.0f} samples/s  (sigma={schedule.noise_multiplier:.2f})")
+    print(f"fedcare DP-SGD, Opacus : {o:10.0f} samples/s")
+    print(f"ratio fast / plain     : {f / p:10.2f}x")
+    print(f"ratio Opacus / plain   : {o / p:10.2f}x")
+    print(f"ratio fast / Opacus    : {f / o:10.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""Local DP-SGD training of the study model (Opacus, ghost clipping, Poisson sampling).
+"""Local DP-SGD training of the study model (Poisson sampling; fast closed-form clipping, or Opacus).
 
 `train_round` is the one entry point: it runs the round's planned epochs of DP-SGD
-with the schedule's noise multiplier, drawing the noise from a cryptographic source
-(`privacy/noise.py`). What the round costs is charged before, by the site's ledger
+with the schedule's noise multiplier, drawing the noise and the batches from a cryptographic
+source (`privacy/noise.py`). The study's model family (Linear/ReLU stacks, logistic included)
+trains through `client.fast_dp` (per-sample norms in closed form; equal to Opacus' update, tested);
+any other model through Opacus' ghost clipping. What the round costs is charged before, by the site's ledger
 (`privacy/budget.py`), from the same schedule.
 
 FedProx (`strategy.proximal_mu` = μ > 0) adds the proximal term μ/2 ‖w − w_global‖² to the local
@@ -30,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fedcare.model import RiskMLP
 from fedcare.study import Study
-from privacy.accounting import DPSchedule
+from privacy.accounting import DPSchedule, batches_per_epoch
 from privacy.noise import CryptoGaussian, use_crypto_noise
 
 # glibc re-mmaps large per-sample buffers every step without these (see DESIGN.md).
@@ -51,8 +53,8 @@ class BatchIndexedRows(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.x[i], self.y[i]
 
-    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
-        idx = torch.as_tensor(indices, dtype=torch.long)
+    def __getitems__(self, indices: list[int] | np.ndarray) -> list[torch.Tensor]:
+        idx = torch.from_numpy(indices) if isinstance(indices, np.ndarray) else torch.as_tensor(indices, dtype=torch.long)
         return [self.x[idx], self.y[idx]]
 
 
@@ -83,19 +85,63 @@ def _opacus_notices_silenced() -> Iterator[None]:
         yield
 
 
-@_opacus_notices_silenced()
 def train_round(
     study: Study,
     model: RiskMLP,
     x: np.ndarray,
     y: np.ndarray,
     schedule: DPSchedule,
+    *,
+    fast: bool | None = None,
 ) -> int:
-    """Run one round of DP-SGD in place on `model`; returns the number of noisy steps taken."""
-    engine = PrivacyEngine(accountant=schedule.accountant)
-    loader = make_loader(x, y, study.training.batch_size)
-    if abs(1.0 / len(loader) - schedule.sample_rate) > 1e-12:
+    """Run one round of DP-SGD in place on `model`; returns the number of noisy steps taken.
+    `fast`: None picks the fast path when it supports the model (`client.fast_dp.supports`);
+    False forces Opacus (the reference); True requires the fast path."""
+    from client.fast_dp import supports
+
+    use_fast = supports(model) if fast is None else fast
+    rows = BatchIndexedRows(x, y)
+    if abs(1.0 / batches_per_epoch(len(rows), study.training.batch_size) - schedule.sample_rate) > 1e-12:
         raise ValueError("the site's training data changed size since the study's DP schedule was planned")
+    source = CryptoGaussian()  # fresh key from os.urandom: noise and sampling nobody can predict
+    step = _fast_steps(study, model, rows, schedule, source) if use_fast else _opacus_steps(study, model, rows, schedule, source)
+    steps = 0
+    # Poisson sampling as Opacus' sampler does it (rate q = 1 / batches per epoch, 1 / q steps per
+    # epoch), drawn from the cryptographic source; rows are gathered in one indexing operation.
+    for _ in range(schedule.steps_per_round):
+        indices = source.poisson_batch(len(rows), schedule.sample_rate)
+        if len(indices) == 0:
+            # Probability (1 - q)^n, i.e. about e^-batch_size: negligible for the study's
+            # batch sizes. The step is skipped; the ledger charged the planned steps anyway.
+            continue
+        step(*rows.__getitems__(indices))
+        steps += 1
+    return steps
+
+
+def _fast_steps(study: Study, model: RiskMLP, rows: BatchIndexedRows, schedule: DPSchedule, source: CryptoGaussian):
+    """The step function of the fast path (`client.fast_dp.FastDPSGD`), FedProx's term included."""
+    from client.fast_dp import FastDPSGD
+
+    optimizer = make_optimizer(study, model)
+    trainer = FastDPSGD(model, optimizer, noise_multiplier=schedule.noise_multiplier,
+                        max_grad_norm=study.privacy.clipping_norm,
+                        expected_batch_size=int(len(rows) * schedule.sample_rate), noise=source)
+    model.train()
+    mu = float(study.strategy.proximal_mu or 0.0)
+    anchors = {id(p): p.detach().clone() for p in model.parameters()} if mu > 0 else {}  # w_global
+
+    def proximal(p: torch.Tensor, grad: torch.Tensor) -> None:
+        grad.add_(p.detach() - anchors[id(p)], alpha=mu)  # after clipping and noise: costs no privacy
+
+    return lambda xb, yb: trainer.step(xb, yb, extra=proximal if mu > 0 else None)
+
+
+@_opacus_notices_silenced()
+def _opacus_steps(study: Study, model: RiskMLP, rows: BatchIndexedRows, schedule: DPSchedule, source: CryptoGaussian):
+    """The step function of the Opacus path (ghost clipping), FedProx's term included."""
+    engine = PrivacyEngine(accountant=schedule.accountant)
+    loader = DataLoader(rows, batch_size=study.training.batch_size, shuffle=True, collate_fn=_batch_as_is)
     optimizer = make_optimizer(study, model)
     private_model, optimizer, criterion, _ = engine.make_private(
         module=model,
@@ -107,22 +153,13 @@ def train_round(
         poisson_sampling=True,
         grad_sample_mode="ghost",
     )
-    source = CryptoGaussian()  # fresh key from os.urandom: noise and sampling nobody can predict
     use_crypto_noise(optimizer, source)
     private_model.train()
     mu = float(study.strategy.proximal_mu or 0.0)
     anchors = [p.detach().clone() for p in optimizer.params] if mu > 0 else []  # w_global, this round's start
-    rows: BatchIndexedRows = loader.dataset
-    steps = 0
-    # Poisson sampling as Opacus' sampler does it (rate q = 1 / batches per epoch, 1 / q steps per
-    # epoch), drawn from the cryptographic source; rows are gathered in one indexing operation.
-    for _ in range(schedule.steps_per_round):
-        indices = source.poisson_batch(len(rows), schedule.sample_rate)
-        if not indices:
-            # Probability (1 - q)^n, i.e. about e^-batch_size: negligible for the study's
-            # batch sizes. The step is skipped; the ledger charged the planned steps anyway.
-            continue
-        xb, yb = rows.__getitems__(indices)
+
+    @_opacus_notices_silenced()
+    def step(xb: torch.Tensor, yb: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
         loss = criterion(private_model(xb), yb)  # logits and labels are both [B]
         loss.backward()
@@ -130,8 +167,8 @@ def train_round(
             _proximal_step(optimizer, anchors, mu)
         else:
             optimizer.step()
-        steps += 1
-    return steps
+
+    return step
 
 
 @torch.no_grad()

@@ -95,10 +95,10 @@ class CryptoGaussian:
         """`n` independent uniforms in (0, 1] with 53-bit precision (float64)."""
         return _uniform_53(np.frombuffer(self._keystream(8 * n), dtype="<u8"))
 
-    def poisson_batch(self, rows: int, sample_rate: float) -> list[int]:
-        """One Poisson-sampled batch: each row independently with probability `sample_rate`
-        (what Opacus' sampler does, from this source instead of torch's generator)."""
-        return np.flatnonzero(self.uniform(rows) <= sample_rate).tolist()
+    def poisson_batch(self, rows: int, sample_rate: float) -> np.ndarray:
+        """One Poisson-sampled batch, as row indices (int64, ascending): each row independently with
+        probability `sample_rate` (what Opacus' sampler does, from this source instead of torch's generator)."""
+        return np.flatnonzero(self.uniform(rows) <= sample_rate)
 
     def standard_normal(self, n: int) -> np.ndarray:
         """`n` independent N(0, 1) samples (float64). For odd `n` the last pair's second value is dropped."""
