@@ -97,8 +97,29 @@ class CryptoGaussian:
 
     def poisson_batch(self, rows: int, sample_rate: float) -> np.ndarray:
         """One Poisson-sampled batch, as row indices (int64, ascending): each row independently with
-        probability `sample_rate` (what Opacus' sampler does, from this source instead of torch's generator)."""
-        return np.flatnonzero(self.uniform(rows) <= sample_rate)
+        probability `sample_rate` (what Opacus' sampler does, from this source instead of torch's
+        generator). Drawn as geometric gaps between chosen rows (floor(log u / log(1 - q)) rows
+        skipped, u uniform in (0, 1]), which is the same distribution and costs ~q·rows uniforms
+        per batch instead of `rows`: a million-row site draws ~130 numbers per step, not 10^6."""
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        if sample_rate == 1.0:
+            return np.arange(rows, dtype=np.int64)
+        log_keep = math.log1p(-sample_rate)
+        chosen: list[np.ndarray] = []
+        position = -1  # the last chosen row
+        expected = rows * sample_rate
+        while True:
+            n = int(expected + 4.0 * math.sqrt(expected + 1.0)) + 8
+            gaps = np.floor(np.log(self.uniform(n)) / log_keep)  # rows skipped before the next chosen one
+            steps = np.cumsum(np.minimum(gaps, rows) + 1.0)  # capped: no overflow for tiny rates
+            picks = position + steps
+            inside = picks[picks < rows]
+            chosen.append(inside.astype(np.int64))
+            if len(inside) < n:
+                return np.concatenate(chosen)
+            position = int(inside[-1])
+            expected = max(rows - position - 1, 0) * sample_rate
 
     def standard_normal(self, n: int) -> np.ndarray:
         """`n` independent N(0, 1) samples (float64). For odd `n` the last pair's second value is dropped."""

@@ -131,3 +131,27 @@ def test_models_outside_the_fast_path_are_recognised():
     with pytest.raises(TypeError, match="not a Linear/ReLU stack; train it with Opacus"):
         FastDPSGD(tanh, torch.optim.SGD(tanh.parameters(), lr=0.1), noise_multiplier=1.0, max_grad_norm=1.0,
                   expected_batch_size=10, noise=CryptoGaussian())
+
+
+def test_poisson_batches_include_each_row_independently_with_the_sample_rate():
+    """The geometric-gap sampler: batch sizes Binomial(n, q), every row included at rate q, rows distinct
+    and ascending (4,000 batches of a fixed stream; bounds at about 4 standard errors)."""
+    source = CryptoGaussian(key=KEY)
+    rows, q, draws = 2000, 0.05, 4000
+    counts, sizes = np.zeros(rows), []
+    for _ in range(draws):
+        batch = source.poisson_batch(rows, q)
+        assert batch.dtype == np.int64 and np.all(np.diff(batch) > 0) and (len(batch) == 0 or 0 <= batch[0] <= batch[-1] < rows)
+        counts[batch] += 1
+        sizes.append(len(batch))
+    mean, var = rows * q, rows * q * (1 - q)
+    assert abs(np.mean(sizes) - mean) < 4 * np.sqrt(var / draws)
+    assert abs(np.var(sizes) / var - 1) < 4 * np.sqrt(2 / draws)
+    frequency = counts / draws
+    assert abs(frequency.mean() - q) < 4 * np.sqrt(q * (1 - q) / (draws * rows))
+    chi2 = (((counts - draws * q) ** 2) / (draws * q * (1 - q))).sum()  # ~ chi-square with `rows` dof
+    assert abs(chi2 - rows) < 4 * np.sqrt(2 * rows)
+    assert (frequency[:100].mean() - q) < 0.01 and (frequency[-100:].mean() - q) < 0.01  # no edge effect
+    assert source.poisson_batch(7, 1.0).tolist() == list(range(7)) and len(source.poisson_batch(0, 0.5)) == 0
+    big = source.poisson_batch(1_000_000, 128 / 1_000_000)
+    assert 60 < len(big) < 200 and big[-1] < 1_000_000
