@@ -39,6 +39,7 @@ COMMANDS: dict[str, Command] = {
     "verify": Command("export.commands", "check a model package's signature and files"),
     "quantize": Command("export.commands", "on site: calibrate the package's int8 model from local training data"),
     "serve": Command("inference.commands", "serve a signed model package over HTTPS (FastAPI + ONNX Runtime); token management"),
+    "audit": Command("inference.commands", "verify the hash chain of the service's or the coordinator's audit log"),
     "report": Command("inference.commands", "at a hospital: its own report of a study (local model scores, its ε); sent nowhere"),
 }
 

@@ -15,7 +15,9 @@ What the service keeps, and where (the kit's state directory, `<kit>/state` by d
   refusal reason and the study feature it concerns, and HMAC-SHA256(audit.key, patient_id); requests
   without a valid token are counted and summarised (at most one line a second). Never the raw
   patient id, never a feature value. When it cannot be written the service fails closed (503, and
-  `/healthz` unhealthy with the reason) until it can.
+  `/healthz` unhealthy with the reason) until it can. Every line is hash-chained under a key derived
+  from `audit.key`; `serve-audit.head` (0600) holds the chain's last seq and MAC and is the writers'
+  lock; `fedcare audit verify --kit KIT` checks the whole log (`audit_verify`, `fedcare.audit_chain`).
 - with `fedcare serve cert`: the kit's serving CA and `serve.crt` / `serve.key` (0600), the API's TLS
   identity (the hospital's, never the study CA's; `deploy/serving_cert.py`).
 

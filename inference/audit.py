@@ -19,6 +19,15 @@ Unauthenticated requests (401) write no line of their own: `unauthenticated` onl
 (O(1), bounded memory) and at most one aggregated line per `summary_interval` seconds says how
 many arrived since when, for which reasons, endpoints and (up to 16) client addresses.
 
+Every line is hash-chained (`fedcare.audit_chain`): it ends with `"chain":{"seq","prev","mac"}`,
+an HMAC over its bytes and the previous line's MAC, across rotations, restarts and services; the
+head `<state>/serve-audit.head` (0600) holds the last seq and MAC and is the writers' flock. Each
+write takes the lock, follows another service's rotation, continues the chain from the file (not
+from a per-process cache unless the file is as this process left it), then writes the line and the
+head. Files deleted by `keep` or the cap are stated in the chain before they go (`pruned`), so
+`fedcare audit verify` (`inference.audit_verify`) tells pruning from removal. The chain key is
+derived from `audit.key` (`chain_key`), so there is no second secret to keep.
+
 When a line cannot be written (disk full, file-size limit, I/O error), `write` raises
 `AuditUnavailable`; `failure` then holds the reason until a later write succeeds (each request
 and each /healthz retries; the first line after the gap is an `audit_resumed` event saying since
@@ -31,7 +40,6 @@ from __future__ import annotations
 import calendar
 import contextlib
 import contextvars
-import fcntl
 import hashlib
 import hmac
 import os
@@ -46,11 +54,16 @@ from typing import Any
 
 import orjson
 
+from fedcare.audit_chain import ChainWriter, derive_key, prune_record
 from fedcare.errors import FedcareError, KeyMaterialError
 from fedcare.files import check_private_permissions, write_secret
 
 AUDIT_FILE = "serve-audit.jsonl"
 AUDIT_KEY = "audit.key"
+AUDIT_HEAD = "serve-audit.head"  # the chain's head, and the lock every writer of the log takes
+# HKDF label of the chain key. It starts with 0xFF, which no UTF-8 text contains: no patient id, whose
+# pseudonym HMAC(audit.key, id) is written in the log, can make that pseudonym equal the chain key.
+CHAIN_LABEL = b"\xfffedcare serve-audit chain key v1"
 MAX_CLIENTS_PER_SUMMARY = 16
 
 KIB, MIB, GIB = 1024, 1024**2, 1024**3
@@ -184,6 +197,25 @@ def load_audit_key(state_dir: Path) -> bytes:
     return key
 
 
+def chain_key(audit_key: bytes) -> bytes:
+    """The key of the log's hash chain: HKDF-Expand(audit.key, CHAIN_LABEL). Derived rather than a second
+    file: one secret to back up and restore with the log (the site holds audit.key anyway, and whoever
+    reads it can read the log); a distinct key, so a MAC is never a pseudonym and knowing the chain key
+    reveals nothing of the pseudonym key (HMAC is one-way)."""
+    return derive_key(audit_key, CHAIN_LABEL)
+
+
+def rotated_files(path: Path) -> list[Path]:
+    """<log>.1, .2, ... that exist, newest first."""
+    found = []
+    prefix = path.name + "."
+    for entry in os.scandir(path.parent):
+        suffix = entry.name[len(prefix):] if entry.name.startswith(prefix) else ""
+        if suffix.isdigit() and not suffix.startswith("0"):
+            found.append((int(suffix), Path(entry.path)))
+    return [p for _, p in sorted(found)]
+
+
 def pseudonym(key: bytes, patient_id: str) -> str:
     """HMAC-SHA256 of the patient id under the kit's audit key (hex)."""
     return hmac.new(key, patient_id.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
@@ -217,11 +249,13 @@ class AuditLog:
     def __init__(self, state_dir: Path, key: bytes, settings: AuditSettings | None = None, *,
                  clock: Callable[[], float] = time.time) -> None:
         self.path = Path(state_dir) / AUDIT_FILE
+        self._path_str = str(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.settings = settings or AuditSettings()
         self._key = key
         self._clock = clock
         self._fd = -1
+        self._ino = (0, 0)  # the current file's (inode, device)
         self._size = 0  # bytes in the current file (as of our last look, plus what we wrote since)
         self._rotate_at = 0.0  # when the current file reaches max_age
         # the state /healthz and /metrics report
@@ -242,11 +276,20 @@ class AuditLog:
         self._unauth_clients: dict[str, int] = {}
         self._summary_written = -float("inf")
         self._last_attempt = -float("inf")
+        self._chain = ChainWriter(chain_key(key), self.path.with_name(AUDIT_HEAD),
+                                  lambda: [self.path, *self.rotated_files()])
         try:
-            self._open()
-            self._enforce_cap()
+            with self._chain.locked():
+                self._open()
+                self._chain.sync()
+                self._enforce_cap(self._clock())
         except OSError as err:
             raise AuditConfigError(f"audit log {self.path}: cannot be opened for writing ({_strerror(err)})") from None
+        if self._chain.pending:  # smaller limits deleted files: say so in the chain now
+            now = self._clock()
+            with contextlib.suppress(AuditUnavailable):
+                self._append(orjson.dumps({"time": stamp(now), "event": "audit_pruned"},
+                                          option=orjson.OPT_APPEND_NEWLINE), now)
 
     # -- the public API ------------------------------------------------------------------------
 
@@ -306,6 +349,7 @@ class AuditLog:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = -1
+        self._chain.close()
 
     # -- lines that are due besides the request's ------------------------------------------------
 
@@ -335,10 +379,22 @@ class AuditLog:
         if not data:
             return
         self._last_attempt = now
+        chain = self._chain
         try:
-            if self._fd < 0 or self._size + len(data) > self.settings.max_bytes or now >= self._rotate_at:
-                self._rotate_or_follow(now, len(data))
-            self._write_all(data)
+            chain.acquire()  # the chain continues from the file, under the lock every writer takes
+            try:
+                chain.sync(self._follow())
+                if self._due(now, chain.sealed_size(data)):
+                    self._rotate(now)
+                sealed = chain.seal(data)
+                try:
+                    self._write_all(sealed)
+                except OSError:
+                    chain.rollback()
+                    raise
+                chain.commit((*self._ino, self._size))
+            finally:
+                chain.release()
         except OSError as err:
             reason = _strerror(err)
             self.write_failures += 1
@@ -375,15 +431,15 @@ class AuditLog:
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
             os.fchmod(fd, 0o600)
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
         except OSError:
             os.close(fd)
             raise
         if self._fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
-        self._fd, self._size = fd, size
-        self._rotate_at = self._first_time(size) + self.settings.max_age
+        self._fd, self._size, self._ino = fd, st.st_size, (st.st_ino, st.st_dev)
+        self._rotate_at = self._first_time(st.st_size) + self.settings.max_age
 
     def _first_time(self, size: int) -> float:
         """When the current file was started: its first line's time (now for an empty file)."""
@@ -399,67 +455,57 @@ class AuditLog:
     def _due(self, now: float, incoming: int) -> bool:
         return self._size + incoming > self.settings.max_bytes or now >= self._rotate_at
 
-    def _rotate_or_follow(self, now: float, incoming: int) -> None:
-        """Rotate the current file if it is full or old, under flock; follow another service's rotation."""
-        if self._fd < 0:
-            self._open()
-        for _ in range(3):
-            if not self._due(now, incoming):
-                return
-            fd = self._fd
-            fcntl.flock(fd, fcntl.LOCK_EX)
+    def _follow(self) -> tuple[int, int, int]:
+        """Under the lock: write to the file at `path` (another service may have rotated ours away).
+        Returns its (inode, device, size)."""
+        if self._fd >= 0:
             try:
-                try:
-                    current = os.stat(self.path)
-                except FileNotFoundError:
-                    current = None
-                mine = os.fstat(fd)
-                if current is None or (current.st_ino, current.st_dev) != (mine.st_ino, mine.st_dev):
-                    followed = True  # another service on this kit rotated (or the file was moved away)
-                else:
-                    followed = False
-                    self._size = mine.st_size
-                    if self._size == 0:  # nothing to rotate: restart its age
-                        self._rotate_at = now + self.settings.max_age
-                        return
-                    if not self._due(now, incoming):
-                        return
-                    self._shift()
-                    self.rotations += 1
-            finally:
-                with contextlib.suppress(OSError):
-                    fcntl.flock(fd, fcntl.LOCK_UN)
-            self._open()  # the new current file (ours or the other service's)
-            if not followed:
-                self._enforce_cap()
-                return
+                st = os.stat(self._path_str)
+            except FileNotFoundError:
+                st = None
+            if st is not None and st.st_ino == self._ino[0] and st.st_dev == self._ino[1]:
+                self._size = st.st_size
+                return (st.st_ino, st.st_dev, st.st_size)
+        self._open()
+        return (*self._ino, self._size)
+
+    def _rotate(self, now: float) -> None:
+        """Under the lock: rotate the current file (full or old), then apply the cap."""
+        if self._size == 0:  # nothing to rotate: restart its age
+            self._rotate_at = now + self.settings.max_age
+            return
+        self._shift(now)
+        self.rotations += 1
+        self._open()
+        self._enforce_cap(now)
 
     def rotated_files(self) -> list[Path]:
         """serve-audit.jsonl.1, .2, ... that exist, newest first."""
-        found = []
-        prefix = self.path.name + "."
-        for entry in os.scandir(self.path.parent):
-            suffix = entry.name[len(prefix):] if entry.name.startswith(prefix) else ""
-            if suffix.isdigit() and not suffix.startswith("0"):
-                found.append((int(suffix), Path(entry.path)))
-        return [p for _, p in sorted(found)]
+        return rotated_files(self.path)
 
-    def _shift(self) -> None:
+    def _prune(self, doomed_newest_first: list[Path], now: float) -> None:
+        """Delete rotated files, stating first in the chain what they held (allowed deletion, not a hole)."""
+        if doomed_newest_first:
+            self._chain.pruned(prune_record(doomed_newest_first[::-1], stamp(now)))
+        for path in doomed_newest_first:
+            path.unlink(missing_ok=True)
+            self.deleted += 1
+
+    def _shift(self, now: float) -> None:
         keep = self.settings.keep
-        for path in self.rotated_files()[::-1]:
+        rotated = self.rotated_files()
+        self._prune([p for p in rotated if int(p.name.rsplit(".", 1)[1]) >= keep], now)
+        for path in rotated[::-1]:
             n = int(path.name.rsplit(".", 1)[1])
-            if n >= keep:
-                path.unlink(missing_ok=True)
-                self.deleted += 1
-            else:
+            if n < keep:
                 os.replace(path, path.with_name(f"{self.path.name}.{n + 1}"))
         os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
 
-    def _enforce_cap(self) -> None:
+    def _enforce_cap(self, now: float) -> None:
         """Delete rotated files beyond `keep`, then the oldest ones while the current file's room
         (`max_bytes`) plus the rotated files would pass `max_total_bytes`."""
         budget = self.settings.max_total_bytes - self.settings.max_bytes
-        total, over = 0, False
+        total, over, doomed = 0, False, []
         for i, path in enumerate(self.rotated_files()):
             try:
                 size = path.stat().st_size
@@ -467,10 +513,10 @@ class AuditLog:
                 continue
             over = over or i >= self.settings.keep or total + size > budget
             if over:
-                path.unlink(missing_ok=True)
-                self.deleted += 1
+                doomed.append(path)
             else:
                 total += size
+        self._prune(doomed, now)
 
     def disk_bytes(self) -> int:
         """The current file and the rotated ones, in bytes (for /metrics)."""

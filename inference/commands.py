@@ -7,6 +7,7 @@
     fedcare serve token revoke --kit DIR --name NAME
     fedcare serve token list --kit DIR
     fedcare report --package PKG --kit DIR --out DIR [--data D] [--state-dir D] [--policy site.toml]
+    fedcare audit verify (--kit DIR | --state-dir DIR) [--log serve|coordinator]
 
 Kits are handled here (the commands layer): the service itself (`inference.service`) takes a
 verified package and a state directory. Every refusal is a `FedcareError`: `cli.main` prints it as
@@ -233,6 +234,28 @@ def _site_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit_verify(args: argparse.Namespace) -> int:
+    """`fedcare audit verify`: one OK line per log, or the first problem as a FedcareError (exit 3)."""
+    from deploy.audit import HEAD, LOG, verify_coordinator_log
+    from deploy.kits import CoordinatorKit
+    from fedcare.audit_chain import AuditChainError
+    from inference.audit_verify import serve_log_present, verify_serve_log
+
+    if (args.kit is None) == (args.state_dir is None):
+        raise AuditChainError("audit verify: give --kit or --state-dir (one of them)", exit_code=2)
+    kit = load_kit(args.kit) if args.kit is not None else None
+    state = Path(state_dir(kit) if kit is not None else args.state_dir)
+    if not Path(state).is_dir():
+        raise AuditChainError(f"{'--kit' if kit else '--state-dir'}: {state} is not a state directory", exit_code=2)
+    coordinator = isinstance(kit, CoordinatorKit) or (kit is None and ((state / LOG).exists() or (state / HEAD).exists()))
+    logs = [args.log] if args.log else [*(["coordinator"] if coordinator else []),
+                                        *(["serve"] if serve_log_present(state) or not coordinator else [])]
+    for log in logs:
+        report = verify_coordinator_log(state) if log == "coordinator" else verify_serve_log(state)
+        print(report.line(), flush=True)
+    return 0
+
+
 def _serve_audited(args: argparse.Namespace) -> int:
     """`fedcare serve` with its --audit-* settings (over FEDCARE_SERVE_AUDIT_*) in force while the service is built."""
     from inference.audit import COMMAND_SETTINGS, AuditSettings
@@ -249,6 +272,21 @@ def _serve_audited(args: argparse.Namespace) -> int:
 def register(commands: argparse._SubParsersAction) -> None:
     """Add this package's subcommands to the `fedcare` parser."""
     from inference.tokens import SCOPES
+
+    audit = add_command(
+        commands, "audit",
+        description="Audit logs are hash-chained; `verify` walks every file oldest to newest and checks every line's "
+                    "MAC, the links between lines and files, deletions by the disk cap and the head. One line: OK "
+                    "with counts, or the file and line and what is wrong (exit 3).")
+    audit_cmds = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_cmds.add_parser("verify", help="check an audit log's hash chain")
+    verify.add_argument("--kit", type=Path, default=None,
+                        help="a hospital kit (the service's log) or the coordinator's kit (its operator log, and the "
+                             "service's if it runs one)")
+    verify.add_argument("--state-dir", type=Path, default=None, help="or the state directory holding the logs")
+    verify.add_argument("--log", choices=("serve", "coordinator"), default=None,
+                        help="only this log (default: every log the kit or directory has)")
+    verify.set_defaults(func=_audit_verify)
 
     report = add_command(
         commands, "report",

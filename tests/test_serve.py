@@ -552,14 +552,15 @@ def test_audit_log_pseudonymizes_and_keeps_no_values(client, world):
     assert ok["latency_ms"] > 0 and ok["time"].endswith("Z")
     assert (refused["reason"], refused["feature"]) == ("out_of_range", "bmi")
     assert set(ok) == {"time", "token", "endpoint", "method", "status", "model", "latency_ms", "patient", "reason",
-                       "feature", "client"}
+                       "feature", "client", "chain"}
+    assert set(ok["chain"]) == {"seq", "prev", "mac"}  # the hash chain (fedcare.audit_chain): no request data
     # every patient id any test sent is absent; unknown feature names are never logged
     assert "row-1" not in text and "shoe_size" not in text
 
 
 def test_service_writes_only_its_state_files(world, server):
     assert sorted(p.name for p in (world.hospital / "state").iterdir()) == [
-        ".serve-tokens.lock", "audit.key", "serve-audit.jsonl", "serve-tokens.json"]
+        ".serve-tokens.lock", "audit.key", "serve-audit.head", "serve-audit.jsonl", "serve-tokens.json"]
     assert sorted(p.name for p in world.package.iterdir()) == [
         "manifest.json", "manifest.sig", "model.a16w8.onnx", "model.int8.onnx", "model.onnx"]
 
