@@ -7,7 +7,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench install clean images test-images
 
 $(STAMP): pyproject.toml requirements.lock requirements-reference.lock
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,14 @@ bench: $(STAMP)
 	$(BIN)/python bench/strategies.py --repeats 2 --sites runs/bench-breast-cancer-sites --study studies/breast-cancer.toml --epsilon 1
 	$(BIN)/pip install -q -c requirements.lock -e '.[bench]'  # fhir.resources, the ingest baseline
 	$(BIN)/python bench/fhir_ingest.py
+
+# OCI images of the three roles (podman, base from Debian via mmdebstrap; cached in ~/.cache/fedcare/images)
+images: $(STAMP)
+	PYTHON=$(BIN)/python deploy/images/build.sh
+
+# builds them (reusing the caches) and smoke-tests them from the mounted images (root: mount, chroot)
+test-images: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow tests/test_images.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
