@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from deploy.kits import CoordinatorKit
-from fedcare.audit_chain import AuditChainError, ChainWriter
+from fedcare.audit_chain import ChainWriter, read_chain_key
 from fedcare.audit_verify import ChainReport, verify_chain
 from fedcare.errors import KeyMaterialError
-from fedcare.files import check_private_permissions, write_secret
+from fedcare.files import write_secret
 
 CHAIN_KEY = "audit-chain.key"
 HEAD = "audit.head"
@@ -67,11 +67,7 @@ def _chain_key(state_dir: Path, *, create: bool) -> bytes | None:
             write_secret(path, os.urandom(32))
         except KeyMaterialError:  # another command created it a moment ago
             pass
-    try:
-        check_private_permissions(path)
-    except KeyMaterialError as err:
-        raise AuditChainError(f"{err.line} (the audit log's chain key)") from None
-    return path.read_bytes()
+    return read_chain_key(path, "the audit log's chain key")
 
 
 def verify_coordinator_log(state_dir: Path) -> ChainReport:

@@ -28,6 +28,7 @@ from deploy.kits import CoordinatorKit
 from deploy.pki import loopback_certificate
 from fedcare.errors import FedcareError
 from fedcare.files import atomic_write_bytes, check_private_permissions, write_secret
+from fedcare.keys import PASSPHRASE_ENV, passphrase_from_environment, unlocked_passphrase
 from fedcare.sealing import ARTIFACT_KEY_ENV, ArtifactKey, ensure_artifact_key
 
 CONNECTION = "fedcare"
@@ -174,6 +175,9 @@ def start_superlink(kit: CoordinatorKit, *, bind: str, port: int, insecure_dev: 
     ensure_artifact_key(kit.artifact_key)  # a kit provisioned before sealing gets its key here
     ArtifactKey.load(kit.artifact_key)  # a protected key is unlocked (or refused) before anything starts
     env = {**flower_env(flwr_home(kit)), ARTIFACT_KEY_ENV: str(kit.artifact_key)}  # the ServerApp seals with it
+    typed = unlocked_passphrase(kit.artifact_key)
+    if typed is not None and passphrase_from_environment() is None:  # asked on this terminal: the ServerApp has none
+        env[PASSPHRASE_ENV] = typed.decode("utf-8")
     proc = subprocess.Popen(
         superlink_command(kit, bind, port, insecure_dev),
         stdout=log,

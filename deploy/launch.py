@@ -27,7 +27,7 @@ def interrupted_run(kit: CoordinatorKit) -> Path:
     restart can cure (it was interrupted); what `fedcare run --resume` takes up."""
     runs = sorted((kit.state_dir / "runs").glob("*/run.json"))
     if runs:
-        outcome = RunRecord(runs[-1].parent, key=coordinator_artifact_key(kit)).outcome()
+        outcome = RunRecord(runs[-1].parent).outcome()  # run.json: no key needed
         if outcome is None or not outcome.completed:
             return runs[-1].parent
     raise FederationError(f"no interrupted run to resume in {kit.state_dir / 'runs'}: the latest run completed "

@@ -79,6 +79,21 @@ class Link:
 UNCHAINED = "unchained"  # a line written before chaining (no chain member)
 
 
+def read_chain_key(key_path: Path, what: str) -> bytes | None:
+    """A chain key file's bytes (refused if group or others may read it), None if it is missing.
+    `what` names the key in the error, e.g. "the audit key"."""
+    from fedcare.errors import KeyMaterialError
+    from fedcare.files import check_private_permissions
+
+    if not key_path.exists():
+        return None
+    try:
+        check_private_permissions(key_path)
+    except KeyMaterialError as err:
+        raise AuditChainError(f"{err.line} ({what})") from None
+    return key_path.read_bytes()
+
+
 def derive_key(secret: bytes, label: bytes) -> bytes:
     """HKDF-Expand (RFC 5869) of a uniformly random secret to one 32-byte key for `label`:
     HMAC-SHA256(secret, label || 0x01). Distinct labels give independent keys."""

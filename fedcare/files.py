@@ -12,10 +12,16 @@ from pathlib import Path
 from fedcare.errors import FedcareError, KeyMaterialError
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary sibling, fsync, then rename: readers see the old or the new file, never half."""
+def atomic_write_bytes(path: Path, data: bytes, *, mode: int | None = None) -> None:
+    """Write to a temporary sibling, fsync, then rename: readers see the old or the new file, never half.
+    With `mode` (e.g. 0o600 for a key), the file has it from its first byte."""
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as out:
+    if mode is None:
+        handle = tmp.open("wb")
+    else:
+        tmp.unlink(missing_ok=True)
+        handle = os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb")
+    with handle as out:
         out.write(data)
         out.flush()
         os.fsync(out.fileno())

@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 from fedcare.errors import KeyMaterialError
-from fedcare.files import check_private_permissions
+from fedcare.files import atomic_write_bytes, check_private_permissions
 
 PASSPHRASE_FILE_ENV = "FEDCARE_KIT_PASSPHRASE_FILE"
 PASSPHRASE_ENV = "FEDCARE_KIT_PASSPHRASE"
@@ -115,6 +115,12 @@ def unprotect(data: bytes, passphrase: bytes, *, what: Path) -> bytes:
         raise KeyMaterialError(f"{what}: wrong passphrase (or the key file is damaged)") from None
 
 
+def unlocked_passphrase(path: str | Path) -> bytes | None:
+    """The passphrase that opened a protected key in `path`'s folder in this process, if any: a service
+    this process starts (the coordinator's ServerApp) gets it so it can open the kit's keys too."""
+    return _passphrases.get(Path(path).parent.resolve())
+
+
 def load_private_key(path: str | Path, kind: type | tuple[type, ...], wrong_kind: str):
     """The PKCS8 PEM private key of `kind` in `path` (0600 enforced), opened with the kit's passphrase
     if it is protected. Every failure is a one-line `KeyMaterialError` naming the file."""
@@ -163,18 +169,6 @@ def new_passphrase(*, prompt_for: str) -> bytes:
     return given
 
 
-def _replace_secret(path: Path, data: bytes) -> None:
-    """Replace a key file atomically, 0600 from its first byte."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
-
-
 def protect_keys(kit_dir: Path, *, unprotect_them: bool = False) -> list[tuple[str, str]]:
     """Seal (or, with `unprotect_them`, open) the kit's PROTECTABLE keys in place under one passphrase.
     Returns (file, what happened) per key found. Every key is read and checked before any is
@@ -200,7 +194,7 @@ def protect_keys(kit_dir: Path, *, unprotect_them: bool = False) -> list[tuple[s
         pems[path] = data
     passphrase = None if unprotect_them or not pems else new_passphrase(prompt_for=str(kit_dir.resolve()))
     for path, pem in pems.items():
-        _replace_secret(path, pem if passphrase is None else protect(pem, passphrase))
+        atomic_write_bytes(path, pem if passphrase is None else protect(pem, passphrase), mode=0o600)
     done = "unprotected (plain PKCS8, 0600)" if unprotect_them else "protected by the passphrase"
     kept = "already plain (kept)" if unprotect_them else "already protected (kept)"
     return [(p.name, done if p in pems else kept) for p in found]

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedcare.audit_chain import AuditChainError
+from fedcare.audit_chain import read_chain_key
 from fedcare.audit_verify import ChainReport, verify_chain
-from fedcare.errors import KeyMaterialError
-from fedcare.files import check_private_permissions
 from inference.audit import AUDIT_FILE, AUDIT_HEAD, AUDIT_KEY, chain_key, rotated_files
 
 
@@ -21,23 +19,12 @@ def serve_log_present(state_dir: Path) -> bool:
         or bool(rotated_files(state_dir / AUDIT_FILE))
 
 
-def read_chain_key(key_path: Path) -> bytes | None:
-    """The key file's bytes (refused if others may read it), None if missing."""
-    if not key_path.exists():
-        return None
-    try:
-        check_private_permissions(key_path)
-    except KeyMaterialError as err:
-        raise AuditChainError(f"{err.line} (the audit key)") from None
-    return key_path.read_bytes()
-
-
 def verify_serve_log(state_dir: Path) -> ChainReport:
     """Verify the service's audit log in a state directory; raises AuditChainError naming file and line."""
     state_dir = Path(state_dir)
     path = state_dir / AUDIT_FILE
     key_path = state_dir / AUDIT_KEY
-    audit_key = read_chain_key(key_path)
+    audit_key = read_chain_key(key_path, "the audit key")
 
     def files() -> list[Path]:  # oldest first
         return [*rotated_files(path)[::-1], *([path] if path.exists() else [])]
