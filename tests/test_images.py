@@ -348,6 +348,7 @@ def test_no_secret_in_any_layer(images, tmp_path, role):
                     data = tar.extractfile(member).read()
                     if b"PRIVATE KEY-----" in data and PEM_PRIVATE_KEY.search(data):
                         problems.append(f"{layer['digest'][:19]} {member.name}: a PEM private key")
+    shutil.rmtree(out)  # gigabytes: not kept with pytest's temporary folders
     print(f"\n{role}: {len(manifest['layers'])} layers, {files} files, {total / 1e6:.0f} MB uncompressed")
     assert problems == []
     assert files > 1000
