@@ -174,7 +174,7 @@ app_tree() {  # what fedcare.APP_DIR needs: the App's pyproject.toml and README,
     )
     # no key material can reach a layer (the layer scan of tests/test_images.py checks the images too)
     local found
-    found="$(grep -rlI -e '-----BEGIN [A-Z ]*PRIVATE KEY-----' -e 'BEGIN OPENSSH PRIVATE KEY' "$app" || true)"
+    found="$(grep -rlIE -e '-{5}BEGIN [A-Z ]*(PRIVATE|PROTECTED) KEY-{5}' "$app" || true)"
     if [ -n "$found" ]; then
         log "private key material in the app tree: $found"
         exit 1
