@@ -25,8 +25,10 @@ demo: $(STAMP)
 	$(BIN)/fedcare simulate --out runs/demo
 	@echo "demo report: $(CURDIR)/runs/demo/report.json (summary: runs/demo/summary.txt)"
 
+# two workers (pytest-xdist): the deployment tests wait on real processes much of the time
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/startup.py

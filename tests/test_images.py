@@ -187,8 +187,9 @@ class Container:
                                          stdout=out, stderr=err, env=env, start_new_session=True)
         self.init_pid = self._init_pid()
 
-    def _init_pid(self) -> int:
-        """Host PID of the namespace's PID 1 (unshare's child)."""
+    def _init_pid(self) -> int | None:
+        """Host PID of the namespace's PID 1 (unshare's child); None when the container ended before it was
+        seen (a one-shot command such as `--help` of the light serve image can: its exit status tells)."""
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             for pid in _descendants(self.proc.pid):
@@ -199,7 +200,7 @@ class Container:
                 if ns_pids[-1] == "1":
                     return pid
             if self.proc.poll() is not None:
-                raise AssertionError(f"the container exited with {self.proc.returncode}: {self.stderr}")
+                return None
             time.sleep(0.05)
         raise AssertionError("no PID 1 in the container's namespace")
 
@@ -213,6 +214,7 @@ class Container:
 
     def exec(self, argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
         """`argv` inside the running container (its namespaces, chroot, user and Env): a probe's view."""
+        assert self.init_pid is not None, f"the container ended (exit {self.proc.returncode}): {self.stderr[-3000:]}"
         inner = ["chroot", "--userspec=10001:10001", "--groups=10001", str(self.root), "/usr/bin/env", "-i",
                  "-C", self.config.get("WorkingDir") or "/", *self.env, *argv]
         return run(["nsenter", f"--target={self.init_pid}", "--mount", "--net", "--pid", "--", *inner],
@@ -243,7 +245,7 @@ class Container:
 
     def stop(self, timeout: float = 30) -> int:
         """SIGTERM to PID 1 (what a runtime's stop does), SIGKILL after `timeout` (the whole namespace goes)."""
-        if self.proc.poll() is None:
+        if self.proc.poll() is None and self.init_pid is not None:
             try:
                 os.kill(self.init_pid, signal.SIGTERM)
             except ProcessLookupError:
