@@ -99,6 +99,7 @@ class ReportingSecAggPlusWorkflow(SecAggPlusWorkflow):
         self.stopped = ""
         self._refusals: list[FailedReply] = []  # this round's permanent refusals
         self._shown: set[tuple[str, str]] = set()  # (site, failure) already shown in this run
+        self._graph: tuple[int, int, int, int] | None = None  # the masking graph last shown
         self._current = 0
 
     def __call__(self, grid: Grid, context: LegacyContext) -> None:
@@ -134,6 +135,8 @@ class ReportingSecAggPlusWorkflow(SecAggPlusWorkflow):
         # sites sampled for the round that no longer take part (one lost site may fail two of Flower's checks)
         if name == "setup":
             self._sampled = len(state.sampled_node_ids)
+            if ok:
+                self._show_graph(state)
         self._dropped = max(0, self._sampled - len(state.active_node_ids))
         self._event(name, done=True, sites=sites or len(state.sampled_node_ids), answered=len(state.active_node_ids))
         # Flower may record one error reply twice (as a failure of two checks): report it once.
@@ -162,6 +165,21 @@ class ReportingSecAggPlusWorkflow(SecAggPlusWorkflow):
                     "remaining training rounds skipped, the model is evaluated"
                 print(f"study stopped: {self.stopped}; {then}", flush=True)
         return ok
+
+    def _show_graph(self, state) -> None:
+        """One line, when it first holds or changes: how many other sites each site masks with (its
+        SecAgg+ neighbours, who also hold its key shares) and how many shares reconstruct its secrets."""
+        others = sorted({len(neighbours - {node}) for node, neighbours in state.nid_to_neighbours.items()})
+        if not others:
+            return
+        graph = (len(state.nid_to_neighbours), others[0], others[-1], state.threshold)
+        if graph == self._graph:
+            return
+        self._graph = graph
+        sites, low, high, threshold = graph
+        each = f"{low}" if low == high else f"{low}-{high}"
+        print(f"  secure aggregation: {sites} sites, each masking with {each} other sites (its neighbours); "
+              f"{threshold} of a site's shares reconstruct its secrets", flush=True)
 
     def _permanent_stop(self) -> str:
         """Why the study stops when this round's permanent refusals left too few sites ("" if none did)."""

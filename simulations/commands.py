@@ -34,6 +34,7 @@ def _simulate(args: argparse.Namespace) -> int:
             size_scale=1.0 if args.size_scale is None else args.size_scale,
             verbose=args.verbose,
             data_format=args.format or "csv",
+            cpus_per_site=args.cpus_per_site,
         )
     )
     return print_study_result(Path(args.out).resolve(), report)
@@ -76,5 +77,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     sim.add_argument("--size-scale", type=float, default=None, help="multiply every hospital's size (default 1.0)")
     sim.add_argument("--format", choices=("csv", "parquet", "fhir"), default=None,
                      help="how the synthetic hospitals export their data (fhir: R4 bulk NDJSON through the study's [mapping])")
+    sim.add_argument("--cpus-per-site", type=float, default=1.0, metavar="CPUS",
+                     help="Ray CPU share of one virtual site (default 1: as many sites train at once as there are "
+                          "cores; 0.5 runs twice as many, each a process with its own torch)")
     sim.add_argument("--verbose", action="store_true", help="show Flower's own logs")
     sim.set_defaults(func=_simulate)

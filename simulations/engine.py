@@ -30,12 +30,18 @@ def run_flower_simulation(
     run_config: dict[str, str | int | float],
     verbose: bool = False,
     components: dict[str, str] | None = None,
+    cpus_per_site: float = 1.0,
 ) -> None:
     """Run the App with `num_sites` virtual SuperNodes; blocks until the ServerApp returns.
 
     `components` ({"serverapp": "module:attr", "clientapp": ...}) defaults to the App's own,
-    from pyproject.toml; benchmarks pass a baseline App here.
+    from pyproject.toml; benchmarks pass a baseline App here. `cpus_per_site` is the Ray CPU share
+    of one virtual site's task: the machine's cores divided by it is how many sites train at once
+    (one Ray actor each, each with its own torch: ~0.3 GB). Sites are loaded when their node first
+    trains (`client.site_client`), so memory follows the actors, not the number of sites.
     """
+    if not 0 < cpus_per_site <= (os.cpu_count() or 2):
+        raise ValueError(f"cpus_per_site: {cpus_per_site} must be in (0, {os.cpu_count() or 2}] (this machine's cores)")
     quiet_flower_environment()
     from flwr.app import Context, RecordDict
     from flwr.common.config import get_fused_config_from_dir
@@ -76,7 +82,7 @@ def run_flower_simulation(
         server_app_attr=components["serverapp"],
         backend_name="ray",
         backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0},
             "init_args": {
                 "num_cpus": os.cpu_count() or 2,
                 "include_dashboard": False,

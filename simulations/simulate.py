@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,7 @@ class SimulationOptions:
     verbose: bool = False
     data_format: str = "csv"  # how each synthetic site exports its data: csv | parquet | fhir
     sites: Path | None = None
+    cpus_per_site: float = 1.0  # Ray CPU share of one virtual site (simulations.engine)
 
 
 class SimulationError(FedcareError, RuntimeError):
@@ -85,6 +87,10 @@ def simulate(opts: SimulationOptions) -> dict:
     started = time.monotonic()
     overrides = Overrides(rounds=opts.rounds, epsilon=opts.epsilon)
     study = prepare_study(opts)
+    cores = os.cpu_count() or 1
+    if not 0 < opts.cpus_per_site <= cores:
+        raise SimulationError(f"--cpus-per-site: {opts.cpus_per_site:g} must be more than 0 and at most {cores} "
+                              "(this machine's cores)")
     out = Path(opts.out).resolve()
     if (out / "study.toml").exists() or (out / "sites").exists():
         raise SimulationError(f"--out: {out} already holds a study run; choose an empty directory")
@@ -114,6 +120,7 @@ def simulate(opts: SimulationOptions) -> dict:
                 {"study": str(Path(opts.study).resolve()), "out-dir": str(out), "sim-sites-dir": str(sites_dir),
                  "sim-state-dir": str(state_root or ""), "progress": 1, **overrides.run_config()},
                 verbose=opts.verbose,
+                cpus_per_site=opts.cpus_per_site,
             )
     finally:
         display.close()

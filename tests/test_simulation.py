@@ -40,6 +40,9 @@ def test_study_completes_with_secure_aggregation_and_dp(simulated):
     assert abs(export["auc_fp32"] - export["auc_int8"]) <= 0.005
     assert abs(export["auc_fp32"] - report["final"]["auc"]) < 1e-3
     assert os.path.getsize(export["onnx"]) == export["bytes_fp32"]
+    # the default study's graph is the full one (num_shares = 1.0): every site masks with every other
+    assert "secure aggregation: 3 sites, each masking with 2 other sites (its neighbours); " \
+           "2 of a site's shares reconstruct its secrets" in stdout
     assert "round 2/2 aggregated" in stdout and "model after round 2/2: test AUC" in stdout and "report:" in stdout
     assert (out / "summary.txt").read_text().startswith("fedcare study depression-risk")
 

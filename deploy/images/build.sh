@@ -174,7 +174,8 @@ app_tree() {  # what fedcare.APP_DIR needs: the App's pyproject.toml and README,
     )
     # no key material can reach a layer (the layer scan of tests/test_images.py checks the images too)
     local found
-    found="$(grep -rlIE -e '-{5}BEGIN [A-Z ]*(PRIVATE|PROTECTED) KEY-{5}' "$app" || true)"
+    # an armour line followed by a key body (fedcare/keys.py names the armour, it holds no key)
+    found="$(grep -rlIzP -e '-{5}BEGIN [A-Z ]*(PRIVATE|PROTECTED) KEY-{5}\s+[A-Za-z0-9+/=:,\s-]{40,}?-{5}END' "$app" || true)"
     if [ -n "$found" ]; then
         log "private key material in the app tree: $found"
         exit 1
