@@ -7,7 +7,7 @@ stock Flower FedAvg without privacy on the same sites, model and local epochs, i
 Writes the synthetic sites once (`simulations.cohorts.write_cohorts`, site sizes 400–6000 patients
 times --size-scale), then runs each arm in a child process of its own (a fresh Ray), while this
 process samples the child's whole process tree (the driver with the ServerApp, Ray's GCS and
-raylet, the virtual nodes' actors) twice a second: peak PSS (shared pages counted once, the honest
+raylet, the virtual nodes' actors) once a second: peak PSS (shared pages counted once, the honest
 total) and peak summed RSS. Per-round time is the median over rounds 2..R from each ServerApp's own
 timestamps (round 1 holds Ray's and the actors' start-up); the ratio is fedcare / stock.
 
@@ -82,7 +82,7 @@ def run_arm(arm: str, hospitals: int, config: dict, cpus_per_site: float) -> dic
     while proc.poll() is None:
         pss, rss = _memory(_tree(proc.pid))
         peak_pss, peak_rss = max(peak_pss, pss), max(peak_rss, rss)
-        time.sleep(0.5)
+        time.sleep(1.0)
     stderr = proc.stderr.read()
     if proc.returncode != 0:
         raise SystemExit(f"{arm} arm failed (exit {proc.returncode}):\n{stderr[-4000:]}")
