@@ -16,7 +16,7 @@ Where the site's files are: `fedcare/site.py`.
 
 from __future__ import annotations
 
-import functools
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -37,9 +37,22 @@ from privacy.ledger import LedgerTampered, PrivacyLedger
 from privacy.policy import PolicyError, policy_for_site
 
 
-@functools.lru_cache(maxsize=4)
+# In simulation one process (a Ray actor) trains many sites in turn; their tables stay loaded up to this
+# many bytes, least recently used first out (the site in use always stays). Deployed, a process serves one message.
+SITE_CACHE_BYTES = 256 << 20
+_sites: OrderedDict[tuple[Path, Path], tuple[SiteData, int]] = OrderedDict()
+
+
 def _load_data(study_path: Path, data_dir: Path) -> SiteData:
-    return load_site(load_study(study_path), data_dir)
+    key = (study_path, data_dir)
+    if key in _sites:
+        _sites.move_to_end(key)
+        return _sites[key][0]
+    data = load_site(load_study(study_path), data_dir)
+    _sites[key] = (data, sum(t.features.nbytes + t.labels.nbytes for t in (data.train, data.test)))
+    while len(_sites) > 1 and sum(size for _, size in _sites.values()) > SITE_CACHE_BYTES:
+        _sites.popitem(last=False)
+    return data
 
 
 class SiteClient(NumPyClient):

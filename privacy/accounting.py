@@ -30,6 +30,7 @@ Both stay bounded in time and memory for every study `fedcare.study` accepts (ε
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -194,10 +195,17 @@ def epsilon_of(accountant_name: str, history: History, delta: float) -> float:
     merged = _merged(history)
     if not merged:
         return 0.0
+    return _epsilon(accountant_name, tuple(merged), float(delta))
+
+
+@functools.lru_cache(maxsize=1024)
+def _epsilon(accountant_name: str, merged: tuple[tuple[float, float, int], ...], delta: float) -> float:
+    """The accountants are deterministic: a site asks for the same history every round (its ledger's
+    rounds plus the next), and in simulation one process asks for many sites."""
     if accountant_name == "rdp":
-        return _rdp_epsilon(merged, delta, RDP_ORDERS)
+        return _rdp_epsilon(list(merged), delta, RDP_ORDERS)
     if accountant_name == "prv":
-        return _prv_epsilon(merged, delta)
+        return _prv_epsilon(list(merged), delta)
     raise ValueError(f"unknown accountant {accountant_name!r}")
 
 
