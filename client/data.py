@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import math
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,8 +45,10 @@ class _RowCollector:
         derived = self.derivation.columns if self.derivation is not None else frozenset()
         self.derived = derived
         self.table_features = [f for i, f in enumerate(study.features) if i not in derived]
-        self.rows: list[list[float]] = []
-        self.labels: list[int] = []
+        # flat C arrays, not a list per row: 8 bytes a value instead of ~40 (a million-row site: 0.25 GB, not 1 GB)
+        self.values = array("d")
+        self.row_count = 0
+        self.labels = array("f")
         self.patient_ids: list[str] = []
         self.lines: list[int] = []
         self.seen: set[str] = set()
@@ -82,15 +85,16 @@ class _RowCollector:
             self.lines.append(line)
             it = iter(values)
             values = [math.nan if i in self.derived else next(it) for i in range(len(self.study.features))]
-        self.rows.append(values)
+        self.values.extend(values)
+        self.row_count += 1
         self.labels.append(int(label_text))
 
     def table(self, path: Path, *, lines: int | None = None) -> SiteTable:
         """The loaded split. Fatal: no usable row, or fewer than half of the file's data lines
         (`lines`, default the records read) loaded: a file that lost most of itself is not used."""
-        features = np.asarray(self.rows, dtype=np.float64).reshape(len(self.rows), len(self.study.features))
-        labels = np.asarray(self.labels, dtype=np.float32)
-        if self.derived and self.rows:
+        features = np.frombuffer(self.values, dtype=np.float64).reshape(self.row_count, len(self.study.features))
+        labels = np.frombuffer(self.labels, dtype=np.float32)
+        if self.derived and self.row_count:
             from client.site_derived import derive_table_inputs
 
             reasons = derive_table_inputs(self.study, self.derivation, path, raw=features,
