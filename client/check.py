@@ -51,7 +51,11 @@ def _missingness(study: Study, table: SiteTable) -> list[str]:
 
 def check_site_export(study: Study, path: str | Path) -> DataCheck:
     """Read every split under `path` against `study`; fatal when a split yields no usable patient."""
+    from client.database import is_database_path
+
     path = Path(path)
+    if is_database_path(path):
+        return check_database_site(study, path)
     try:
         splits = _split_paths(path)
     except SiteDataError as err:
@@ -79,3 +83,40 @@ def check_site_export(study: Study, path: str | Path) -> DataCheck:
                             "model to tell the two apart; it still takes part (and spends budget) if it joins")
             out.append(f"  WARNING: {warnings[-1]}")
     return DataCheck("\n".join(out), bool(problems), tuple(problems), tuple(warnings))
+
+
+def check_database_site(study: Study, path: Path) -> DataCheck:
+    """The same check against the site's database (`client/database_site.py`): which concepts each rule
+    found, records read and used per table, quarantines by reason, missingness; counts only."""
+    from client.database import Split, load_database_source
+    from client.database_site import read_database_site
+
+    try:
+        source = load_database_source(path)
+        out = [f"study {study.name} ({study.hash[:12]}…), {len(study.features)} features",
+               f"database: {source.describe()}, read-only role {source.user} checked"]
+        tables = read_database_site(study, path, source=source)
+    except SiteDataError as err:
+        return DataCheck(f"fedcare data check: {err}", fatal=True, problems=(str(err),))
+    warnings: list[str] = []
+    report = tables[Split.TRAIN].report
+    concepts = getattr(report, "concepts", [])
+    if concepts:
+        out += ["  concepts found in the vocabulary (per rule):", *(f"    {line}" for line in concepts)]
+    for line in getattr(report, "not_found", []):
+        warnings.append(f"{line}: the feature will hold no record of it")
+        out.append(f"  WARNING: {warnings[-1]}")
+    for split in Split:
+        table = tables[split]
+        out.append(f"\n[{split.value}] {source.kind.value}")
+        rep = table.report
+        out.append(f"  patients read {rep.rows_read}, built {rep.rows_loaded}, quarantined {sum(rep.quarantined.values())}, "
+                   f"label prevalence {table.labels.mean():.3f}")
+        out += ["  " + line for line in rep.summary().splitlines()[1:]]
+        out += _missingness(study, table)
+    labels = tables[Split.TRAIN].labels
+    if len(set(labels.tolist())) < 2:
+        warnings.append(f"every training row has {study.label.name} = {int(labels[0])}: this site's updates cannot "
+                        "teach the model to tell cases from controls")
+        out.append(f"  WARNING: {warnings[-1]}")
+    return DataCheck("\n".join(out), False, (), tuple(warnings))

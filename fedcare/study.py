@@ -26,6 +26,7 @@ from fedcare.study_toml import render_toml
 if TYPE_CHECKING:
     from fedcare.notes_spec import NotesSpec
     from fedcare.mapping import Mapping
+    from fedcare.omop import OmopMapping
 
 FEATURE_TYPES = ("numeric", "count", "binary")
 MISSING_POLICIES = ("impute", "indicator", "reject")
@@ -155,6 +156,7 @@ class Study:
     standardization: str = "spec"  # "spec": center/scale as written; "federated": from SecAgg+ sums
     mapping_source: dict[str, Any] | None = None  # the [mapping] table as written (FHIR derivation)
     notes_source: dict[str, Any] | None = None  # the [notes] table as written (markers, hashed n-grams)
+    omop_source: dict[str, Any] | None = None  # the [omop] table as written (OMOP CDM derivation)
     scaled_from: str = ""  # set by with_scaling: the hash of the study as defined (a run's scaling keeps it)
     scaled_key: str = ""  # set by with_scaling: the budget key of the study as defined
 
@@ -168,6 +170,16 @@ class Study:
         hashed = set(self.hashed_feature_names)
         return parse_mapping(self.mapping_source, [f.name for f in self.features if f.name not in hashed],
                              f"study {self.name}")
+
+    @functools.cached_property
+    def omop(self) -> OmopMapping | None:
+        """How each feature is derived from an OMOP CDM database (`fedcare/omop.py`), or None."""
+        if self.omop_source is None:
+            return None
+        from fedcare.omop import parse_omop
+
+        return parse_omop(self.omop_source, [f.name for f in self.features], f"study {self.name}",
+                          default_index_date=self.mapping.index_date if self.mapping is not None else None)
 
     @functools.cached_property
     def notes(self) -> NotesSpec | None:
@@ -204,6 +216,8 @@ class Study:
         del values["scaled_from"], values["scaled_key"]
         if values["notes_source"] is None:  # studies written before notes existed keep their hash
             del values["notes_source"]
+        if values["omop_source"] is None:  # and those written before OMOP too
+            del values["omop_source"]
         # a strategy's unused fields (None) are not part of the study: studies written before they
         # existed keep their hash
         values["strategy"] = {k: v for k, v in values["strategy"].items() if v is not None}
@@ -375,6 +389,15 @@ def parse_study(raw: dict[str, Any], source: str = "<study>") -> Study:
         _check_derived(source, mapping, notes)
     elif notes is not None and notes.hashing is not None:
         raise StudyConfigError(f"{source}: notes.hashing: needs a [mapping] (its index_date dates the notes' window)")
+    if "omop" in raw:
+        from fedcare.omop import parse_omop
+
+        if notes is not None:
+            raise StudyConfigError(f"{source}: omop: a study with [notes] derives features from note text and "
+                                   "readings, which the OMOP reader does not read yet (docs/OMOP.md)")
+        index_date = parsed.mapping.index_date if parsed.mapping_source is not None else None
+        parse_omop(raw["omop"], names, source, default_index_date=index_date)  # every mistake reported at load
+        parsed = dataclasses.replace(parsed, omop_source=raw["omop"])
     return parsed
 
 

@@ -47,6 +47,8 @@ def render_toml(study: Any) -> str:
         parts += _render_tables("notes", study.notes_source, val)
     if study.mapping_source is not None:
         parts += _render_tables("mapping", study.mapping_source, val)
+    if study.omop_source is not None:
+        parts += _render_tables("omop", study.omop_source, val)
     return "\n\n".join(parts) + "\n"
 
 
