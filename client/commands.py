@@ -13,7 +13,12 @@ def _data_check(args: argparse.Namespace) -> int:
     from client.check import check_site_export
     from fedcare.study import load_study
 
-    check = check_site_export(load_study(args.study), args.data)
+    import tempfile
+
+    from client.database import data_argument
+
+    with tempfile.TemporaryDirectory(prefix="fedcare-check-") as scratch:
+        check = check_site_export(load_study(args.study), data_argument(args.data, state_dir=Path(scratch)))
     print(check.text, file=sys.stderr if check.fatal else sys.stdout)
     return 2 if check.fatal else 0
 
@@ -21,8 +26,9 @@ def _data_check(args: argparse.Namespace) -> int:
 def register(commands: argparse._SubParsersAction) -> None:
     data = add_command(commands, "data")
     data_cmds = data.add_subparsers(dest="data_command", required=True)
-    dcheck = data_cmds.add_parser("check", help="validate a site's export (CSV, Parquet or FHIR R4) against a study; counts only")
+    dcheck = data_cmds.add_parser("check", help="validate a site's export (CSV, Parquet, FHIR R4 or a database) against a study; counts only")
     dcheck.add_argument("--study", type=Path, required=True, help="the study file")
-    dcheck.add_argument("--data", type=Path, required=True,
-                        help="a site directory (train and test splits), one split file, or one FHIR directory")
+    dcheck.add_argument("--data", required=True,
+                        help="a site directory (train and test splits), one split file, one FHIR directory, a "
+                             "database.toml, or postgresql://USER@HOST:PORT/DB?cdm_schema=…&password_file=…")
     dcheck.set_defaults(func=_data_check)

@@ -124,9 +124,9 @@ _KEYS = ("kind", "host", "port", "dbname", "user", "password_file", "password_en
 
 
 def _source(fields: Fields, table: dict[str, Any], *, base: Path, origin: str, at: str = "database") -> DatabaseSource:
-    fields.no_unknown_keys(table, at, _KEYS)
     if "password" in table:
         raise fields.fail(f"{at}.password", "a password is never written here: use password_file or password_env")
+    fields.no_unknown_keys(table, at, _KEYS)
     kind = SourceKind(fields.choice(table, f"{at}.kind", tuple(k.value for k in SourceKind)))
     host = fields.string(table, f"{at}.host", "127.0.0.1", non_empty=True)
     loopback = _is_loopback(host)
@@ -203,6 +203,20 @@ def source_from_url(url: str) -> DatabaseSource:
         if not table[key]:
             raise fields.fail(key, f"missing in the URL (postgresql://USER@HOST:PORT/DBNAME), got {url.split('?')[0]!r}")
     return _source(fields, table, base=Path.cwd(), origin="--data", at="url")
+
+
+def is_database_url(text: str) -> bool:
+    return text.startswith(("postgresql://", "postgres://"))
+
+
+def data_argument(text: str, *, state_dir: Path) -> Path:
+    """A site's `--data` as a path: a `postgresql://` URL becomes `<state_dir>/database.toml`
+    (written each time, no secret in it); anything else is the path it names."""
+    if not is_database_url(text):
+        return Path(text)
+    source = source_from_url(text)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    return write_database_source(source, state_dir / SOURCE_FILE)
 
 
 def write_database_source(source: DatabaseSource, path: Path) -> Path:

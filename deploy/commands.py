@@ -148,7 +148,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     pkey.set_defaults(func=_node_package_key)
     nstart = node_cmds.add_parser("start", help="validate the site's data and join the federation")
     nstart.add_argument("--kit", type=Path, required=True, help="this hospital's kit folder")
-    nstart.add_argument("--data", type=Path, default=None, help="the site's export directory (default: site.toml)")
+    nstart.add_argument("--data", default=None, help="the site's export directory, a database.toml, or "
+                        "postgresql://USER@HOST:PORT/DB?cdm_schema=…&password_file=… (default: site.toml)")
     nstart.add_argument("--insecure-dev", action="store_true", help="no TLS, no node authentication (local trials only)")
     nstart.set_defaults(func=_node_start)
 

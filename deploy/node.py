@@ -54,12 +54,17 @@ class NodeSettings:
     insecure_dev: bool = False
 
 
-def resolve_settings(kit: HospitalKit, data: Path | None, insecure_dev: bool) -> NodeSettings:
+def resolve_settings(kit: HospitalKit, data: str | Path | None, insecure_dev: bool) -> NodeSettings:
+    """Where the site's data is (`--data`, else `[site] data`): a directory, a database.toml, or a
+    `postgresql://` URL (kept as `<state_dir>/database.toml`: the SuperNode's config names a file)."""
+    from client.database import data_argument
+
     site = read_site_settings(kit)
-    chosen = data or (Path(site["data"]) if "data" in site else None)
+    chosen = data or site.get("data")
     if chosen is None:
         raise NodeStartError(f"no data directory: pass --data or set [site] data in {kit.site_file}")
-    return NodeSettings(kit, Path(chosen).resolve(), Path(site["state_dir"]), insecure_dev)
+    state_dir = Path(site["state_dir"])
+    return NodeSettings(kit, data_argument(str(chosen), state_dir=state_dir).resolve(), state_dir, insecure_dev)
 
 
 def check_site_data(settings: NodeSettings) -> str:
