@@ -127,10 +127,11 @@ def _accumulator(rule: OmopRule, lo: int, hi: int) -> Any:
 
 
 class Patient:
-    __slots__ = ("split", "row", "facts", "direct")
+    __slots__ = ("split", "row", "facts", "direct", "duplicate")
 
     def __init__(self, split: Split, row: int) -> None:
         self.split, self.row = split, row
+        self.duplicate = False  # a second person row with this id: both are quarantined
         self.facts: dict[Hashable, Any] = {}
         self.direct: dict[int, float | None | Invalid] = {}
 
@@ -215,7 +216,7 @@ class _Reader:
                     rows[split] += 1
                     if person_id in self.patients:
                         report.reject(f"person row {rows[split]}", "person: duplicate person_id")
-                        self.patients[person_id].split = None  # both rows are unusable
+                        self.patients[person_id].duplicate = True  # and the first row too, in `table`
                         continue
                     patient = self.patients[person_id] = Patient(split, rows[split])
                     for i, feature, rule in person_rules:
@@ -294,7 +295,7 @@ class _Reader:
                     if patient is None:
                         unknown += 1
                         continue
-                    if patient.split is None:
+                    if patient.duplicate:
                         continue
                     hits = lookup.get(row[2], ())
                     if row[3] is not None and row[3] != row[2]:
@@ -384,6 +385,9 @@ class _Reader:
             plan.append((i, feature, rule, checked(feature, None), checked(feature, empty)))
         for patient in self.patients.values():  # person_id order
             if patient.split is not split:
+                continue
+            if patient.duplicate:
+                report.reject(f"person row {patient.row}", "person: duplicate person_id")
                 continue
             values, reason = self._row(patient, plan)
             if reason:
