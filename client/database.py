@@ -260,7 +260,8 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _password(source: DatabaseSource) -> str | None:
+def read_password(source: DatabaseSource) -> str | None:
+    """The password of `source` from its 0600 file or its environment variable (None: neither is set)."""
     if source.password_file is not None:
         try:
             text = source.password_file.read_text(encoding="utf-8")
@@ -288,7 +289,7 @@ def connect(source: DatabaseSource, *, check: bool = True) -> Any:
     options = "-c default_transaction_read_only=on -c idle_in_transaction_session_timeout=600000"
     try:
         conn = psycopg.connect(
-            host=source.host, port=source.port, dbname=source.dbname, user=source.user, password=_password(source),
+            host=source.host, port=source.port, dbname=source.dbname, user=source.user, password=read_password(source),
             sslmode=source.sslmode, sslrootcert=str(source.sslrootcert) if source.sslrootcert else None,
             application_name=APPLICATION_NAME, connect_timeout=CONNECT_TIMEOUT_SECONDS, options=options,
         )

@@ -46,6 +46,11 @@ def _example(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise FedcareError(f"--out: {out} is not empty; choose a new directory")
+    if args.name == "omop":
+        return _example_omop(args, out)
+    for flag in ("database", "reader"):
+        if getattr(args, flag) is not None:
+            raise FedcareError(f"--{flag}: only for the omop example")
     manifest = write_breast_cancer_sites(out, seed=args.seed)
     for site in manifest["sites"]:
         print(f"{out / site['name']}: {site['train_rows']} train, {site['test_rows']} test rows, "
@@ -54,13 +59,38 @@ def _example(args: argparse.Namespace) -> int:
     return 0
 
 
+def _example_omop(args: argparse.Namespace, out: Path) -> int:
+    from fedcare.study import load_study
+    from simulations.omop_example import write_omop_network
+
+    if args.database is None or args.reader is None:
+        raise FedcareError("--database and --reader: the omop example writes into a PostgreSQL database "
+                           "(docs/OMOP.md, \"A network in one database\")")
+    study_file = Path(__file__).resolve().parents[1] / "studies" / "depression-risk-omop.toml"
+    for site in write_omop_network(load_study(study_file), out, database=args.database, reader=args.reader,
+                                   hospitals=args.hospitals, seed=args.seed, size_scale=args.size_scale):
+        persons = site["persons"]
+        print(f"{out / site['name']}: schema {site['schema']}, {persons['train']} train, {persons['test']} test patients")
+    print(f"\nrun it: fedcare simulate --sites {out} --study {study_file} --out runs/omop")
+    return 0
+
+
 def register(commands: argparse._SubParsersAction) -> None:
     example = add_command(commands, "example")
-    example.add_argument("name", choices=("breast-cancer",),
+    example.add_argument("name", choices=("breast-cancer", "omop"),
                          help="breast-cancer: scikit-learn's Wisconsin diagnostic data (569 patients, 30 features) "
-                              "as 4 hospitals of different sizes and case mix")
+                              "as 4 hospitals of different sizes and case mix; omop: synthetic hospitals as OMOP CDM "
+                              "schemas of one PostgreSQL database (--database, --reader)")
     example.add_argument("--out", type=Path, required=True, help="new directory for the site folders")
-    example.add_argument("--seed", type=int, default=0, help="seed of the split into sites (default 0)")
+    example.add_argument("--seed", type=int, default=0, help="seed of the split into sites, or of the synthetic "
+                                                              "hospitals (default 0)")
+    example.add_argument("--database", default=None, metavar="URL",
+                         help="omop: postgresql://ADMIN@HOST:PORT/DB?password_file=… (a role that may create schemas)")
+    example.add_argument("--reader", default=None, metavar="URL",
+                         help="omop: postgresql://READER@HOST:PORT/DB?password_file=… (an existing login role; "
+                              "granted SELECT on what is written)")
+    example.add_argument("--hospitals", type=int, default=3, help="omop: number of synthetic hospitals (default 3)")
+    example.add_argument("--size-scale", type=float, default=1.0, help="omop: multiply every hospital's size")
     example.set_defaults(func=_example)
 
     sim = add_command(commands, "simulate")

@@ -154,7 +154,7 @@ def test_a_url_never_carries_a_password_and_becomes_a_database_toml(tmp_path):
 
 
 def test_a_password_file_readable_by_others_is_refused(tmp_path):
-    from client.database import _password
+    from client.database import read_password
 
     secret = tmp_path / "pw"
     secret.write_text("s3cret\n")
@@ -162,9 +162,9 @@ def test_a_password_file_readable_by_others_is_refused(tmp_path):
     source = load_database_source(_source_file(tmp_path, f'kind = "omop"\ndbname = "c"\nuser = "r"\n'
                                                          f'password_file = "{secret}"\n'))
     with pytest.raises(DatabaseSourceError, match="readable by others"):
-        _password(source)
+        read_password(source)
     os.chmod(secret, 0o600)
-    assert _password(source) == "s3cret"
+    assert read_password(source) == "s3cret"
 
 
 def test_the_split_is_a_stable_hash_of_the_patient_id():
