@@ -129,7 +129,7 @@ def _source(fields: Fields, table: dict[str, Any], *, base: Path, origin: str, a
     fields.no_unknown_keys(table, at, _KEYS)
     kind = SourceKind(fields.choice(table, f"{at}.kind", tuple(k.value for k in SourceKind)))
     host = fields.string(table, f"{at}.host", "127.0.0.1", non_empty=True)
-    loopback = _is_loopback(host)
+    loopback = is_loopback(host)
     port = fields.integer(table, f"{at}.port", minimum=1, default=5432)
     if port > 65535:
         raise fields.fail(f"{at}.port", f"must be <= 65535, got {port}")
@@ -251,7 +251,8 @@ def _identifier(fields: Fields, table: dict[str, Any], field: str, default: str)
     return value
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """A unix socket directory, localhost or a loopback address (sslmode defaults to prefer there)."""
     if host.startswith("/") or host == "localhost":
         return True
     try:

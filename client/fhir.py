@@ -67,10 +67,10 @@ from client.fhir_datatypes import Reject, bundle_patient_urls
 from client.fhir_derived import reading_order
 from client.fhir_report import FhirLoadReport, printable_file
 from client.fhir_resources import HANDLERS, FactCollector, Location, PatientState
-from client.fhir_rules import LABEL, Invalid, Program, checked
+from client.fhir_rules import LABEL, Program, bmi, checked
 from client.tables import SiteDataError, SiteTable
 from fedcare.mapping import Mapping
-from fedcare.study import Feature, Study
+from fedcare.study import Study
 
 MAX_LINE_BYTES = 1 << 20  # an NDJSON line longer than this is quarantined without parsing
 MAX_BUNDLE_BYTES = 256 << 20  # a Bundle file is parsed whole, so it has a ceiling
@@ -316,21 +316,11 @@ class _Reader:
                 value = state.direct.get(i)
                 result = missing if value is None else checked(feature, value)
             else:
-                result = checked(feature, self._bmi(state, i, feature))
+                result = checked(feature, bmi(state.facts.get((i, "weight")), state.facts.get((i, "height")), feature.name))
             if result[1]:
                 return [], result[1]
             values.append(result[0])
         return values, None
-
-    @staticmethod
-    def _bmi(state: PatientState, i: int, feature: Feature) -> float | None | Invalid:
-        weight, height = state.facts.get((i, "weight")), state.facts.get((i, "height"))
-        if weight is None or height is None:
-            return None
-        if height.value <= 0:
-            return Invalid(f"{feature.name}: height must be positive")
-        return weight.value / (height.value * height.value)  # float products overflow to inf, not raise
-
 
 def _skip_rest_of_line(handle: Any) -> None:
     while chunk := handle.readline(1 << 16):

@@ -11,7 +11,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-from client.tables import MAX_EXAMPLES_PER_REASON, LoadReport
+from client.tables import LoadReport
 
 # File names printed as they are: a resource type or another single word, optionally numbered
 # (Patient.ndjson, Observation.2.ndjson, 1.Condition.ndjson, export.json). Anything else, e.g.
@@ -38,13 +38,6 @@ class FhirLoadReport(LoadReport):
     excluded: Counter = field(default_factory=Counter)  # status / verificationStatus says it did not happen
     conversions: Counter = field(default_factory=Counter)  # "from→to" unit conversions applied
     unit_mismatches: Counter = field(default_factory=Counter)  # "from→to" conversions refused
-
-    def reject(self, where: str, reason: str, count: int = 1) -> None:
-        """Count `count` quarantined items for `reason`, keeping a few locations as examples."""
-        self.quarantined[reason] += count
-        examples = self.examples.setdefault(reason, [])
-        if len(examples) < MAX_EXAMPLES_PER_REASON:
-            examples.append(where)
 
     def summary(self) -> str:
         def counts(counter: Counter) -> str:

@@ -195,6 +195,15 @@ def checked(feature: Feature, value: float | None | Invalid) -> tuple[float, str
     return parse_value(feature, repr(value) if finite else "inf")
 
 
+def bmi(weight: Any, height: Any, name: str) -> float | None | Invalid:
+    """The latest weight (kg) over the latest height (m) squared, from their accumulators (None: one is missing)."""
+    if weight is None or height is None:
+        return None
+    if height.value <= 0:
+        return Invalid(f"{name}: height must be positive")
+    return weight.value / (height.value * height.value)  # float products overflow to inf, not raise
+
+
 def patient_value(feature: Feature, rule: FeatureRule, obj: dict, program: Program) -> float | None | Invalid:
     """Age, sex or an extension value from a Patient resource (None = missing)."""
     if rule.source == "patient_female":

@@ -30,9 +30,9 @@ import numpy as np
 from client.database import DatabaseSource, DatabaseSourceError, Split, assign_split, connect
 from client.fhir_aggregates import Count, DistinctDays, Exists, Mean, Pdc, Slope
 from client.fhir_datatypes import whole_years
-from client.fhir_rules import Invalid, checked
+from client.fhir_rules import Invalid, bmi, checked
 from client.omop_concepts import CDM_COLUMNS, ResolvedConcepts, check_tables, resolve_concepts, unit_codes
-from client.tables import MAX_EXAMPLES_PER_REASON, LoadReport, SiteDataError, SiteTable
+from client.tables import LoadReport, SiteDataError, SiteTable
 from fedcare.mapping import CONVERSIONS, UNIT_ALIASES
 from fedcare.omop import CdmTable, OmopMapping, OmopRule
 from fedcare.study import Study
@@ -58,12 +58,6 @@ class OmopLoadReport(LoadReport):
     unit_mismatches: Counter = field(default_factory=Counter)
     concepts: list[str] = field(default_factory=list)  # what each rule's concepts resolved to (counts)
     not_found: list[str] = field(default_factory=list)  # concepts a rule names that the vocabulary does not hold
-
-    def reject(self, where: str, reason: str) -> None:
-        self.quarantined[reason] += 1
-        examples = self.examples.setdefault(reason, [])
-        if len(examples) < MAX_EXAMPLES_PER_REASON:
-            examples.append(where)
 
     def summary(self) -> str:
         def counts(counter: Counter) -> str:
@@ -416,7 +410,7 @@ class _Reader:
                 value = patient.direct.get(i)
                 result = missing if value is None else checked(feature, value)
             elif rule.aggregate == "bmi":
-                result = checked(feature, _bmi(facts.get((i, "weight")), facts.get((i, "height")), feature.name))
+                result = checked(feature, bmi(facts.get((i, "weight")), facts.get((i, "height")), feature.name))
             else:
                 acc = facts.get(i)
                 value = None if acc is None else acc.result()
@@ -425,14 +419,6 @@ class _Reader:
                 return [], result[1]
             values.append(result[0])
         return values, None
-
-
-def _bmi(weight: LatestRecord | None, height: LatestRecord | None, name: str) -> float | None | Invalid:
-    if weight is None or height is None:
-        return None
-    if height.value <= 0:
-        return Invalid(f"{name}: height must be positive")
-    return weight.value / (height.value * height.value)
 
 
 def _printable(unit: str) -> str:

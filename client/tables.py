@@ -43,6 +43,14 @@ class LoadReport:
         if len(self.examples[reason]) < MAX_EXAMPLES_PER_REASON:
             self.examples[reason].append(line)
 
+    def reject(self, where: str, reason: str, count: int = 1) -> None:
+        """Count `count` quarantined items for `reason`, keeping a few locations (`where`: text, e.g.
+        `file:line` or `measurement_id 7`) as examples; readers whose locations are not line numbers."""
+        self.quarantined[reason] += count
+        examples = self.examples.setdefault(reason, [])
+        if len(examples) < MAX_EXAMPLES_PER_REASON:
+            examples.append(where)  # type: ignore[arg-type]
+
     def summary(self) -> str:
         lines = [f"{self.path}: {self.rows_loaded}/{self.rows_read} rows loaded"]
         for reason, count in sorted(self.quarantined.items()):

@@ -194,8 +194,9 @@ def _feature_rule(p: Fields, raw: Any, at: str) -> FeatureRule:
     return FeatureRule(source=source, **values)
 
 
-def _label_rule(p: Fields, raw: dict[str, Any]) -> LabelRule:
-    at = "mapping.label"
+def label_entries(p: Fields, raw: dict[str, Any], at: str) -> list[tuple[str, dict[str, Any]]]:
+    """The `any_of` tables of a label (`at`: "mapping.label" or "omop.label") as (field, table), each
+    given the label's `window_days_after` when it has none of its own."""
     p.no_unknown_keys(raw, at, ("any_of", "window_days_after"))
     default_after = p.integer(raw, f"{at}.window_days_after", minimum=1) if "window_days_after" in raw else None
     entries = raw.get("any_of")
@@ -203,13 +204,20 @@ def _label_rule(p: Fields, raw: dict[str, Any]) -> LabelRule:
         raise p.fail(f"{at}.any_of", "missing field")
     if not isinstance(entries, list) or not entries:
         raise p.fail(f"{at}.any_of", "expected a non-empty array of tables")
-    rules = []
+    out = []
     for i, entry in enumerate(entries):
         where = f"{at}.any_of[{i}]"
         if not isinstance(entry, dict):
             raise p.fail(where, "expected a table")
         if default_after is not None and "window_days_after" not in entry:
             entry = {**entry, "window_days_after": default_after}
+        out.append((where, entry))
+    return out
+
+
+def _label_rule(p: Fields, raw: dict[str, Any]) -> LabelRule:
+    rules = []
+    for where, entry in label_entries(p, raw, "mapping.label"):
         source = p.choice(entry, f"{where}.source", tuple(LABEL_KEYS))
         required, optional = LABEL_KEYS[source]
         p.no_unknown_keys(entry, where, ("source", *required, *optional), context=f"for source '{source}'")

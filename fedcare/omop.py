@@ -25,7 +25,7 @@ from enum import Enum
 from typing import Any
 
 from fedcare.fields import Fields
-from fedcare.mapping import CONVERSIONS
+from fedcare.mapping import CONVERSIONS, label_entries
 
 
 class CdmTable(str, Enum):
@@ -199,21 +199,8 @@ def _feature_rule(p: Fields, raw: Any, at: str) -> OmopRule:
 
 
 def _label(p: Fields, raw: dict[str, Any]) -> OmopLabel:
-    at = "omop.label"
-    p.no_unknown_keys(raw, at, ("any_of", "window_days_after"))
-    default_after = p.integer(raw, f"{at}.window_days_after", minimum=1) if "window_days_after" in raw else None
-    entries = raw.get("any_of")
-    if entries is None:
-        raise p.fail(f"{at}.any_of", "missing field")
-    if not isinstance(entries, list) or not entries:
-        raise p.fail(f"{at}.any_of", "expected a non-empty array of tables")
     rules = []
-    for i, entry in enumerate(entries):
-        where = f"{at}.any_of[{i}]"
-        if not isinstance(entry, dict):
-            raise p.fail(where, "expected a table")
-        if default_after is not None and "window_days_after" not in entry:
-            entry = {**entry, "window_days_after": default_after}
+    for where, entry in label_entries(p, raw, "omop.label"):
         table = _table(p, entry, where, LABEL_TABLES)
         required, optional = LABEL_KEYS
         p.no_unknown_keys(entry, where, ("table", *required, *optional), context=f"for table '{table.value}'")

@@ -396,25 +396,13 @@ def write_database_toml(site_dir: str | Path, *, host: str, port: int, dbname: s
                         password_file: str | Path, cdm_schema: str, vocabulary_schema: str | None = None,
                         test_fraction: float = 0.2) -> Path:
     """Write `<site_dir>/database.toml` ([database] kind "omop", no secret in it); returns its path."""
-    from client.database import DatabaseSource, SourceKind, write_database_source
+    from client.database import DatabaseSource, SourceKind, is_loopback, write_database_source
 
     source = DatabaseSource(kind=SourceKind.OMOP, host=host, port=int(port), dbname=dbname, user=user,
                             cdm_schema=cdm_schema, vocabulary_schema=vocabulary_schema or cdm_schema,
-                            password_file=Path(password_file), sslmode="prefer" if _loopback(host) else "verify-full",
+                            password_file=Path(password_file), sslmode="prefer" if is_loopback(host) else "verify-full",
                             test_fraction=float(test_fraction))
     return write_database_source(source, Path(site_dir) / "database.toml")
-
-
-def _loopback(host: str) -> bool:
-    """A unix socket directory, localhost or a loopback address (where the spec's sslmode default is prefer)."""
-    import ipaddress
-
-    if host.startswith("/") or host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 __all__ = ["create_cdm_schema", "create_vocabulary_schema", "person_ids", "write_database_toml", "write_omop_site",
