@@ -188,7 +188,7 @@ class _Reader:
             self._read_records(conn, table, by_concept)
 
     def _cursor(self, conn: Any, name: str) -> Any:
-        cur = conn.cursor(name=f"fedcare_{name}")
+        cur = conn.cursor(name=f"fedcare_{name}", binary=True)  # numbers and dates as sent, not parsed from text
         cur.itersize = self.fetch_rows
         return cur
 
@@ -268,17 +268,19 @@ class _Reader:
     def _read_records(self, conn: Any, table: CdmTable, by_concept: dict[int, list[Target]]) -> None:
         from client.omop_concepts import record_query
 
-        targets = [t for ts in by_concept.values() for t in ts]
-        lo = min(t.lo for t in targets)
-        hi = max(t.hi for t in targets)
-        query, params = record_query(self.source, table, concepts=sorted(by_concept), lo=lo, hi=hi,
-                                     reasons=self.reason_sets.get(table, []))
+        windows: dict[tuple[int, int], set[int]] = {}  # each rule's own window: no row that feeds no rule
+        for concept, targets in by_concept.items():
+            for t in targets:
+                windows.setdefault((t.lo, t.hi), set()).add(concept)
+        query, params = record_query(self.source, table, reasons=self.reason_sets.get(table, []),
+                                     windows=[(sorted(ids), lo, hi) for (lo, hi), ids in sorted(windows.items())])
         lookup = {concept: tuple(ts) for concept, ts in by_concept.items()}
-        patients, today, units = self.patients, self.today, self.units
+        patients, today, values_of = self.patients, self.today, _Values(self.units)
         read = unknown = 0
         used = {split: 0 for split in Split}
         name = table.value
         id_column = CDM_COLUMNS[table].id
+        drug, visit = table is CdmTable.DRUG, table is CdmTable.VISIT
         with self._cursor(conn, name) as cur:
             cur.execute(query, params)
             while batch := cur.fetchmany(self.fetch_rows):
@@ -297,23 +299,24 @@ class _Reader:
                         if more:
                             hits = tuple(dict.fromkeys(hits + more))
                     day, end = row[4], row[5]
-                    if table is CdmTable.DRUG:
+                    if drug:
                         hits = [t for t in hits if day <= t.hi and end > t.lo + 1]
                     else:
                         hits = [t for t in hits if t.lo < day <= t.hi]
-                    if hits and table is CdmTable.VISIT:
+                    if hits and visit:
                         hits = [t for t in hits if t.reason is None or row[9 + t.reason]]
                     if not hits:
                         continue
-                    report = self.reports[patient.split]
                     if day > today:
-                        report.reject(f"{id_column} {row[1]}", f"{name}: date in the future")
+                        self.reports[patient.split].reject(f"{id_column} {row[1]}", f"{name}: date in the future")
                         continue
                     if end is not None and end <= day:
-                        report.reject(f"{id_column} {row[1]}", f"{name}: supply ends before it starts")
+                        self.reports[patient.split].reject(f"{id_column} {row[1]}",
+                                                           f"{name}: supply ends before it starts")
                         continue
-                    values = self._values(row, hits, units, report, name, id_column)
-                    if values is None:
+                    values = values_of(row, hits, patient.split)
+                    if values.__class__ is str:
+                        self.reports[patient.split].reject(f"{id_column} {row[1]}", f"{name}: {values}")
                         continue
                     used[patient.split] += 1
                     facts = patient.facts
@@ -332,38 +335,8 @@ class _Reader:
             report.records_used[name] = used[split]
             if unknown:
                 report.unknown_person[name] = unknown
+        values_of.count(self.reports)
 
-    @staticmethod
-    def _values(row: tuple, hits: list[Target], units: dict[int, str], report: OmopLoadReport,
-                name: str, id_column: str) -> dict[str, float] | None:
-        needed = {t.unit for t in hits if t.unit}
-        if not needed:
-            return {}
-        value = row[6]
-        where = f"{id_column} {row[1]}"
-        if value is None:
-            report.reject(where, f"{name}: no value_as_number")
-            return None
-        value = float(value)
-        if not math.isfinite(value):
-            report.reject(where, f"{name}: value not finite (NaN/Inf)")
-            return None
-        unit = units.get(row[7]) if row[7] else None
-        if unit is None:
-            text = (row[8] or "").strip()
-            unit = text if text else "1"
-        source_unit = unit if any(unit in c for c in CONVERSIONS.values()) else UNIT_ALIASES.get(unit.lower(), unit)
-        values = {}
-        for target in sorted(needed):
-            convert = CONVERSIONS[target].get(source_unit)
-            if convert is None:
-                report.unit_mismatches[f"{_printable(unit)}→{target}"] += 1
-                report.reject(where, f"{name}: unit mismatch")
-                return None
-            values[target] = convert(value)
-            if source_unit != target:
-                report.conversions[f"{source_unit}→{target}"] += 1
-        return values
 
     # the table
 
@@ -420,6 +393,63 @@ class _Reader:
             values.append(result[0])
         return values, None
 
+
+_NO_VALUES: dict[str, float] = {}  # a record that feeds only rules without a unit (never written to)
+
+
+class _Values:
+    """A record's value in each unit its rules need, or the reason it has none (a str). The unit of a
+    (unit_concept_id, unit_source_value) pair and each conversion are resolved once per read."""
+
+    def __init__(self, units: dict[int, str]) -> None:
+        self.units = units
+        self.sources: dict[tuple[Any, Any], tuple[str, str]] = {}  # -> (unit as read, its CONVERSIONS code)
+        self.converters: dict[tuple[str, str], Any] = {}
+        self.conversions: Counter = Counter()  # (split, source, target) -> records converted
+        self.mismatches: Counter = Counter()  # (split, unit as read, target) -> records refused
+
+    def __call__(self, row: tuple, hits: list[Target], split: Split) -> dict[str, float] | str:
+        needed = [t.unit for t in hits if t.unit]
+        if not needed:
+            return _NO_VALUES
+        value = row[6]
+        if value is None:
+            return "no value_as_number"
+        value = float(value)
+        if value - value != 0.0:
+            return "value not finite (NaN/Inf)"
+        key = (row[7], row[8])
+        unit, source = self.sources.get(key) or self._source(key)
+        values = {}
+        for target in needed:
+            if target in values:
+                continue
+            convert = self.converters.get((source, target))
+            if convert is None:
+                convert = self.converters[(source, target)] = CONVERSIONS[target].get(source, False)
+            if convert is False:
+                self.mismatches[(split, unit, target)] += 1
+                return "unit mismatch"
+            values[target] = convert(value)
+            if source != target:
+                self.conversions[(split, source, target)] += 1
+        return values
+
+    def _source(self, key: tuple[Any, Any]) -> tuple[str, str]:
+        unit_id, text = key
+        unit = self.units.get(unit_id) if unit_id else None
+        if unit is None:
+            unit = (text or "").strip() or "1"
+        known = any(unit in table for table in CONVERSIONS.values())
+        found = self.sources[key] = (unit, unit if known else UNIT_ALIASES.get(unit.lower(), unit))
+        return found
+
+    def count(self, reports: dict[Split, OmopLoadReport]) -> None:
+        """Conversions and mismatches, summed over the read, onto each split's report (counts only)."""
+        for (split, source, target), n in self.conversions.items():
+            reports[split].conversions[f"{source}→{target}"] += n
+        for (split, unit, target), n in self.mismatches.items():
+            reports[split].unit_mismatches[f"{_printable(unit)}→{target}"] += n
 
 def _printable(unit: str) -> str:
     text = "".join(c for c in unit[:24] if c.isprintable())

@@ -171,11 +171,12 @@ def unit_codes(conn: Any, source: DatabaseSource) -> dict[int, str]:
         return {concept_id: code for concept_id, code in cur.fetchall() if code}
 
 
-def record_query(source: DatabaseSource, table: CdmTable, *, concepts: list[int], lo: int, hi: int,
+def record_query(source: DatabaseSource, table: CdmTable, *, windows: list[tuple[list[int], int, int]],
                  reasons: list[frozenset[int]]) -> tuple[Any, dict[str, Any]]:
     """The streaming query of one table: rows (person_id, record id, concept, source concept, day,
     end day, value, unit concept, unit text, reason flags...) of records whose concept or source
-    concept is one of `concepts`, dated in (lo, hi] (day ordinals; drugs: supplies overlapping it)."""
+    concept is in one of `windows`' concept lists and dated in that window's (lo, hi] (day ordinals;
+    drugs: supplies overlapping it). Each rule has its own window, so no row that feeds no rule is fetched."""
     import datetime
 
     from psycopg import sql
@@ -188,16 +189,21 @@ def record_query(source: DatabaseSource, table: CdmTable, *, concepts: list[int]
         end = sql.SQL("CASE WHEN drug_exposure_end_date IS NOT NULL THEN (drug_exposure_end_date - " + DAY_ZERO + ") + 2 "
                       "WHEN days_supply > 0 THEN ({} - " + DAY_ZERO + ") + 1 + days_supply "
                       "ELSE ({} - " + DAY_ZERO + ") + 2 END").format(col(c.date), col(c.date))
-        window = sql.SQL("{d} <= %(hi)s AND COALESCE(drug_exposure_end_date, {d} + COALESCE(days_supply, 1)) >= %(lo)s"
-                         ).format(d=col(c.date))
+        window = ("{d} <= %(hi{k})s AND COALESCE(drug_exposure_end_date, {d} + COALESCE(days_supply, 1)) >= %(lo{k})s")
     else:
         end = sql.SQL("NULL::int")
-        window = sql.SQL("{d} > %(lo)s AND {d} <= %(hi)s").format(d=col(c.date))
+        window = "{d} > %(lo{k})s AND {d} <= %(hi{k})s"
+    params: dict[str, Any] = {}
+    matches = []
+    for k, (concepts, lo, hi) in enumerate(windows):
+        params.update({f"c{k}": concepts, f"lo{k}": datetime.date.fromordinal(lo),
+                       f"hi{k}": datetime.date.fromordinal(hi)})
+        matches.append(sql.SQL("((t.{concept} = ANY(%(c{k})s) OR t.{source_concept} = ANY(%(c{k})s)) AND "
+                               + window + ")").format(
+            concept=col(c.concept), source_concept=col(c.source_concept), d=col(c.date), k=sql.SQL(str(k))))
     value = col(c.value) if c.value else sql.SQL("NULL::float8")
     unit = col(c.unit) if c.unit else sql.SQL("NULL::int")
     unit_text = col(c.unit_text) if c.unit_text else sql.SQL("NULL::text")
-    params: dict[str, Any] = {"concepts": concepts,
-                              "lo": datetime.date.fromordinal(lo), "hi": datetime.date.fromordinal(hi)}
     flags = []
     for k, ids in enumerate(reasons):
         params[f"r{k}"] = sorted(ids)
@@ -208,10 +214,9 @@ def record_query(source: DatabaseSource, table: CdmTable, *, concepts: list[int]
             "AND (r.observation_concept_id = ANY(%({k})s) OR r.observation_source_concept_id = ANY(%({k})s))))"
         ).format(s=schema, k=sql.SQL(f"r{k}")))
     query = sql.SQL("SELECT t.person_id, t.{id}, t.{concept}, t.{source_concept}, {day}, {end}, {value}, {unit}, "
-                    "{unit_text}{flags} FROM {schema}.{table} t "
-                    "WHERE (t.{concept} = ANY(%(concepts)s) OR t.{source_concept} = ANY(%(concepts)s)) AND {window}"
+                    "{unit_text}{flags} FROM {schema}.{table} t WHERE {matches}"
                     ).format(id=col(c.id), concept=col(c.concept), source_concept=col(c.source_concept), day=day,
                              end=end, value=value, unit=unit, unit_text=unit_text,
                              flags=sql.SQL("").join(sql.SQL(", ") + f for f in flags),
-                             schema=schema, table=col(table.value), window=window)
+                             schema=schema, table=col(table.value), matches=sql.SQL(" OR ").join(matches))
     return query, params

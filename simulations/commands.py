@@ -98,7 +98,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     where.add_argument("--hospitals", type=int, default=None, help="number of synthetic hospitals (default 5)")
     where.add_argument("--sites", type=Path, default=None, metavar="DIR",
                        help="run on your own site data: every sub-folder of DIR is one site (train/test as CSV, "
-                            "Parquet or FHIR; optional site.toml policy); the folders are only read")
+                            "Parquet or FHIR, or a database.toml; optional site.toml policy); the folders are only read")
     sim.add_argument("--rounds", type=int, default=None, help="override the study's number of rounds")
     sim.add_argument("--epsilon", type=float, default=None, help="override each site's ε target for the study")
     sim.add_argument("--study", type=Path, default=DEFAULT_STUDY, help="study TOML file")
