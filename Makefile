@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/strategies.py --repeats 2 --sites runs/bench-breast-cancer-sites --study studies/breast-cancer.toml --epsilon 1
 	$(BIN)/pip install -q -c requirements.lock -e '.[bench]'  # fhir.resources, the ingest baseline
 	$(BIN)/python bench/fhir_ingest.py
+	$(BIN)/python bench/omop_ingest.py  # PostgreSQL (Debian postgresql), pandas from [bench]
 
 # OCI images of the three roles (podman, base from Debian via mmdebstrap; cached in ~/.cache/fedcare/images)
 images: $(STAMP)
