@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import json
 import logging
 import os
 import tomllib
@@ -87,6 +88,7 @@ class DatabaseSource:
     sslrootcert: Path | None = None
     query: str | None = None  # kind sql
     test_fraction: float = 0.2
+    insecure_tls: bool = False  # a weaker sslmode than verify-ca off loopback, allowed explicitly (warned)
     origin: str = SOURCE_FILE  # where it was declared, for messages
 
     def describe(self) -> str:
@@ -119,7 +121,7 @@ def load_database_source(path: str | Path) -> DatabaseSource:
     return _source(fields, table, base=path.parent, origin=str(path))
 
 
-_KEYS = ("kind", "host", "port", "dbname", "user", "password_file", "password_env", "sslmode", "sslrootcert",
+_KEYS = ("kind", "host", "port", "dbname", "user", "password_file", "password_env", "sslmode", "sslrootcert", "insecure_tls",
          "cdm_schema", "vocabulary_schema", "query", "query_file", "test_fraction")
 
 
@@ -157,17 +159,22 @@ def _source(fields: Fields, table: dict[str, Any], *, base: Path, origin: str, a
         raise fields.fail(f"{at}.query", "only kind 'sql' runs a query (kind 'omop' reads the CDM by the study's [omop])")
     test_fraction = float(fields.number(table, f"{at}.test_fraction", minimum=0.0, below=1.0, default=0.2))
     sslmode = fields.choice(table, f"{at}.sslmode", SSL_MODES, "prefer" if loopback else "verify-full")
+    insecure_tls = fields.boolean(table, f"{at}.insecure_tls", default=False)
     if not loopback and sslmode not in ("verify-ca", "verify-full"):
-        log.warning("%s: sslmode '%s' to %s: the connection to the database is not verified (use verify-full)",
-                    origin, sslmode, host)
+        if not insecure_tls:
+            raise fields.fail(f"{at}.sslmode", f"'{sslmode}' to {host} does not verify the server: whoever is in the "
+                                               "middle could ask for the password in clear. Use verify-full (with "
+                                               "sslrootcert), or set insecure_tls = true for a trial")
+        log.warning("INSECURE: %s: sslmode '%s' to %s (insecure_tls = true): the database server is not verified, "
+                    "and the password can be taken by whoever is in the middle", origin, sslmode, host)
     source = DatabaseSource(
         kind=kind, host=host, port=port, dbname=fields.string(table, f"{at}.dbname", non_empty=True),
         user=fields.string(table, f"{at}.user", non_empty=True), cdm_schema=cdm_schema,
         vocabulary_schema=_identifier(fields, table, f"{at}.vocabulary_schema", cdm_schema),
         password_file=password_file, password_env=password_env, sslmode=sslmode,
-        sslrootcert=_path(Path(fields.string(table, f"{at}.sslrootcert", non_empty=True)), base)
+        sslrootcert=_sslrootcert(fields.string(table, f"{at}.sslrootcert", non_empty=True), base)
         if "sslrootcert" in table else None,
-        query=query, test_fraction=test_fraction, origin=origin,
+        query=query, test_fraction=test_fraction, origin=origin, insecure_tls=insecure_tls,
     )
     return source
 
@@ -222,7 +229,7 @@ def data_argument(text: str, *, state_dir: Path) -> Path:
 def write_database_source(source: DatabaseSource, path: Path) -> Path:
     """`source` as a database.toml (no secret in it) that `load_database_source` reads back."""
     def quoted(value: object) -> str:
-        return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return json.dumps(str(value), ensure_ascii=False)  # a JSON string is a TOML basic string
 
     lines = ["[database]", f"kind = {quoted(source.kind.value)}", f"host = {quoted(source.host)}",
              f"port = {source.port}", f"dbname = {quoted(source.dbname)}", f"user = {quoted(source.user)}",
@@ -234,10 +241,17 @@ def write_database_source(source: DatabaseSource, path: Path) -> Path:
         lines.append(f"password_env = {quoted(source.password_env)}")
     if source.sslrootcert is not None:
         lines.append(f"sslrootcert = {quoted(source.sslrootcert)}")
+    if source.insecure_tls:
+        lines.append("insecure_tls = true")
     if source.query is not None:
         lines.append(f"query = {quoted(source.query)}")
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def _sslrootcert(text: str, base: Path) -> Path:
+    """libpq's `system` (the operating system's trusted CAs) stays as written; a path is taken from `base`."""
+    return Path(text) if text == "system" else _path(Path(text), base)
 
 
 def _path(path: Path, base: Path) -> Path:
@@ -301,6 +315,10 @@ def connect(source: DatabaseSource, *, check: bool = True) -> Any:
     if check:
         try:
             check_read_only(conn, source)
+        except psycopg.Error as err:
+            conn.close()
+            raise DatabaseSourceError(f"{source.origin}: checking the role {source.user} failed: "
+                                      f"{type(err).__name__}: {_first_line(err)}") from None
         except BaseException:
             conn.close()
             raise
@@ -310,51 +328,74 @@ def connect(source: DatabaseSource, *, check: bool = True) -> Any:
 _WRITABLE_TABLES = """
 SELECT n.nspname, c.relname,
        array_remove(ARRAY[
-         CASE WHEN has_table_privilege(c.oid, 'INSERT') OR has_any_column_privilege(c.oid, 'INSERT') THEN 'INSERT' END,
-         CASE WHEN has_table_privilege(c.oid, 'UPDATE') OR has_any_column_privilege(c.oid, 'UPDATE') THEN 'UPDATE' END,
-         CASE WHEN has_table_privilege(c.oid, 'DELETE') THEN 'DELETE' END,
-         CASE WHEN has_table_privilege(c.oid, 'TRUNCATE') THEN 'TRUNCATE' END,
-         CASE WHEN has_table_privilege(c.oid, 'TRIGGER') THEN 'TRIGGER' END], NULL)
+         CASE WHEN has_table_privilege(%(role)s, c.oid, 'INSERT')
+                   OR has_any_column_privilege(%(role)s, c.oid, 'INSERT') THEN 'INSERT' END,
+         CASE WHEN has_table_privilege(%(role)s, c.oid, 'UPDATE')
+                   OR has_any_column_privilege(%(role)s, c.oid, 'UPDATE') THEN 'UPDATE' END,
+         CASE WHEN has_table_privilege(%(role)s, c.oid, 'DELETE') THEN 'DELETE' END,
+         CASE WHEN has_table_privilege(%(role)s, c.oid, 'TRUNCATE') THEN 'TRUNCATE' END,
+         CASE WHEN has_table_privilege(%(role)s, c.oid, 'TRIGGER') THEN 'TRIGGER' END], NULL)
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f')
   AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%%'
   AND n.nspname NOT LIKE 'pg_temp%%'
-  AND (has_table_privilege(c.oid, 'INSERT, UPDATE, DELETE, TRUNCATE, TRIGGER')
-       OR has_any_column_privilege(c.oid, 'INSERT, UPDATE'))
+  AND (has_table_privilege(%(role)s, c.oid, 'INSERT, UPDATE, DELETE, TRUNCATE, TRIGGER')
+       OR has_any_column_privilege(%(role)s, c.oid, 'INSERT, UPDATE'))
 ORDER BY 1, 2 LIMIT 6
 """
 
 
+_SERVER_ROLES = ("pg_write_server_files", "pg_execute_server_program")  # write files / run programs on the server
+
+
 def check_read_only(conn: Any, source: DatabaseSource) -> None:
-    """Refuse a role that can change anything in this database, naming what it can do."""
+    """Refuse a role that can change anything in this database, naming what it can do: by itself, or
+    through any role it may SET ROLE to (membership, inherited or not)."""
     user = source.user
+    reasons: list[str] = []
     with conn.cursor() as cur:
-        cur.execute("SELECT rolsuper, rolcreaterole, rolcreatedb FROM pg_roles WHERE rolname = current_user")
-        superuser, createrole, createdb = cur.fetchone()
-        reasons = []
-        if superuser:
-            reasons.append(f"role {user} is a superuser (it can write everything)")
-        if createrole:
-            reasons.append(f"role {user} has CREATEROLE (it can grant itself write access)")
-        if createdb:
-            reasons.append(f"role {user} has CREATEDB")
-        if not superuser:
-            cur.execute("SELECT has_database_privilege(current_database(), 'CREATE')")
-            if cur.fetchone()[0]:
-                reasons.append(f"role {user} can CREATE schemas in database {source.dbname}")
-            cur.execute("SELECT nspname FROM pg_namespace WHERE has_schema_privilege(oid, 'CREATE') "
-                        "AND nspname NOT LIKE 'pg_temp%%' AND nspname NOT LIKE 'pg_toast%%' ORDER BY 1")
-            schemas = [row[0] for row in cur.fetchall()]
-            if schemas:
-                reasons.append(f"role {user} can CREATE in schema {', '.join(schemas)}")
-            cur.execute(_WRITABLE_TABLES)
-            for schema, table, privileges in cur.fetchall():
-                reasons.append(f"role {user} has {'/'.join(privileges)} on {schema}.{table}")
+        cur.execute("SELECT r.rolname, r.rolsuper, r.rolcreaterole, r.rolcreatedb FROM pg_roles r "
+                    "WHERE pg_has_role(current_user, r.oid, 'MEMBER') ORDER BY r.rolname = current_user DESC, 1")
+        for role, superuser, createrole, createdb in cur.fetchall():
+            who = f"role {user}" if role == user else f"role {user} can SET ROLE {role}, which"
+            if role in _SERVER_ROLES:
+                reasons.append(f"role {user} is a member of {role} (it can write on the database server)")
+            if superuser:
+                reasons.append(f"{who} is a superuser (it can write everything)")
+                continue
+            if createrole:
+                reasons.append(f"{who} has CREATEROLE (it can grant itself write access)")
+            if createdb:
+                reasons.append(f"{who} has CREATEDB")
+            reasons += _write_privileges(cur, role, who, source.dbname)
+        cur.execute("SELECT n.nspname, p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+                    "WHERE p.prosecdef AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
+                    "AND has_function_privilege(p.oid, 'EXECUTE') ORDER BY 1, 2 LIMIT 6")
+        for schema, function in cur.fetchall():
+            reasons.append(f"role {user} may EXECUTE the SECURITY DEFINER function {schema}.{function} "
+                           "(it runs with its owner's rights; REVOKE EXECUTE on it)")
         conn.rollback()
     if reasons:
         raise DatabaseSourceError(
-            f"{source.origin}: refusing to read with a role that can write: {'; '.join(reasons)}. "
+            f"{source.origin}: refusing to read with a role that can write: {'; '.join(dict.fromkeys(reasons))}. "
             f"Connect as a role with SELECT only (docs/OMOP.md, \"A read-only role\")")
+
+
+def _write_privileges(cur: Any, role: str, who: str, dbname: str) -> list[str]:
+    """What `role` itself may change: CREATE on the database or a schema, writes on a table."""
+    reasons = []
+    cur.execute("SELECT has_database_privilege(%s, current_database(), 'CREATE')", (role,))
+    if cur.fetchone()[0]:
+        reasons.append(f"{who} can CREATE schemas in database {dbname}")
+    cur.execute("SELECT nspname FROM pg_namespace WHERE has_schema_privilege(%s, oid, 'CREATE') "
+                "AND nspname NOT LIKE 'pg_temp%%' AND nspname NOT LIKE 'pg_toast%%' ORDER BY 1", (role,))
+    schemas = [row[0] for row in cur.fetchall()]
+    if schemas:
+        reasons.append(f"{who} can CREATE in schema {', '.join(schemas)}")
+    cur.execute(_WRITABLE_TABLES, {"role": role})
+    for schema, table, privileges in cur.fetchall():
+        reasons.append(f"{who} has {'/'.join(privileges)} on {schema}.{table}")
+    return reasons
 
 
 def _first_line(err: BaseException) -> str:

@@ -150,6 +150,11 @@ def read_omop_site(study: Study, source: DatabaseSource, *, today: datetime.date
             reader.concepts = resolve_concepts(conn, source, mapping)
             reader.units = unit_codes(conn, source)
             reader.read(conn)
+    except (psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable, psycopg.errors.SerializationFailure) as err:
+        raise DatabaseSourceError(
+            f"{source.origin}: the database cancelled the read of {reader.reading} ({type(err).__name__}: "
+            f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}): a statement_timeout or lock_timeout "
+            "of the role, or a standby's recovery conflict. Nothing read is used") from None
     except psycopg.OperationalError as err:
         raise DatabaseSourceError(
             f"{source.origin}: the connection to {source.describe()} was lost while reading {reader.reading}: "
@@ -204,6 +209,10 @@ class _Reader:
             cur.execute(query)
             while batch := cur.fetchmany(self.fetch_rows):
                 for person_id, gender, year, month, day in batch:
+                    if person_id is None:  # a view over person can hold one; no record can belong to it
+                        self.reports[Split.TRAIN].rows_read += 1
+                        self.reports[Split.TRAIN].reject("a person row", "person: no person_id")
+                        continue
                     split = assign_split(person_id, self.source.test_fraction)
                     report = self.reports[split]
                     report.rows_read += 1
@@ -299,6 +308,10 @@ class _Reader:
                         if more:
                             hits = tuple(dict.fromkeys(hits + more))
                     day, end = row[4], row[5]
+                    if day is None or end == -1:  # an infinite date (PostgreSQL's 'infinity')
+                        if hits:
+                            self.reports[patient.split].reject(f"{id_column} {row[1]}", f"{name}: date not finite")
+                        continue
                     if drug:
                         hits = [t for t in hits if day <= t.hi and end > t.lo + 1]
                     else:

@@ -34,7 +34,7 @@ CDM_COLUMNS: dict[CdmTable, TableColumns] = {
     CdmTable.MEASUREMENT: TableColumns("measurement_id", "measurement_concept_id", "measurement_source_concept_id",
                                        "measurement_date", "value_as_number", "unit_concept_id", "unit_source_value"),
     CdmTable.OBSERVATION: TableColumns("observation_id", "observation_concept_id", "observation_source_concept_id",
-                                       "observation_date", "value_as_number", "unit_concept_id"),
+                                       "observation_date", "value_as_number", "unit_concept_id", "unit_source_value"),
     CdmTable.CONDITION: TableColumns("condition_occurrence_id", "condition_concept_id", "condition_source_concept_id",
                                      "condition_start_date"),
     CdmTable.DRUG: TableColumns("drug_exposure_id", "drug_concept_id", "drug_source_concept_id",
@@ -44,7 +44,7 @@ CDM_COLUMNS: dict[CdmTable, TableColumns] = {
 }
 PERSON_COLUMNS = ("person_id", "gender_concept_id", "year_of_birth", "month_of_birth", "day_of_birth")
 DRUG_EXTRA = ("drug_exposure_end_date", "days_supply")
-VOCABULARY_COLUMNS = {"concept": ("concept_id", "vocabulary_id", "concept_code"),
+VOCABULARY_COLUMNS = {"concept": ("concept_id", "vocabulary_id", "concept_code", "domain_id"),
                       "concept_ancestor": ("ancestor_concept_id", "descendant_concept_id")}
 
 
@@ -61,10 +61,22 @@ def check_tables(conn: Any, source: DatabaseSource, tables: set[CdmTable]) -> No
     wanted: dict[tuple[str, str], tuple[str, ...]] = {(source.cdm_schema, t.value): _needed(t) for t in tables}
     if CdmTable.VISIT in tables:  # reasons are looked up in the visit's conditions and observations
         for table in (CdmTable.CONDITION, CdmTable.OBSERVATION):
-            wanted.setdefault((source.cdm_schema, table.value), ("visit_occurrence_id",))
+            key = (source.cdm_schema, table.value)
+            wanted[key] = tuple(dict.fromkeys(wanted.get(key, ()) + ("visit_occurrence_id", CDM_COLUMNS[table].concept,
+                                                                      CDM_COLUMNS[table].source_concept)))
     for name, columns in VOCABULARY_COLUMNS.items():
         wanted[(source.vocabulary_schema, name)] = columns
     with conn.cursor() as cur:
+        for schema in dict.fromkeys((source.cdm_schema, source.vocabulary_schema)):
+            cur.execute("SELECT to_regnamespace(%s) IS NOT NULL, has_schema_privilege(%s, 'USAGE') "
+                        "FROM (SELECT 1) one WHERE to_regnamespace(%s) IS NOT NULL", (schema, schema, schema))
+            row = cur.fetchone()
+            if row is None:
+                raise DatabaseSourceError(f"{source.origin}: schema {schema}: missing in database {source.dbname} "
+                                          "(are cdm_schema and vocabulary_schema right?)")
+            if not row[1]:
+                raise DatabaseSourceError(f"{source.origin}: schema {schema}: the role {source.user} has no USAGE on "
+                                          f"it (GRANT USAGE ON SCHEMA {schema} TO {source.user})")
         cur.execute("SELECT table_schema, table_name, column_name FROM information_schema.columns "
                     "WHERE table_schema = ANY(%s)", ([source.cdm_schema, source.vocabulary_schema],))
         present: dict[tuple[str, str], set[str]] = {}
@@ -115,9 +127,14 @@ def resolve_concepts(conn: Any, source: DatabaseSource, mapping: OmopMapping) ->
     schema = sql.Identifier(source.vocabulary_schema)
     with conn.cursor(name="fedcare_concepts") as cur:
         cur.itersize = 50_000
+        # only the candidate rows cross the wire: a real vocabulary holds millions of concepts
+        codes = sorted({normalize_code(ref.code) for ref in refs if ref.concept_id is None and not ref.is_prefix})
+        patterns = sorted({_like_prefix(normalize_code(ref.code)) for ref in prefixes})
         cur.execute(sql.SQL("SELECT concept_id, vocabulary_id, concept_code FROM {}.concept "
-                            "WHERE vocabulary_id = ANY(%s) OR concept_id = ANY(%s)").format(schema),
-                    (vocabularies, ids_written))
+                            "WHERE concept_id = ANY(%(ids)s) OR (vocabulary_id = ANY(%(vocabularies)s) AND ("
+                            "upper(replace(concept_code, '.', '')) = ANY(%(codes)s) OR "
+                            "upper(replace(concept_code, '.', '')) LIKE ANY(%(patterns)s)))").format(schema),
+                    {"ids": ids_written, "vocabularies": vocabularies, "codes": codes, "patterns": patterns})
         for concept_id, vocabulary, code in cur:
             existing.add(concept_id)
             if code is None:
@@ -161,6 +178,11 @@ def resolve_concepts(conn: Any, source: DatabaseSource, mapping: OmopMapping) ->
     return ResolvedConcepts(by_set=by_set, lines=lines, not_found=not_found)
 
 
+def _like_prefix(code: str) -> str:
+    """A LIKE pattern matching every code that begins with `code` (its own % and _ taken literally)."""
+    return code.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
 def unit_codes(conn: Any, source: DatabaseSource) -> dict[int, str]:
     """UCUM unit concepts (and other Unit-domain concepts) as their codes."""
     from psycopg import sql
@@ -184,9 +206,10 @@ def record_query(source: DatabaseSource, table: CdmTable, *, windows: list[tuple
     c = CDM_COLUMNS[table]
     schema = sql.Identifier(source.cdm_schema)
     col = sql.Identifier
-    day = sql.SQL("({} - " + DAY_ZERO + ") + 1").format(col(c.date))
-    if table is CdmTable.DRUG:
-        end = sql.SQL("CASE WHEN drug_exposure_end_date IS NOT NULL THEN (drug_exposure_end_date - " + DAY_ZERO + ") + 2 "
+    day = sql.SQL("CASE WHEN isfinite({d}) THEN ({d} - " + DAY_ZERO + ") + 1 END").format(d=col(c.date))
+    if table is CdmTable.DRUG:  # an infinite end date gives -1: quarantined as a supply that does not end
+        end = sql.SQL("CASE WHEN NOT isfinite(drug_exposure_end_date) THEN -1 "
+                      "WHEN drug_exposure_end_date IS NOT NULL THEN (drug_exposure_end_date - " + DAY_ZERO + ") + 2 "
                       "WHEN days_supply > 0 THEN ({} - " + DAY_ZERO + ") + 1 + days_supply "
                       "ELSE ({} - " + DAY_ZERO + ") + 2 END").format(col(c.date), col(c.date))
         window = ("{d} <= %(hi{k})s AND COALESCE(drug_exposure_end_date, {d} + COALESCE(days_supply, 1)) >= %(lo{k})s")

@@ -9,6 +9,7 @@ The label, then each table feature in spec order, goes through the CSV cell chec
 from __future__ import annotations
 
 import math
+from decimal import Decimal
 from array import array
 from pathlib import Path
 
@@ -120,11 +121,14 @@ def check_columns(wanted: list[str], path: Path, header: list[str], where: str) 
 
 
 def cell_text(value: object) -> str:
-    """A Parquet cell as the CSV reader would see it (None is missing; 1.0 is "1")."""
+    """A Parquet or database cell as the CSV reader would see it (None is missing; 1.0 and Decimal("1.0")
+    are "1")."""
     if value is None:
         return ""
     if isinstance(value, bool):
         return str(int(value))
+    if isinstance(value, Decimal):
+        value = float(value)
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
         return str(int(value))
     return str(value)

@@ -47,7 +47,8 @@ ALLOWED_AGGREGATES: dict[CdmTable, tuple[str, ...]] = {
     CdmTable.VISIT: ("count", "any"),
     CdmTable.DRUG: ("pdc", "any"),  # pdc: the share of the window's days covered by a supply
 }
-VALUE_AGGREGATES = ("latest", "mean", "slope_per_30d")  # need value_as_number (and `unit`)
+VALUE_AGGREGATES = ("latest", "mean", "slope_per_30d")
+MAX_WINDOW_DAYS = 73_000  # 200 years: "ever" is 36500; a window beyond the calendar is a mistake  # need value_as_number (and `unit`)
 PERSON_VALUES = ("age", "female")
 # Keys besides `table` a feature rule may have, per table: (required, optional).
 FEATURE_KEYS: dict[CdmTable, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -223,6 +224,8 @@ def _rule_values(p: Fields, raw: dict[str, Any], at: str, table: CdmTable) -> di
     for key in ("window_days", "window_days_after"):
         if key in raw:
             values[key] = p.integer(raw, f"{at}.{key}", minimum=1)
+            if values[key] > MAX_WINDOW_DAYS:
+                raise p.fail(f"{at}.{key}", f"must be <= {MAX_WINDOW_DAYS} (200 years), got {values[key]}")
     if "aggregate" in raw:
         aggregate = values["aggregate"] = p.choice(raw, f"{at}.aggregate", tuple(
             dict.fromkeys(a for options in ALLOWED_AGGREGATES.values() for a in options)))

@@ -162,6 +162,7 @@ def test_rules_derive_what_docs_omop_says(cdm):
         conn.execute(dx, (2, g, sertraline, _day(80), _day(36), 45))
         conn.execute(dx, (3, g, metformin, _day(60), _day(1), None))
         conn.execute(dx, (4, g, sertraline, _day(20), _day(30), None))  # ends before it starts: quarantined
+        conn.execute(dx, (5, g, sertraline, _day(10), "infinity", None))  # never ends: quarantined
         # h: a depressive episode dated after "today" (quarantined); records of a person not in `person`
         conn.execute(co, (8, h, f321, _day(-300), f321, None))
         conn.execute(m, (13, 999_999, phq, _day(5), 3, score, 0))
@@ -185,7 +186,7 @@ def test_rules_derive_what_docs_omop_says(cdm):
     report = table.report
     assert report.quarantined == {"measurement: no value_as_number": 1, "measurement: unit mismatch": 1,
                                   "drug_exposure: supply ends before it starts": 1,
-                                  "condition_occurrence: date in the future": 1}
+                                  "condition_occurrence: date in the future": 1, "drug_exposure: date not finite": 1}
     assert labels[h] == 0
     assert report.examples["measurement: no value_as_number"] == ["measurement_id 8"]
     assert report.unknown_person["measurement"] == 1
@@ -203,6 +204,39 @@ def test_a_role_that_can_write_is_refused_with_the_reason(cdm):
                            "--data", str(cdm("writer"))], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "role writer has INSERT on cdm.measurement" in proc.stderr
     assert "writer-pw" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("grant, reason", [
+    ("GRANT writer TO {role}", "role {role} can SET ROLE writer, which has INSERT on cdm.measurement"),
+    ("GRANT pg_execute_server_program TO {role}",
+     "role {role} is a member of pg_execute_server_program (it can write on the database server)"),
+    ("CREATE FUNCTION cdm.wipe_{role}() RETURNS void LANGUAGE sql SECURITY DEFINER AS 'DELETE FROM cdm.measurement'",
+     "role {role} may EXECUTE the SECURITY DEFINER function cdm.wipe_{role}"),
+])
+def test_a_role_that_can_become_a_writer_is_refused(cdm, grant, reason):
+    """NOINHERIT hides a writer role's privileges from has_table_privilege, but SET ROLE still reaches them."""
+    import psycopg
+
+    role = f"sneaky_{abs(hash(grant)) % 10_000}"
+    cdm.cluster.create_role(role, f"{role}-pw")
+    with psycopg.connect(cdm.cluster.superuser_conninfo(dbname="cdm"), autocommit=True) as conn:
+        conn.execute(f"ALTER ROLE {role} NOINHERIT")
+        conn.execute(f"GRANT USAGE ON SCHEMA cdm, vocab TO {role}")
+        conn.execute(f"GRANT SELECT ON ALL TABLES IN SCHEMA cdm, vocab TO {role}")
+        conn.execute(grant.format(role=role))
+    folder = cdm("reader")
+    (folder / "reader.pass").write_text(f"{role}-pw\n")
+    os.chmod(folder / "reader.pass", 0o600)
+    text = (folder / "database.toml").read_text()
+    text = text.replace('user = "reader"', f'user = "{role}"')
+    text = "\n".join(f'password_file = "{folder / "reader.pass"}"' if line.startswith("password_file") else line
+                      for line in text.splitlines()) + "\n"
+    (folder / "database.toml").write_text(text)
+    with pytest.raises(DatabaseSourceError) as err:
+        read_database_site(load_study(OMOP_STUDY), folder)
+    assert reason.format(role=role) in str(err.value)
+    with psycopg.connect(cdm.cluster.superuser_conninfo(dbname="cdm"), autocommit=True) as conn:
+        conn.execute(f"DROP FUNCTION IF EXISTS cdm.wipe_{role}()")
 
 
 def test_a_dropped_connection_mid_read_uses_nothing(cdm):
@@ -263,7 +297,7 @@ def test_a_sites_own_query_reads_like_a_csv(cdm, tmp_path):
         conn.execute("DROP SCHEMA IF EXISTS research CASCADE")
         conn.execute("CREATE SCHEMA research")
         columns = ", ".join(f"{n} double precision" for n in names)
-        conn.execute(f"CREATE TABLE research.cohort (patient_id text, {columns}, episode_12m int, note text)")
+        conn.execute(f"CREATE TABLE research.cohort (patient_id text, {columns}, episode_12m numeric, note text)")
         for i in range(60):
             values = []
             for feat in study.features:  # a value inside each feature's range, varying by row

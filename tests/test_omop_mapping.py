@@ -83,6 +83,8 @@ def test_the_omop_table_is_part_of_the_hash():
      "s.toml: omop.label.any_of[0].aggregate: a label rule's aggregate is 'any', got 'count'"),
     (lambda o: o["label"]["any_of"][0].update(reason_concepts=["ICD10CM|F*"]),
      "s.toml: omop.label.any_of[0].reason_concepts: only a visit_occurrence rule has reasons"),
+    (lambda o: o["features"]["dx_anxiety"].update(window_days=1_000_000),
+     "s.toml: omop.features.dx_anxiety.window_days: must be <= 73000 (200 years), got 1000000"),
     (lambda o: o.update(index_date="2025-01-01"),
      "s.toml: omop.index_date: 2025-01-01 differs from mapping.index_date (2025-07-01): a study has one index date"),
 ])
@@ -131,12 +133,22 @@ def test_a_database_toml_reads_back_with_secure_defaults(tmp_path):
     ('kind = "omop"\ndbname = "cdm"\nuser = "r"\nport = 70000\n', "database.port: must be <= 65535, got 70000"),
     ('kind = "omop"\nuser = "r"\n', "database.dbname: missing field"),
     ('kind = "omop"\ndbname = "cdm"\nuser = "r"\ntest_fraction = 1.5\n', "database.test_fraction: must be < 1"),
+    ('kind = "omop"\nhost = "db.example.org"\ndbname = "cdm"\nuser = "r"\nsslmode = "require"\n',
+     "database.sslmode: 'require' to db.example.org does not verify the server"),
 ])
 def test_mistakes_in_database_toml_name_the_field(tmp_path, body, message):
     path = _source_file(tmp_path, body)
     with pytest.raises(DatabaseSourceError) as err:
         load_database_source(path)
     assert str(err.value).startswith(f"{path}: {message}")
+
+
+def test_an_unverified_tls_mode_off_loopback_needs_insecure_tls_and_warns(tmp_path, caplog):
+    path = _source_file(tmp_path, 'kind = "omop"\nhost = "db.example.org"\ndbname = "c"\nuser = "r"\n'
+                                  'sslmode = "require"\ninsecure_tls = true\n')
+    with caplog.at_level("WARNING"):
+        assert load_database_source(path).sslmode == "require"
+    assert "INSECURE" in caplog.text and "db.example.org" in caplog.text
 
 
 def test_a_url_never_carries_a_password_and_becomes_a_database_toml(tmp_path):
