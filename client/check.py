@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from client.data import SiteDataError, SiteTable, read_split, split_source
+from client.database import DatabaseSource
 from fedcare.study import Study
 
 
@@ -49,13 +50,14 @@ def _missingness(study: Study, table: SiteTable) -> list[str]:
     return ["  missing values by feature:", *lines] if lines else ["  no missing values"]
 
 
-def check_site_export(study: Study, path: str | Path) -> DataCheck:
-    """Read every split under `path` against `study`; fatal when a split yields no usable patient."""
+def check_site_export(study: Study, path: str | Path, *, source: DatabaseSource | None = None) -> DataCheck:
+    """Read every split under `path` (or of the database `source`) against `study`; fatal when a split
+    yields no usable patient."""
     from client.database import is_database_path
 
     path = Path(path)
-    if is_database_path(path):
-        return check_database_site(study, path)
+    if source is not None or is_database_path(path):
+        return check_database_site(study, path, source=source)
     try:
         splits = _split_paths(path)
     except SiteDataError as err:
@@ -85,14 +87,14 @@ def check_site_export(study: Study, path: str | Path) -> DataCheck:
     return DataCheck("\n".join(out), bool(problems), tuple(problems), tuple(warnings))
 
 
-def check_database_site(study: Study, path: Path) -> DataCheck:
+def check_database_site(study: Study, path: Path, *, source: DatabaseSource | None = None) -> DataCheck:
     """The same check against the site's database (`client/database_site.py`): which concepts each rule
     found, records read and used per table, quarantines by reason, missingness; counts only."""
     from client.database import Split, load_database_source
     from client.database_site import read_database_site
 
     try:
-        source = load_database_source(path)
+        source = source or load_database_source(path)
         out = [f"study {study.name} ({study.hash[:12]}…), {len(study.features)} features",
                f"database: {source.describe()}, read-only role {source.user} checked"]
         tables = read_database_site(study, path, source=source)

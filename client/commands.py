@@ -11,14 +11,14 @@ from cli import add_command
 
 def _data_check(args: argparse.Namespace) -> int:
     from client.check import check_site_export
+    from client.database import is_database_url, source_from_url
     from fedcare.study import load_study
 
-    import tempfile
-
-    from client.database import data_argument
-
-    with tempfile.TemporaryDirectory(prefix="fedcare-check-") as scratch:
-        check = check_site_export(load_study(args.study), data_argument(args.data, state_dir=Path(scratch)))
+    study = load_study(args.study)
+    if is_database_url(args.data):  # errors then name --data, not a file
+        check = check_site_export(study, Path("--data"), source=source_from_url(args.data))
+    else:
+        check = check_site_export(study, Path(args.data))
     print(check.text, file=sys.stderr if check.fatal else sys.stdout)
     return 2 if check.fatal else 0
 

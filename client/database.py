@@ -398,6 +398,16 @@ def _write_privileges(cur: Any, role: str, who: str, dbname: str) -> list[str]:
     return reasons
 
 
+def connection_lost(conn: Any, err: BaseException) -> bool:
+    """Whether `err` means the session is gone (a dropped network, a restart, an ended backend), however
+    psycopg classed it: a session ended mid-FETCH can surface as an InternalError of the half-read reply."""
+    import psycopg
+    from psycopg import pq
+
+    return isinstance(err, psycopg.OperationalError) and not isinstance(err, psycopg.errors.QueryCanceled) \
+        or conn.broken or conn.closed or conn.info.status != pq.ConnStatus.OK
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__

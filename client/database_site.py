@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from client.database import DatabaseSource, DatabaseSourceError, SourceKind, Split, assign_split, connect, \
-    load_database_source
+    connection_lost, load_database_source
 from client.rows import RowCollector, cell_text, check_columns
 from client.tables import LoadReport, SiteTable
 from fedcare.study import Study
@@ -77,10 +77,10 @@ def read_sql_site(study: Study, source: DatabaseSource, *, fetch_rows: int = 10_
                     collector.seen.add(pid)
                     collector.add(rows[split], cell_text(record[label_pos]),
                                   [cell_text(record[p]) for p in positions])
-    except psycopg.OperationalError as err:
-        raise DatabaseSourceError(f"{source.origin}: the connection to {source.describe()} was lost while running "
-                                  f"the site's query: {_line(err)}. Nothing read from it is used") from None
     except psycopg.Error as err:
+        if connection_lost(conn, err):
+            raise DatabaseSourceError(f"{source.origin}: the connection to {source.describe()} was lost while "
+                                      f"running the site's query: {_line(err)}. Nothing read from it is used") from None
         raise DatabaseSourceError(f"{source.origin}: the site's query failed: {type(err).__name__}: {_line(err)}") from None
     finally:
         conn.close()

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from client.database import DatabaseSource, DatabaseSourceError, Split, assign_split, connect
+from client.database import DatabaseSource, DatabaseSourceError, Split, assign_split, connect, connection_lost
 from client.fhir_aggregates import Count, DistinctDays, Exists, Mean, Pdc, Slope
 from client.fhir_datatypes import whole_years
 from client.fhir_rules import Invalid, bmi, checked
@@ -155,14 +155,13 @@ def read_omop_site(study: Study, source: DatabaseSource, *, today: datetime.date
             f"{source.origin}: the database cancelled the read of {reader.reading} ({type(err).__name__}: "
             f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}): a statement_timeout or lock_timeout "
             "of the role, or a standby's recovery conflict. Nothing read is used") from None
-    except psycopg.OperationalError as err:
-        raise DatabaseSourceError(
-            f"{source.origin}: the connection to {source.describe()} was lost while reading {reader.reading}: "
-            f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}. Nothing read from it "
-            "is used; run again when the database is reachable") from None
     except psycopg.Error as err:
-        raise DatabaseSourceError(f"{source.origin}: reading {reader.reading} failed: "
-                                  f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}") from None
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if connection_lost(conn, err):
+            raise DatabaseSourceError(
+                f"{source.origin}: the connection to {source.describe()} was lost while reading {reader.reading}: "
+                f"{text}. Nothing read from it is used; run again when the database is reachable") from None
+        raise DatabaseSourceError(f"{source.origin}: reading {reader.reading} failed: {type(err).__name__}: {text}") from None
     finally:
         conn.close()
     return {split: reader.table(split) for split in Split}

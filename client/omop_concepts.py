@@ -212,7 +212,8 @@ def record_query(source: DatabaseSource, table: CdmTable, *, windows: list[tuple
                       "WHEN drug_exposure_end_date IS NOT NULL THEN (drug_exposure_end_date - " + DAY_ZERO + ") + 2 "
                       "WHEN days_supply > 0 THEN ({} - " + DAY_ZERO + ") + 1 + days_supply "
                       "ELSE ({} - " + DAY_ZERO + ") + 2 END").format(col(c.date), col(c.date))
-        window = ("{d} <= %(hi{k})s AND COALESCE(drug_exposure_end_date, {d} + COALESCE(days_supply, 1)) >= %(lo{k})s")
+        window = ("{d} <= %(hi{k})s AND ({d} > %(lo{k})s "  # started in the window (the reader checks its end)
+                  "OR COALESCE(drug_exposure_end_date, {d} + COALESCE(days_supply, 1)) >= %(lo{k})s)")
     else:
         end = sql.SQL("NULL::int")
         window = "{d} > %(lo{k})s AND {d} <= %(hi{k})s"
