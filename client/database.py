@@ -310,7 +310,7 @@ def connect(source: DatabaseSource, *, check: bool = True) -> Any:
         )
     except psycopg.OperationalError as err:
         raise DatabaseSourceError(f"{source.origin}: cannot connect to {source.describe()}: "
-                                  f"{_first_line(err)}") from None
+                                  f"{first_line(err)}") from None
     conn.read_only = True
     if check:
         try:
@@ -318,7 +318,7 @@ def connect(source: DatabaseSource, *, check: bool = True) -> Any:
         except psycopg.Error as err:
             conn.close()
             raise DatabaseSourceError(f"{source.origin}: checking the role {source.user} failed: "
-                                      f"{type(err).__name__}: {_first_line(err)}") from None
+                                      f"{type(err).__name__}: {first_line(err)}") from None
         except BaseException:
             conn.close()
             raise
@@ -408,7 +408,8 @@ def connection_lost(conn: Any, err: BaseException) -> bool:
         or conn.broken or conn.closed or conn.info.status != pq.ConnStatus.OK
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
+    """A database error's message as one line (its first), or its type's name."""
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
 

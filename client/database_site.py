@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import datetime
 from pathlib import Path
-from typing import Any
 
 from client.database import DatabaseSource, DatabaseSourceError, SourceKind, Split, assign_split, connect, \
-    connection_lost, load_database_source
+    connection_lost, first_line, load_database_source
 from client.rows import RowCollector, cell_text, check_columns
 from client.tables import LoadReport, SiteTable
 from fedcare.study import Study
@@ -80,13 +79,9 @@ def read_sql_site(study: Study, source: DatabaseSource, *, fetch_rows: int = 10_
     except psycopg.Error as err:
         if connection_lost(conn, err):
             raise DatabaseSourceError(f"{source.origin}: the connection to {source.describe()} was lost while "
-                                      f"running the site's query: {_line(err)}. Nothing read from it is used") from None
-        raise DatabaseSourceError(f"{source.origin}: the site's query failed: {type(err).__name__}: {_line(err)}") from None
+                                      f"running the site's query: {first_line(err)}. Nothing read from it is used") from None
+        raise DatabaseSourceError(f"{source.origin}: the site's query failed: {type(err).__name__}: {first_line(err)}") from None
     finally:
         conn.close()
     return {split: collectors[split].table(Path(f"{source.origin} ({split.value} split)")) for split in Split}
 
-
-def _line(err: Any) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__

@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from client.database import DatabaseSource, DatabaseSourceError, Split, assign_split, connect, connection_lost
+from client.database import DatabaseSource, DatabaseSourceError, Split, assign_split, connect, connection_lost, \
+    first_line
 from client.fhir_aggregates import Count, DistinctDays, Exists, Mean, Pdc, Slope
 from client.fhir_datatypes import whole_years
 from client.fhir_rules import Invalid, bmi, checked
@@ -153,10 +154,10 @@ def read_omop_site(study: Study, source: DatabaseSource, *, today: datetime.date
     except (psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable, psycopg.errors.SerializationFailure) as err:
         raise DatabaseSourceError(
             f"{source.origin}: the database cancelled the read of {reader.reading} ({type(err).__name__}: "
-            f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}): a statement_timeout or lock_timeout "
+            f"{first_line(err)}): a statement_timeout or lock_timeout "
             "of the role, or a standby's recovery conflict. Nothing read is used") from None
     except psycopg.Error as err:
-        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        text = first_line(err)
         if connection_lost(conn, err):
             raise DatabaseSourceError(
                 f"{source.origin}: the connection to {source.describe()} was lost while reading {reader.reading}: "

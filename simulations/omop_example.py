@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from client.database import DatabaseSource, read_password, source_from_url
+from client.database import DatabaseSource, first_line, read_password, source_from_url
 from fedcare.errors import FedcareError
 from fedcare.study import Study
 
@@ -49,7 +49,7 @@ def write_omop_network(study: Study, out: Path, *, database: str, reader: str, h
                                password=read_password(admin), sslmode=admin.sslmode,
                                sslrootcert=str(admin.sslrootcert) if admin.sslrootcert else None)
     except psycopg.OperationalError as err:
-        raise ExampleError(f"--database: cannot connect to {admin.describe()}: {str(err).strip().splitlines()[0]}") from None
+        raise ExampleError(f"--database: cannot connect to {admin.describe()}: {first_line(err)}") from None
     with conn:
         for n, site in enumerate(sites, start=1):
             schema = f"site_{n:02d}"
