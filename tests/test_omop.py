@@ -441,3 +441,24 @@ def test_the_omop_example_writes_a_network_that_data_check_reads(postgres_cluste
     check = subprocess.run([sys.executable, "-m", "cli", "data", "check", "--study", str(OMOP_STUDY),
                             "--data", str(folders[1])], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert check.returncode == 0 and "read-only role example_reader checked" in check.stdout, check.stderr
+
+
+def test_a_wrong_schema_or_a_missing_grant_is_one_line_naming_it(cdm):
+    import psycopg
+
+    study = load_study(OMOP_STUDY)
+    folder = cdm()
+    toml = folder / "database.toml"
+    text = toml.read_text()
+    toml.write_text(text.replace('vocabulary_schema = "vocab"', 'vocabulary_schema = "vocabx"'))
+    with pytest.raises(DatabaseSourceError) as err:
+        read_database_site(study, folder)
+    assert str(err.value) == (f"{toml}: schema vocabx: missing in database cdm "
+                              "(are cdm_schema and vocabulary_schema right?)")
+    with psycopg.connect(cdm.cluster.superuser_conninfo(dbname="cdm"), autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA IF NOT EXISTS hidden")
+    toml.write_text(text.replace('vocabulary_schema = "vocab"', 'vocabulary_schema = "hidden"'))
+    with pytest.raises(DatabaseSourceError) as err:
+        read_database_site(study, folder)
+    assert str(err.value) == (f"{toml}: schema hidden: the role reader has no USAGE on it "
+                              "(GRANT USAGE ON SCHEMA hidden TO reader)")
