@@ -9,7 +9,9 @@ its `secure_mode` needs `torchcsprng`, which does not install here. Soundness ar
   - the uniform bits are ChaCha20 keystream under a fresh 256-bit key from `os.urandom`, so they
     are computationally indistinguishable from uniform and unpredictable; one cipher context per
     instance, only ever advanced, so no keystream is used twice (a forked child re-keys);
-  - 53-bit uniforms in (0, 1] and Box–Muller give exact-in-the-reals N(0, 1) pairs (both used);
+  - 53-bit uniforms in (0, 1] and Marsaglia's polar method give exact-in-the-reals N(0, 1) pairs
+    (both used; a rejected pair is discarded, never reused). Normals are drawn ~25,700 at a time
+    ahead of use and served in order, each once; a forked child drops them with the cipher state;
   - a single floating-point Gaussian takes a sparse, invertible set of values, which leaks the
     unnoised value (arXiv 2112.05307). As Opacus' `secure_mode` does (arXiv 2107.10138, sec. 5.1,
     n = 2), each noise value is the sum of 4 independent draws times std / 2: still N(0, std^2),
@@ -32,6 +34,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 _KEY_BYTES = 32
 _NONCE_BYTES = 16  # cryptography's ChaCha20 nonce: 4-byte little-endian block counter + 12-byte nonce
 _HARDENING_DRAWS = 4  # 2n with n = 2, as in Opacus' secure_mode
+_POOL_PAIRS = 1 << 14  # candidate pairs per refill of the normal pool: ~25,700 normals, ~200 KiB
 _SHIFT, _ONE = np.uint64(11), np.uint64(1)
 _NUMPY_DTYPES = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16}
 
@@ -47,18 +50,26 @@ def _uniform_53(words: np.ndarray) -> np.ndarray:
     return u
 
 
-def _box_muller(u1: np.ndarray, u2: np.ndarray) -> np.ndarray:
-    """Two independent N(0, 1) per (u1, u2) pair, u1 in (0, 1] so log(u1) is finite."""
-    pairs = len(u1)
-    radius = np.log(u1)
-    radius *= -2.0
-    np.sqrt(radius, out=radius)
-    angle = u2 * (2.0 * math.pi)
-    out = np.empty(2 * pairs)
-    np.cos(angle, out=out[:pairs])
-    np.sin(angle, out=out[pairs:])
-    out[:pairs] *= radius
-    out[pairs:] *= radius
+def _polar(u: np.ndarray) -> np.ndarray:
+    """Marsaglia's polar method on 2m uniforms in (0, 1], as m candidate pairs (u[:m], u[m:]): with
+    v = 2u - 1 uniform in the square, keep the pairs inside the unit disk (0 < s = v1² + v2² < 1,
+    about π/4 of them); each kept pair gives two independent N(0, 1), v·sqrt(-2 ln s / s). Same
+    distribution as Box–Muller, without its sine and cosine (numpy's float64 trigonometry is
+    scalar; log and sqrt are vectorized): ~4x cheaper here."""
+    m = len(u) // 2
+    v = u * 2.0
+    v -= 1.0
+    squares = v * v
+    s = squares[:m] + squares[m:]
+    kept = np.flatnonzero((s < 1.0) & (s > 0.0))
+    s = s[kept]
+    factor = np.log(s)
+    factor *= -2.0
+    factor /= s
+    np.sqrt(factor, out=factor)
+    out = np.empty(2 * len(kept))
+    np.multiply(v[:m][kept], factor, out=out[: len(kept)])
+    np.multiply(v[m:][kept], factor, out=out[len(kept) :])
     return out
 
 
@@ -83,13 +94,37 @@ class CryptoGaussian:
             nonce = bytes(_NONCE_BYTES)
         self._encryptor = _chacha20_encryptor(key, nonce)
         self._pid = os.getpid()
+        # normals drawn ahead of use, served in order: the sequence of normals a key gives does
+        # not depend on how many each call asks for (one flat draw = many small ones, concatenated)
+        self._pool, self._pool_used = np.empty(0), 0
+
+    def _rekey_after_fork_locked(self) -> None:
+        if self._pid != os.getpid() and not self._fixed_key:
+            # A fork copied the cipher state and the pool: the child must not replay the parent's noise.
+            self._rekey(None)
+
+    def _keystream_locked(self, nbytes: int) -> bytes:
+        self._rekey_after_fork_locked()
+        return self._encryptor.update(bytes(nbytes))
 
     def _keystream(self, nbytes: int) -> bytes:
         with self._lock:
-            if self._pid != os.getpid() and not self._fixed_key:
-                # A fork copied the cipher state: the child must not replay the parent's stream.
-                self._rekey(None)
-            return self._encryptor.update(bytes(nbytes))
+            return self._keystream_locked(nbytes)
+
+    def _normals(self, n: int) -> np.ndarray:
+        """The next `n` standard normals of the pool (a fresh array), refilling it as needed."""
+        parts: list[np.ndarray] = []
+        with self._lock:
+            self._rekey_after_fork_locked()
+            while n > 0:
+                if self._pool_used == len(self._pool):
+                    words = np.frombuffer(self._keystream_locked(16 * _POOL_PAIRS), dtype="<u8")
+                    self._pool, self._pool_used = _polar(_uniform_53(words)), 0
+                take = min(n, len(self._pool) - self._pool_used)
+                parts.append(self._pool[self._pool_used : self._pool_used + take])
+                self._pool_used += take
+                n -= take
+        return parts[0].copy() if len(parts) == 1 else np.concatenate(parts) if parts else np.empty(0)
 
     def uniform(self, n: int) -> np.ndarray:
         """`n` independent uniforms in (0, 1] with 53-bit precision (float64)."""
@@ -122,13 +157,10 @@ class CryptoGaussian:
             expected = max(rows - position - 1, 0) * sample_rate
 
     def standard_normal(self, n: int) -> np.ndarray:
-        """`n` independent N(0, 1) samples (float64). For odd `n` the last pair's second value is dropped."""
+        """`n` independent N(0, 1) samples (float64), the next ones of this source's sequence."""
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
-        pairs = (n + 1) // 2
-        words = np.frombuffer(self._keystream(16 * pairs), dtype="<u8")
-        u = _uniform_53(words)
-        return _box_muller(u[:pairs], u[pairs:])[:n]
+        return self._normals(n)
 
     def hardened(
         self,
@@ -145,8 +177,13 @@ class CryptoGaussian:
         if std == 0:
             return torch.zeros(size, dtype=dtype, device=device)
         numel = size.numel()
-        draws = self.standard_normal(_HARDENING_DRAWS * numel).reshape(_HARDENING_DRAWS, numel)
-        noise = draws.sum(axis=0)
+        # value i sums the 4 consecutive draws 4i..4i+3, so a draw for n + m values is the draws for
+        # n and then m values, concatenated: one flat draw for all parameters (the fast path) gives
+        # what Opacus' one draw per parameter gives, from the same key
+        draws = self._normals(_HARDENING_DRAWS * numel)
+        noise = draws[0::_HARDENING_DRAWS] + draws[1::_HARDENING_DRAWS]
+        for k in range(2, _HARDENING_DRAWS):
+            noise += draws[k::_HARDENING_DRAWS]
         noise *= std / 2.0
         return _to_tensor(noise.reshape(size), dtype, device)
 

@@ -27,20 +27,6 @@ def _data(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-class Replay:
-    """A noise source that hands out, in order, slices of noise drawn once: what the fast path draws
-    in one call is what Opacus receives one parameter at a time."""
-
-    def __init__(self, flat: torch.Tensor) -> None:
-        self.flat, self.start = flat, 0
-
-    def hardened(self, shape, std, dtype=torch.float32, *, device=None):
-        size = torch.Size((shape,) if isinstance(shape, int) else shape)
-        piece = self.flat[self.start : self.start + size.numel()]
-        self.start += size.numel()
-        return piece.reshape(size).to(dtype)
-
-
 def _opacus_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: np.ndarray, y: np.ndarray, idx: np.ndarray,
                  *, sigma: float, clip: float) -> float:
     """One step of fedcare's Opacus path (ghost clipping, crypto noise); returns its expected batch size."""
@@ -50,8 +36,7 @@ def _opacus_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: np.ndarr
         private, dp_optimizer, criterion, _ = PrivacyEngine(accountant="prv").make_private(
             module=model, optimizer=optimizer, data_loader=loader, criterion=nn.BCEWithLogitsLoss(),
             noise_multiplier=sigma, max_grad_norm=clip, poisson_sampling=True, grad_sample_mode="ghost")
-        numel = sum(p.numel() for p in model.parameters())
-        use_crypto_noise(dp_optimizer, Replay(CryptoGaussian(key=KEY).hardened(numel, sigma * clip)))
+        use_crypto_noise(dp_optimizer, CryptoGaussian(key=KEY))  # one draw per parameter, from the same key
         xb, yb = torch.from_numpy(x[idx]), torch.from_numpy(y[idx])
         dp_optimizer.zero_grad(set_to_none=True)
         criterion(private(xb), yb).backward()
@@ -103,18 +88,21 @@ def test_the_clipped_sum_without_noise_is_the_explicit_per_sample_computation():
     x, y = _data(2)
     xb, yb = torch.from_numpy(x[:50]), torch.from_numpy(y[:50])
     clip = 0.5
-    explicit = [torch.zeros_like(p) for p in model.parameters()]
+    # the explicit computation in float64: the float32 fast path is within 1e-6 of the exact sum
+    exact, x64, y64 = copy.deepcopy(model).double(), xb.double(), yb.double()
+    explicit = [torch.zeros_like(p) for p in exact.parameters()]
     for i in range(len(xb)):
-        model.zero_grad()
-        nn.functional.binary_cross_entropy_with_logits(model(xb[i : i + 1]), yb[i : i + 1]).backward()
-        norm = torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters()))
+        exact.zero_grad()
+        nn.functional.binary_cross_entropy_with_logits(exact(x64[i : i + 1]), y64[i : i + 1]).backward()
+        norm = torch.sqrt(sum((p.grad ** 2).sum() for p in exact.parameters()))
         factor = min(1.0, clip / (float(norm) + 1e-6))
-        for acc, p in zip(explicit, model.parameters()):
+        for acc, p in zip(explicit, exact.parameters()):
             acc += p.grad * factor
     fast = FastDPSGD(model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=0.0, max_grad_norm=clip,
                      expected_batch_size=1.0, noise=CryptoGaussian(key=KEY)).privatized_gradients(xb, yb)
     for got, want in zip(fast, explicit, strict=True):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6)
 
 
 def test_models_outside_the_fast_path_are_recognised():

@@ -44,8 +44,8 @@ def test_hardened_noise_has_the_requested_std_shape_and_dtype():
     assert stats.kstest(noise.double().flatten().numpy() / 2.5, "norm").pvalue > 1e-3
     assert source.hardened(3, 1.0, torch.float64).dtype == torch.float64
     # The floating-point hardening: each value is the sum of 4 standard-normal draws times std / 2.
-    draws = CryptoGaussian(KEY).standard_normal(4 * 6).reshape(4, 6)
-    expected = torch.from_numpy(draws.sum(axis=0) * (2.5 / 2)).reshape(2, 3)
+    draws = CryptoGaussian(KEY).standard_normal(6 * 4).reshape(6, 4)  # value i: draws 4i..4i+3
+    expected = torch.from_numpy((draws[:, 0] + draws[:, 1] + draws[:, 2] + draws[:, 3]) * (2.5 / 2)).reshape(2, 3)
     assert torch.equal(CryptoGaussian(KEY).hardened((2, 3), 2.5, torch.float64), expected)
     assert torch.equal(source.hardened((2, 3), 0.0), torch.zeros(2, 3))
     with pytest.raises(ValueError):
@@ -66,6 +66,18 @@ def test_consecutive_calls_never_repeat_values(key):
     source = CryptoGaussian(key)
     draws = np.concatenate([source.standard_normal(5_000) for _ in range(10)])
     assert np.unique(draws).size == draws.size
+
+
+def test_the_normals_of_a_key_do_not_depend_on_how_many_each_call_asks_for():
+    # one flat draw for all parameters (the fast path) = one draw per parameter (Opacus), concatenated;
+    # the sizes cross the pool's refills (~25,700 normals each)
+    whole = CryptoGaussian(KEY).standard_normal(90_000)
+    source, sizes = CryptoGaussian(KEY), [1, 960, 32, 32, 1, 30_000, 7, 58_967]
+    assert np.array_equal(np.concatenate([source.standard_normal(n) for n in sizes]), whole)
+    flat = CryptoGaussian(KEY).hardened(1025, 2.0, torch.float64)
+    source = CryptoGaussian(KEY)
+    assert torch.equal(torch.cat([source.hardened(n, 2.0, torch.float64) for n in (960, 32, 32, 1)]), flat)
+    assert source.standard_normal(0).shape == (0,)
 
 
 def test_forked_child_rekeys_instead_of_replaying_the_parent_stream():
