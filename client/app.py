@@ -6,7 +6,8 @@ handled entirely by `secaggplus_mod` and never reach the client, so this module 
 only Flower; torch, Opacus and the site's data load only when a message needs the client
 (`client.site_client`: training and evaluation). The masked-only guard (`privacy.guard`) runs
 first: only SecAgg+ training stages that meet the site's policy, and evaluation, get through.
-The mod's Shamir sharing is `privacy.shamir` (the same scheme and bytes, fast enough for 100s of sites).
+The mod's Shamir sharing and key agreement are fedcare's (`privacy.secagg`: the same scheme and bytes,
+X25519 keys; fast enough for 100s of sites).
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from flwr.client.mod import secaggplus_mod
 from flwr.common import Context
 
 from privacy.guard import masked_only_guard
-from privacy.shamir import install_for_sites
+from privacy.secagg import install_for_sites
 
-install_for_sites()  # SecAgg+ key shares made by privacy/shamir.py: Flower's bytes, 8-30x faster
+install_for_sites()  # SecAgg+ with privacy/shamir.py's sharing and privacy/key_agreement.py's X25519
 
 
 def client_fn(context: Context) -> Client:

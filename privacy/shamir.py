@@ -21,15 +21,13 @@ a set of indices, all public, are computed once per set. Randomness is `os.urand
 secrets of SecAgg+. Like pycryptodome's, the arithmetic runs on Python integers; neither is
 constant-time in a strict sense.
 
-`install_for_sites()` (client/app.py) and `install_for_coordinator()` (server/app.py) put
-`create_shares` and `combine_shares` in place of Flower's, in the Flower module that calls each, and
-refuse loudly if a Flower release has moved them.
+`privacy.secagg` puts `create_shares` and `combine_shares` in place of Flower's, in the Flower module
+that calls each (at the sites and at the coordinator).
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
 import os
 
 FIELD_BITS = 128
@@ -154,22 +152,3 @@ def combine_shares(share_list: list[bytes]) -> bytes:
     if not 1 <= pad <= CHUNK or padded[-pad:] != bytes([pad]) * pad:
         raise ValueError("Failed to combine shares")
     return bytes(padded[:-pad])
-
-
-def install_for_sites() -> None:
-    """The SecAgg+ client mod of Flower shares a site's secrets with this module (client/app.py)."""
-    _replace("flwr.client.mod.secure_aggregation.secaggplus_mod", "create_shares", create_shares)
-
-
-def install_for_coordinator() -> None:
-    """Flower's SecAgg+ server workflow reconstructs secrets with this module (server/app.py)."""
-    _replace("flwr.server.workflow.secure_aggregation.secaggplus_workflow", "combine_shares", combine_shares)
-
-
-def _replace(module_name: str, name: str, ours) -> None:
-    # the module itself: `flwr.client.mod.secure_aggregation` re-exports a function under the module's name
-    module = importlib.import_module(module_name)
-    if not callable(getattr(module, name, None)):
-        raise RuntimeError(f"{module_name}.{name} is not where Flower 1.42 has it: privacy/shamir.py "
-                           "must be checked against this Flower release")
-    setattr(module, name, ours)

@@ -19,7 +19,8 @@ after key sharing the sampled set is narrowed to the sites that completed it; si
 drop out later are still reconstructed exactly as Flower does.
 
 Secrets are reconstructed with `privacy.shamir` (Flower's scheme and share bytes, without
-pycryptodome's bit-by-bit field arithmetic, which dominated rounds at 100 sites).
+pycryptodome's bit-by-bit field arithmetic, which dominated rounds at 100 sites), and keys are
+agreed on X25519 (`privacy.key_agreement`), as at the sites (`privacy.secagg`).
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
 from fedcare.events import StageEvent
 from fedcare.protocol import PERMANENT_REFUSALS, Phase, Refusal, RefusalKind
 from fedcare.study import Study
-from privacy.shamir import install_for_coordinator
+from privacy.secagg import install_for_coordinator
 
-install_for_coordinator()  # secrets reconstructed by privacy/shamir.py: Flower's bytes, far faster
+install_for_coordinator()  # secrets reconstructed by privacy/shamir.py, keys agreed on X25519 (privacy/key_agreement.py)
 
 
 @dataclass(frozen=True)

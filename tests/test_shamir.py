@@ -8,7 +8,7 @@ import pytest
 from Crypto.Protocol.SecretSharing import _Element
 from flwr.common.secure_aggregation.crypto import shamir as flower
 
-from privacy import shamir
+from privacy import key_agreement, shamir
 
 
 def test_field_arithmetic_equals_pycryptodome():
@@ -77,3 +77,8 @@ def test_the_apps_use_it_inside_flowers_secaggplus():
     secaggplus_workflow = importlib.import_module("flwr.server.workflow.secure_aggregation.secaggplus_workflow")
     assert secaggplus_mod.create_shares is shamir.create_shares
     assert secaggplus_workflow.combine_shares is shamir.combine_shares
+    for name in ("generate_key_pairs", "private_key_to_bytes", "public_key_to_bytes", "bytes_to_private_key",
+                 "bytes_to_public_key", "generate_shared_key"):
+        assert getattr(secaggplus_mod, name) is getattr(key_agreement, name), name
+    for name in ("bytes_to_private_key", "bytes_to_public_key", "generate_shared_key"):
+        assert getattr(secaggplus_workflow, name) is getattr(key_agreement, name), name
