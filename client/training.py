@@ -190,7 +190,7 @@ def _proximal_step(optimizer: DPOptimizer, anchors: list[torch.Tensor], mu: floa
 
 def train_plain(study: Study, model: RiskMLP, x: np.ndarray, y: np.ndarray, epochs: int, seed: int = 0) -> None:
     """Non-private SGD with the study's hyper-parameters (the centralized baseline)."""
-    torch.manual_seed(seed)
+    torch.random.default_generator.manual_seed(seed)  # CPU only (see fedcare.model.build_model)
     loader = make_loader(x, y, study.training.batch_size)
     optimizer = make_optimizer(study, model)
     criterion = nn.BCEWithLogitsLoss()

@@ -58,15 +58,26 @@ def check_private_permissions(path: Path) -> None:
 
 def read_toml(path: Path, error: type[FedcareError], missing: str) -> dict:
     """Parse a TOML file; every failure becomes `error` naming the file (`missing` says what was expected)."""
-    import tomllib
+    return parse_toml_text(read_toml_text(path, error, missing), f"{path}: ", error)
 
+
+def read_toml_text(path: Path, error: type[FedcareError], missing: str) -> str:
+    """A TOML file's text; a missing file, a directory or non-UTF-8 bytes become `error` naming the file."""
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise error(f"{path}: {missing}") from None
     except IsADirectoryError:
         raise error(f"{path}: is a directory, not a TOML file") from None
-    except tomllib.TOMLDecodeError as err:
-        raise error(f"{path}: not valid TOML: {err}") from None
     except UnicodeDecodeError:
         raise error(f"{path}: not UTF-8 text") from None
+
+
+def parse_toml_text(text: str, where: str, error: type[FedcareError]) -> dict:
+    """TOML text parsed; invalid TOML becomes `error`, prefixed with `where` (e.g. "path: ")."""
+    import tomllib
+
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise error(f"{where}not valid TOML: {err}") from None

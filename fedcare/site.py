@@ -13,6 +13,8 @@ policy is that folder's `site.toml` if it has one (the defaults otherwise).
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +31,15 @@ class SitePaths:
 
 
 def simulated_site_folders(sites_dir: Path) -> list[Path]:
-    """The site folders of a simulation, in the order virtual nodes take them (by partition id)."""
-    return sorted(p for p in sites_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    """The site folders of a simulation, in the order virtual nodes take them (by partition id).
+    Listed again only when the folder changes (its mtime): a simulated site asks at every message."""
+    stat = sites_dir.stat()
+    return list(_site_folders(str(sites_dir), stat.st_ino, stat.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=8)
+def _site_folders(sites_dir: str, _inode: int, _mtime_ns: int) -> tuple[Path, ...]:
+    return tuple(sorted(p for p in Path(sites_dir).iterdir() if p.is_dir() and not p.name.startswith(".")))
 
 
 def site_name(node: Mapping[str, Any], run: Mapping[str, Any]) -> str:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedcare.errors import StudyConfigError
 from fedcare.fields import Fields
-from fedcare.files import read_toml
+from fedcare.files import parse_toml_text, read_toml_text
 from fedcare.study_toml import render_toml
 
 if TYPE_CHECKING:
@@ -196,12 +196,12 @@ class Study:
         hashing = self.notes.hashing if self.notes is not None else None
         return hashing.feature_names if hashing is not None else ()
 
-    @property
+    @functools.cached_property
     def hash(self) -> str:
         """Stable SHA-256 of the study's values (hex). A run's federated scaling does not change it."""
         return self.scaled_from or _digest(self._values())
 
-    @property
+    @functools.cached_property
     def budget_key(self) -> str:
         """SHA-256 (hex) of the study's values without `training.rounds` and `privacy.epsilon`: the same
         for every run of the study whatever its overrides (and its scaling), so they share one budget."""
@@ -300,10 +300,16 @@ def load_mapping(study_path: str | Path) -> Mapping:
 
 
 def load_study(path: str | Path) -> Study:
-    """Read and validate a study TOML file."""
+    """Read and validate a study TOML file. The file is read every time; the same text at the same
+    path is parsed once (a simulated site loads its study at every message)."""
     path = Path(path)
-    raw = read_toml(path, StudyConfigError, "study file not found")
-    return parse_study(raw, source=str(path))
+    text = read_toml_text(path, StudyConfigError, "study file not found")
+    return _parse_text(str(path), text)
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_text(source: str, text: str) -> Study:
+    return parse_study(parse_toml_text(text, f"{source}: ", StudyConfigError), source=source)
 
 
 def parse_study(raw: dict[str, Any], source: str = "<study>") -> Study:

@@ -27,6 +27,7 @@ installs it in both); Flower's own P-384 sites could not join a fedcare coordina
 from __future__ import annotations
 
 import base64
+import functools
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -52,8 +53,17 @@ def public_key_to_bytes(public_key: X25519PublicKey) -> bytes:
 
 
 def bytes_to_private_key(private_key_bytes: bytes) -> X25519PrivateKey:
-    """A private key from its 32 raw bytes; ValueError for any other length."""
-    return X25519PrivateKey.from_private_bytes(_exact(private_key_bytes, "private"))
+    """A private key from its 32 raw bytes; ValueError for any other length.
+
+    The client mod parses the site's own key again for each neighbour (~40 µs each); the last two
+    keys parsed are kept, so a stage parses its key once. They are this round's keys, which the
+    site's SecAgg+ state holds anyway; a new round's keys push them out."""
+    return _private_key(_exact(private_key_bytes, "private"))
+
+
+@functools.lru_cache(maxsize=2)
+def _private_key(raw: bytes) -> X25519PrivateKey:
+    return X25519PrivateKey.from_private_bytes(raw)
 
 
 def bytes_to_public_key(public_key_bytes: bytes) -> X25519PublicKey:
