@@ -5,7 +5,9 @@ protocol; fedcare replaces two of the primitives they call, in the Flower module
 
 - Shamir sharing (`privacy.shamir`): the same scheme and share bytes as Flower's pycryptodome-based
   one, without its bit-by-bit field arithmetic (8-30x faster);
-- key agreement (`privacy.key_agreement`): X25519 in place of P-384 (about 14x cheaper per neighbour).
+- key agreement (`privacy.key_agreement`): X25519 in place of P-384 (about 14x cheaper per neighbour);
+- masks (`privacy.masks`): ChaCha20 under the whole 256-bit seed, in place of numpy's Mersenne
+  Twister under a 32-bit fold of it (which a coordinator could search).
 
 `install_for_sites()` runs when the ClientApp is imported (client/app.py), `install_for_coordinator()`
 when the coordinator's workflow is (server/secure_aggregation.py), so simulation and deployment run
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import importlib
 
-from privacy import key_agreement, shamir
+from privacy import key_agreement, masks, shamir
 
 _CLIENT_MOD = "flwr.client.mod.secure_aggregation.secaggplus_mod"
 _WORKFLOW = "flwr.server.workflow.secure_aggregation.secaggplus_workflow"
@@ -26,15 +28,19 @@ _KEYS_AT_COORDINATOR = ("bytes_to_private_key", "bytes_to_public_key", "generate
 
 
 def install_for_sites() -> None:
-    """Flower's SecAgg+ client mod shares secrets with `privacy.shamir` and agrees keys on X25519."""
+    """Flower's SecAgg+ client mod shares secrets with `privacy.shamir`, agrees keys on X25519 and
+    masks with `privacy.masks`."""
     _replace(_CLIENT_MOD, "create_shares", shamir.create_shares)
+    _replace(_CLIENT_MOD, "pseudo_rand_gen", masks.pseudo_rand_gen)
     for name in _KEYS_AT_SITES:
         _replace(_CLIENT_MOD, name, getattr(key_agreement, name))
 
 
 def install_for_coordinator() -> None:
-    """Flower's SecAgg+ workflow reconstructs secrets with `privacy.shamir` and agrees keys on X25519."""
+    """Flower's SecAgg+ workflow reconstructs secrets with `privacy.shamir`, agrees keys on X25519 and
+    regenerates masks with `privacy.masks`."""
     _replace(_WORKFLOW, "combine_shares", shamir.combine_shares)
+    _replace(_WORKFLOW, "pseudo_rand_gen", masks.pseudo_rand_gen)
     for name in _KEYS_AT_COORDINATOR:
         _replace(_WORKFLOW, name, getattr(key_agreement, name))
 
