@@ -122,7 +122,11 @@ class FastDPSGD:
                 mask = z > 0
                 active.append(mask)
                 a = z * mask
-        g = 1.0 / (1.0 + np.exp(-z)) - y[:, None]  # d ℓ_i / d logit_i, per sample: [B, 1]
+        # d ℓ_i / d logit_i = sigmoid(z) - y, per sample: [B, 1]; sigmoid as tanh, which cannot overflow
+        g = np.tanh(z * 0.5)
+        g += 1.0
+        g *= 0.5
+        g -= y[:, None]
         grads: list[np.ndarray] = [g] * len(weights)
         norm2 = np.zeros(len(y), dtype=z.dtype)
         for i in range(last, -1, -1):
@@ -145,7 +149,8 @@ class FastDPSGD:
         return [piece.view_as(p) for piece, p in zip(out.split(self.sizes), self.params)]
 
     def step(self, xb: torch.Tensor | np.ndarray, yb: torch.Tensor | np.ndarray, *, extra=None) -> None:
-        """One DP-SGD step on the batch (tensors or float32 arrays) (`extra(param, grad)` may add a data-free term, e.g. FedProx's)."""
+        """One DP-SGD step on the batch, tensors or arrays (`extra(param, grad)` may add a data-free
+        term, e.g. FedProx's)."""
         for p, grad in zip(self.params, self.privatized_gradients(xb, yb), strict=True):
             p.grad = grad
             if extra is not None:
